@@ -1,0 +1,63 @@
+"""The one dataclass of BitFit options, parsed by ``HfArgumentParser`` beside ``TrainingArguments``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .selection import resolve_terms
+
+MODES: tuple[str, ...] = ("bitfit", "full", "frozen", "rand_uniform", "rand_row_col")
+
+
+@dataclass
+class BitFitConfig:
+    mode: str = field(
+        default="bitfit",
+        metadata={
+            "help": "What to train. 'bitfit': the chosen bias terms + head; 'full': everything "
+            "(full fine-tuning); 'frozen': the head only; 'rand_uniform' / 'rand_row_col': as "
+            "many randomly drawn backbone weights (single entries / whole rows or columns) as "
+            "BitFit's --bias_terms would train, the paper's Table 3 baselines.",
+            "choices": list(MODES),
+        },
+    )
+    bias_terms: list[str] = field(
+        default_factory=lambda: ["bitfit"],
+        metadata={
+            "help": "Bias terms in the paper's notation: q k v m1 LN1 m2 m3 LN2 emb pool, or a "
+            "preset: bitfit/all (every bias, incl. embedding LayerNorm and pooler), layers "
+            "(the 8 per-layer terms), qm2 (query + intermediate, the paper's 0.04%), attention, "
+            "mlp. Space- or comma-separated.",
+            "nargs": "+",
+        },
+    )
+    train_head: bool = field(
+        default=True,
+        metadata={"help": "Train the task head (classifier / qa_outputs); --train_head false "
+                  "keeps the head frozen too."},
+    )
+    head_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Separate learning rate for the task head (default: --learning_rate)."},
+    )
+    mask_seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed for the random baselines' parameter draw (default: --seed)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {list(MODES)}.")
+        if isinstance(self.bias_terms, str):
+            self.bias_terms = [self.bias_terms]
+        resolve_terms(self.bias_terms)  # raises with the allowed choices
+        if self.head_learning_rate is not None and not self.head_learning_rate > 0:
+            raise ValueError(
+                f"head_learning_rate must be > 0, got {self.head_learning_rate}; leave it unset "
+                "to use --learning_rate."
+            )
+        if self.mode == "frozen" and not self.train_head:
+            raise ValueError(
+                "mode 'frozen' with train_head=False leaves nothing trainable; use "
+                "train_head=True or another mode."
+            )

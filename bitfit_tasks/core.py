@@ -1,0 +1,214 @@
+"""Apply a training mode to a model: freeze, select, and (for the random baselines) mask."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import BitFitConfig
+from .selection import (
+    BiasMap,
+    backbone_of,
+    head_parameter_names,
+    resolve_terms,
+    select_bias_parameters,
+)
+
+logger = logging.getLogger("bitfit_tasks")
+
+
+@dataclass
+class BitFitState:
+    """What :func:`prepare_model` decided, kept by the trainer for the optimizer and logging."""
+
+    mode: str
+    terms: dict[str, list[str]]
+    head: list[str]
+    trainable: list[str]
+    n_trainable: int
+    n_total: int
+    # Random baselines: which entries of each tensor may change, and the values the others keep.
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    term_counts: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        pct = 100.0 * self.n_trainable / max(self.n_total, 1)
+        lines = [
+            f"trainable params: {self.n_trainable:,d} || all params: {self.n_total:,d} "
+            f"|| trainable%: {pct:.4f}"
+        ]
+        for term, n in self.term_counts.items():
+            lines.append(f"  {term:>8}: {n:,d} ({100.0 * n / max(self.n_total, 1):.4f}%)")
+        return "\n".join(lines)
+
+    def mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        mask = self.masks[name]
+        if mask.device != grad.device:  # the trainer moved the model after prepare_model()
+            self.masks[name] = mask = mask.to(grad.device)
+            self.originals[name] = self.originals[name].to(grad.device)
+        return grad * mask
+
+    @torch.no_grad()
+    def restore_frozen_entries(self, model: nn.Module) -> None:
+        """Put back every masked-out entry, so weight decay or Adam can never move it."""
+        params = dict(model.named_parameters())
+        for name, mask in self.masks.items():
+            p = params[name]
+            if mask.device != p.device:
+                self.masks[name] = mask = mask.to(p.device)
+                self.originals[name] = self.originals[name].to(p.device)
+            p.copy_(torch.where(mask, p, self.originals[name]))
+
+
+def _bias_param_ids(module: nn.Module) -> set[int]:
+    return {id(m.bias) for m in module.modules() if isinstance(getattr(m, "bias", None), nn.Parameter)}
+
+
+def random_masks(
+    model: nn.Module, k: int, *, row_col: bool, seed: int
+) -> dict[str, torch.Tensor]:
+    """Draw exactly ``k`` backbone weight entries at random, without replacement.
+
+    Candidates are the backbone's non-bias parameters (weight matrices, embeddings, LayerNorm
+    gains). ``row_col`` draws whole rows or columns of the 2-D ones instead; the last line drawn
+    is cut short so that the total is exactly ``k``. Same seed, same draw.
+    """
+    bias_ids = _bias_param_ids(model)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    cands = [
+        (by_id[id(p)], p)
+        for _, p in backbone_of(model).named_parameters()
+        if id(p) not in bias_ids and (p.dim() == 2 or not row_col)
+    ]
+    total = sum(p.numel() for _, p in cands)
+    if k > total:
+        raise ValueError(f"cannot draw {k} weights from {total} candidates.")
+    g = torch.Generator().manual_seed(seed)
+    masks = {n: torch.zeros(p.shape, dtype=torch.bool, device=p.device) for n, p in cands}
+    if not row_col:
+        # Unique of i.i.d. draws is a uniformly random set; a random k-subset of it is too.
+        chosen = torch.empty(0, dtype=torch.long)
+        while chosen.numel() < k:
+            draw = torch.randint(total, (2 * (k - chosen.numel()) + 16,), generator=g)
+            chosen = torch.unique(torch.cat([chosen, draw]))
+        chosen = chosen[torch.randperm(chosen.numel(), generator=g)[:k]]
+        offsets = torch.tensor([0] + [p.numel() for _, p in cands]).cumsum(0)
+        which = torch.bucketize(chosen, offsets[1:], right=True)
+        for i, (n, _) in enumerate(cands):
+            local = chosen[which == i] - offsets[i]
+            masks[n].view(-1)[local.to(masks[n].device)] = True
+        return masks
+    lines = [(n, axis) for n, p in cands for axis in (0, 1) for _ in range(p.shape[axis])]
+    # Index of each line within its (param, axis) block.
+    starts: dict[tuple[str, int], int] = {}
+    for i, key in enumerate(lines):
+        starts.setdefault(key, i)
+    count = 0
+    for li in torch.randperm(len(lines), generator=g).tolist():
+        name, axis = lines[li]
+        idx = li - starts[(name, axis)]
+        line = masks[name][idx] if axis == 0 else masks[name][:, idx]
+        free = (~line).nonzero().flatten()
+        take = free[: k - count]
+        line[take] = True  # a view: writes through to the mask
+        count += take.numel()
+        if count == k:
+            break
+    return masks
+
+
+def prepare_model(
+    model: nn.Module,
+    config: BitFitConfig | None = None,
+    *,
+    bias_map: BiasMap | None = None,
+    seed: int = 42,
+) -> BitFitState:
+    """Freeze ``model`` in place for ``config.mode`` and return what is trained.
+
+    Frozen tensors get ``requires_grad=False`` so autograd does no weight-gradient work for them.
+    """
+    config = config or BitFitConfig()
+    head = head_parameter_names(model) if config.train_head else []
+    all_params = dict(model.named_parameters())
+    n_total = sum(p.numel() for p in all_params.values())
+    terms: dict[str, list[str]] = {}
+    masks: dict[str, torch.Tensor] = {}
+
+    if config.mode == "full":
+        trainable = [n for n in all_params if config.train_head or n not in head_parameter_names(model)]
+    elif config.mode == "frozen":
+        trainable = list(head)
+    else:
+        terms = select_bias_parameters(model, config.bias_terms, bias_map=bias_map)
+        if config.mode == "bitfit":
+            trainable = [n for names in terms.values() for n in names] + head
+        else:
+            k = sum(all_params[n].numel() for names in terms.values() for n in names)
+            masks = random_masks(
+                model,
+                k,
+                row_col=config.mode == "rand_row_col",
+                seed=config.mask_seed if config.mask_seed is not None else seed,
+            )
+            masks = {n: m for n, m in masks.items() if bool(m.any())}
+            trainable = list(masks) + head
+
+    trainable = list(dict.fromkeys(trainable))
+    if not trainable:
+        raise ValueError(
+            f"mode {config.mode!r} with bias_terms={config.bias_terms} and "
+            f"train_head={config.train_head} leaves nothing trainable in "
+            f"{type(model).__name__}; enable train_head or choose bias terms the model has."
+        )
+    keep = set(trainable)
+    for n, p in all_params.items():
+        p.requires_grad_(n in keep)
+
+    head_n = sum(all_params[n].numel() for n in head)
+    if config.mode == "full":
+        term_counts = {"backbone": n_total - head_n if config.train_head else n_total}
+    elif config.mode == "frozen":
+        term_counts = {}
+    elif masks:
+        term_counts = {config.mode: sum(int(m.sum()) for m in masks.values())}
+    else:
+        term_counts = {t: sum(all_params[n].numel() for n in names) for t, names in terms.items()}
+    if head:
+        term_counts["head"] = head_n
+    n_trainable = sum(term_counts.values())
+
+    state = BitFitState(
+        mode=config.mode,
+        terms=terms,
+        head=head,
+        trainable=trainable,
+        n_trainable=n_trainable,
+        n_total=n_total,
+        masks=masks,
+        originals={n: all_params[n].detach().clone() for n in masks},
+        term_counts=term_counts,
+    )
+    for name in masks:
+        # Zero the gradient outside the mask, so clipping norms and Adam moments see only the
+        # drawn entries; restore_frozen_entries() then undoes weight decay after each step.
+        all_params[name].register_hook(functools.partial(state.mask_grad, name))
+    return state
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """``trainable params: N || all params: M || trainable%: P`` for any model (peft's format)."""
+    n_total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (
+        f"trainable params: {n_train:,d} || all params: {n_total:,d} "
+        f"|| trainable%: {100.0 * n_train / max(n_total, 1):.4f}"
+    )
+
+
+__all__ = ["BitFitState", "prepare_model", "random_masks", "resolve_terms", "trainable_summary"]

@@ -60,3 +60,29 @@ def tiny_model(arch: str = "bert", task: str = "seq", num_labels: int = 2, seed:
 @pytest.fixture
 def bert():
     return tiny_model("bert")
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved 2-layer BERT with a WordPiece tokenizer over the fixtures' words, for runner tests."""
+    import glob
+    import json
+    import re
+
+    words: set[str] = set()
+    for path in glob.glob(os.path.join(FIXTURES, "**", "*.jsonl"), recursive=True):
+        for line in open(path):
+            for v in json.loads(line).values():
+                if isinstance(v, str):
+                    words.update(re.findall(r"\w+|[^\w\s]", v.lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = T.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = T.BertConfig(**{**TINY, "vocab_size": len(vocab), "max_position_embeddings": 512})
+    T.BertForSequenceClassification(cfg).save_pretrained(out)
+    return str(out)

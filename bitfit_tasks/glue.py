@@ -1,0 +1,355 @@
+"""GLUE: task specs, data (hub or local files), preprocessing, metrics, and the run_glue main."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from . import metrics as M
+from .arguments import ModelArguments, parse_args, resolve_lr
+from .config import BitFitConfig
+from .trainer import BitFitTrainer
+
+logger = logging.getLogger("bitfit_tasks")
+
+PACKAGED_DATA = Path(__file__).parent / "data" / "glue"
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    keys: tuple[str, str | None]
+    labels: tuple[str, ...]  # label names in nyu-mll/glue order; () for regression
+    metric: str  # the paper's metric (Table 5)
+    eval_splits: tuple[str, ...] = ("validation",)
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.labels
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels) or 1
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    "cola": GlueTask(("sentence", None), ("unacceptable", "acceptable"), "matthews_correlation"),
+    "sst2": GlueTask(("sentence", None), ("negative", "positive"), "accuracy"),
+    "mrpc": GlueTask(("sentence1", "sentence2"), ("not_equivalent", "equivalent"), "f1"),
+    "qqp": GlueTask(("question1", "question2"), ("not_duplicate", "duplicate"), "f1"),
+    "stsb": GlueTask(("sentence1", "sentence2"), (), "spearmanr"),
+    "mnli": GlueTask(("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "accuracy",
+                     ("validation_matched", "validation_mismatched")),
+    "qnli": GlueTask(("question", "sentence"), ("entailment", "not_entailment"), "accuracy"),
+    "rte": GlueTask(("sentence1", "sentence2"), ("entailment", "not_entailment"), "accuracy"),
+    "wnli": GlueTask(("sentence1", "sentence2"), ("not_entailment", "entailment"), "accuracy"),
+}
+
+# The paper's BERT-base bias learning rates (Table 6), the default for bias-only modes.
+PAPER_BIAS_LR: dict[str, float] = {
+    "qnli": 1e-4, "sst2": 4e-4, "mnli": 1e-4, "cola": 7e-4, "mrpc": 7e-4, "stsb": 1e-4,
+    "rte": 1e-3, "qqp": 4e-4, "wnli": 1e-3,
+}
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class GlueArguments:
+    task_name: str = field(
+        default="sst2",
+        metadata={"help": f"GLUE task: {', '.join(GLUE_TASKS)} (wnli is excluded by the paper)."},
+    )
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local training file (jsonl/json/csv/tsv/parquet) with "
+                                "nyu-mll/glue column names. Without files the hub's nyu-mll/glue is used."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Local validation file (MNLI: the matched one)."})
+    validation_mismatched_file: str | None = field(
+        default=None, metadata={"help": "MNLI only: local validation_mismatched file."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Folder with <task>/train.* and <task>/validation.* files "
+                                "(e.g. ../shared/data/glue); 'packaged' uses the sample shipped with "
+                                "the package (sst2)."})
+    max_seq_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on a seeded random subset of this many examples "
+                                "(seed: --data_seed or --seed), not the first N rows."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on a seeded random subset of this size."})
+
+    def __post_init__(self) -> None:
+        self.task_name = self.task_name.lower().replace("-", "")
+        if self.task_name not in GLUE_TASKS:
+            raise ValueError(f"unknown GLUE task {self.task_name!r}; choose one of {list(GLUE_TASKS)}.")
+        if self.task_name == "wnli":
+            warnings.warn("WNLI is excluded by the BitFit paper (BERT models do not beat the majority "
+                          "baseline on it); running it anyway.", stacklevel=2)
+        if self.data_dir == "packaged":
+            self.data_dir = str(PACKAGED_DATA)
+        if self.data_dir is not None:
+            self.train_file = self.train_file or _find_file(self.data_dir, self.task_name, "train")
+            split = "validation_matched" if self.task_name == "mnli" else "validation"
+            self.validation_file = self.validation_file or _find_file(self.data_dir, self.task_name, split)
+        if (self.train_file is None) != (self.validation_file is None):
+            raise ValueError("give both --train_file and --validation_file (or neither, for the hub).")
+        for f in (self.train_file, self.validation_file, self.validation_mismatched_file):
+            if f is not None and Path(f).suffix.lower() not in LOCAL_FORMATS:
+                raise ValueError(f"unsupported data file {f!r}; use one of {sorted(LOCAL_FORMATS)}.")
+        if self.validation_mismatched_file and self.task_name != "mnli":
+            raise ValueError("--validation_mismatched_file is for --task_name mnli only.")
+
+
+def _find_file(data_dir: str, task: str, split: str) -> str:
+    folder = Path(data_dir) / task
+    for ext in LOCAL_FORMATS:
+        if (folder / f"{split}{ext}").exists():
+            return str(folder / f"{split}{ext}")
+    raise FileNotFoundError(f"no {split} file for task {task!r} in {folder} (looked for "
+                            f"{split}{{{','.join(LOCAL_FORMATS)}}}); check --data_dir.")
+
+
+def load_glue(args: GlueArguments, cache_dir: str | None = None):
+    """A ``DatasetDict`` with 'train' and the task's eval splits, from local files or the hub."""
+    import datasets
+
+    if args.train_file is None:
+        return datasets.load_dataset("nyu-mll/glue", args.task_name, cache_dir=cache_dir)
+    files = {"train": args.train_file, GLUE_TASKS[args.task_name].eval_splits[0]: args.validation_file}
+    if args.validation_mismatched_file:
+        files["validation_mismatched"] = args.validation_mismatched_file
+    out = {}
+    for split, path in files.items():
+        suffix = Path(path).suffix.lower()
+        kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+        try:
+            out[split] = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=path, split="train",
+                                               cache_dir=cache_dir, **kwargs)
+        except Exception as err:  # datasets raises many types for a malformed file
+            raise ValueError(f"could not read {split} file {path!r} as {LOCAL_FORMATS[suffix]}: {err}") from err
+    return datasets.DatasetDict(out)
+
+
+def check_and_encode_labels(ds, task: GlueTask, split: str):
+    """Validate columns and labels; map string label names to ids."""
+    needed = [k for k in task.keys if k] + ["label"]
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{split} data lacks column(s) {missing} for this task; it has {ds.column_names}. "
+                         f"Rename columns to the nyu-mll/glue names {needed}.")
+    if task.is_regression:
+        return ds.map(lambda ex: {"label": float(ex["label"])})
+    names = {n: i for i, n in enumerate(task.labels)}
+
+    def encode(ex):
+        lab = ex["label"]
+        if isinstance(lab, str):
+            if lab in names:
+                return {"label": names[lab]}
+            if lab.lstrip("-").isdigit():
+                lab = int(lab)
+            else:
+                raise ValueError(f"{split}: unknown label {lab!r}; allowed: {list(task.labels)} or ids "
+                                 f"0..{len(task.labels) - 1}.")
+        if not 0 <= int(lab) < len(task.labels):
+            hint = " (-1 marks the unlabelled GLUE test split)" if int(lab) == -1 else ""
+            raise ValueError(f"{split}: label {lab!r} out of range 0..{len(task.labels) - 1}{hint}.")
+        return {"label": int(lab)}
+
+    from datasets import Value
+
+    return ds.map(encode).cast_column("label", Value("int64"))
+
+
+def sample(ds, n: int | None, seed: int):
+    """A seeded random subset of ``n`` rows (all rows if n is None or >= len)."""
+    if n is None or n >= len(ds):
+        return ds
+    if n <= 0:
+        raise ValueError(f"sample size must be positive, got {n}.")
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def compute_glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The paper's metric plus its usual companion (Table 5)."""
+    task = GLUE_TASKS[task_name]
+    if task.is_regression:
+        preds = np.squeeze(predictions)
+        return {"spearmanr": M.spearman(preds, labels), "pearson": M.pearson(preds, labels)}
+    preds = np.argmax(predictions, axis=-1)
+    out = {"accuracy": M.accuracy(preds, labels)}
+    if task.metric == "f1":
+        out["f1"] = M.f1_binary(preds, labels)
+    if task.metric == "matthews_correlation":
+        out["matthews_correlation"] = M.matthews_corrcoef(preds, labels)
+    return out
+
+
+class EvalHistory(TrainerCallback):
+    """Keeps every evaluation so the best dev score over epochs can be reported (paper, A.2)."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics:
+            return
+        # Several eval sets (MNLI matched/mismatched) report one by one at the same step.
+        if self.history and self.history[-1]["step"] == state.global_step:
+            self.history[-1].update(metrics)
+        else:
+            self.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
+
+
+def main_metric_key(task_name: str) -> str:
+    task = GLUE_TASKS[task_name]
+    split = task.eval_splits[0]
+    return f"eval_{split}_{task.metric}" if len(task.eval_splits) > 1 else f"eval_{task.metric}"
+
+
+DEMO_ARGS = [
+    "--task_name", "sst2", "--data_dir", "packaged", "--output_dir", "outputs/glue-demo",
+    "--num_train_epochs", "2", "--max_seq_length", "64", "--bias_terms", "bitfit",
+]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv == ["--demo"]:
+        argv = list(DEMO_ARGS)
+    model_args, data_args, bitfit, training_args = parse_args(
+        (ModelArguments, GlueArguments, BitFitConfig, TrainingArguments), argv
+    )
+    return run(model_args, data_args, bitfit, training_args)
+
+
+def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConfig,
+        training_args: TrainingArguments) -> dict[str, Any]:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("bitfit_tasks").setLevel(logging.INFO)
+    task = GLUE_TASKS[data_args.task_name]
+    resolve_lr(training_args, bitfit, PAPER_BIAS_LR[data_args.task_name])
+    set_seed(training_args.seed)
+    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+
+    raw = load_glue(data_args, model_args.cache_dir)
+    if "train" not in raw:
+        raise ValueError(f"no train split in the data; found {list(raw)}.")
+    train = check_and_encode_labels(sample(raw["train"], data_args.max_train_samples, data_seed), task, "train")
+    eval_sets = {s: check_and_encode_labels(sample(raw[s], data_args.max_eval_samples, data_seed), task, s)
+                 for s in task.eval_splits if s in raw}
+    if not eval_sets:
+        raise ValueError(f"no evaluation split {list(task.eval_splits)} in the data; found {list(raw)}.")
+
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, num_labels=task.num_labels, cache_dir=model_args.cache_dir,
+        finetuning_task=data_args.task_name,
+        **({"problem_type": "regression"} if task.is_regression else
+           {"id2label": dict(enumerate(task.labels)), "label2id": {n: i for i, n in enumerate(task.labels)}}),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+
+    k1, k2 = task.keys
+
+    def tokenize(batch):
+        texts = (batch[k1],) if k2 is None else (batch[k1], batch[k2])
+        return tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
+
+    keep = {"label"}
+    with training_args.main_process_first(desc="tokenize"):
+        train = train.map(tokenize, batched=True, remove_columns=[c for c in train.column_names if c not in keep])
+        eval_sets = {s: d.map(tokenize, batched=True, remove_columns=[c for c in d.column_names if c not in keep])
+                     for s, d in eval_sets.items()}
+
+    history = EvalHistory()
+    trainer = BitFitTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=eval_sets if len(eval_sets) > 1 else next(iter(eval_sets.values())),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=lambda p: compute_glue_metrics(data_args.task_name, p.predictions, p.label_ids),
+        callbacks=[history],
+        bitfit_config=bitfit,
+    )
+    start = time.time()
+    train_result = trainer.train()
+    final = trainer.evaluate() if training_args.eval_strategy == "no" else history.history[-1]
+    if training_args.eval_strategy == "no":
+        history.history.append(final)
+    key = main_metric_key(data_args.task_name)
+    scores = [h[key] for h in history.history if key in h and not math.isnan(h[key])]
+    results = {
+        "task": data_args.task_name,
+        "metric": task.metric,
+        "mode": bitfit.mode,
+        "bias_terms": bitfit.bias_terms,
+        "learning_rate": training_args.learning_rate,
+        "seed": training_args.seed,
+        "epochs": training_args.num_train_epochs,
+        "train_examples": len(train),
+        "model": model_args.model_name_or_path,
+        "trainable_params": trainer.bitfit_state.n_trainable,
+        "all_params": trainer.bitfit_state.n_total,
+        "best": max(scores) if scores else float("nan"),
+        "final": scores[-1] if scores else float("nan"),
+        "final_metrics": {k: v for k, v in final.items() if isinstance(v, float)},
+        "history": history.history,
+        "train_loss": train_result.training_loss,
+        "train_seconds": round(time.time() - start, 1),
+        "device": _device_name(training_args),
+        "bitfit_config": asdict(bitfit),
+    }
+    if trainer.is_world_process_zero():
+        out = Path(training_args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_biases_and_head(trainer.model, out / "biases_and_head.safetensors")
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        logger.info("%s %s (%s): best %.4f, final %.4f -> %s", data_args.task_name, task.metric,
+                    bitfit.mode, results["best"], results["final"], out / "results.json")
+    return results
+
+
+def _device_name(training_args: TrainingArguments) -> str:
+    import torch
+
+    dev = training_args.device
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    return f"{dev.type}:{torch.get_num_threads()} threads"
+
+
+def save_biases_and_head(model, path: Path) -> None:
+    """Every bias parameter and the head (small, any mode): what the bias-change analysis reads."""
+    from safetensors.torch import save_file
+
+    from .selection import head_parameter_names
+
+    head = set(head_parameter_names(model))
+    bias_ids = {id(m.bias) for m in model.modules() if getattr(m, "bias", None) is not None}
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+               if id(p) in bias_ids or n in head}
+    save_file(tensors, str(path))

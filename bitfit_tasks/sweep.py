@@ -1,0 +1,206 @@
+"""Resumable grids (tasks x methods x learning rates x seeds) and the paper-style results table.
+
+    python -m bitfit_tasks.sweep --tasks rte mrpc --methods full bitfit qm2 frozen rand_uniform \
+        --seeds 1 2 3 --output_dir runs/glue -- --data_dir ../shared/data/glue --num_train_epochs 5
+
+Each run writes ``<output_dir>/<task>/<method>/lr<lr>/seed<seed>/results.json``; a run whose file
+exists is skipped, so re-running the same command finishes a half-done grid. The table takes, per
+task and method, the learning rate with the best mean dev score over seeds and reports that
+score's mean +- std over seeds (the paper's Tables 2/3 protocol), next to the paper's BERT-base
+numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .arguments import PAPER_BIAS_LRS, PAPER_FULL_LRS
+from .selection import PRESETS, resolve_terms
+
+logger = logging.getLogger("bitfit_tasks")
+
+# Method name -> (mode, bias terms). Any preset or '+'-joined term list is a bitfit method too.
+BASE_METHODS: dict[str, tuple[str, list[str]]] = {
+    "full": ("full", ["bitfit"]),
+    "bitfit": ("bitfit", ["bitfit"]),
+    "frozen": ("frozen", ["bitfit"]),
+    "rand_uniform": ("rand_uniform", ["bitfit"]),
+    "rand_row_col": ("rand_row_col", ["bitfit"]),
+}
+
+# BERT-base dev results (Tables 2 and 3), x100.
+PAPER_GLUE: dict[str, dict[str, str]] = {
+    "full": {"qnli": "90.7±0.2", "sst2": "92.0±0.4", "mnli": "83.5±0.1", "cola": "56.4±0.9",
+             "mrpc": "89.0±1.0", "stsb": "88.9±0.7", "rte": "70.5±0.6", "qqp": "87.1±0.1"},
+    "bitfit": {"qnli": "90.2±0.2", "sst2": "92.1±0.3", "mnli": "81.4±0.2", "cola": "58.8±0.5",
+               "mrpc": "90.4±0.5", "stsb": "89.2±0.2", "rte": "72.3±0.9", "qqp": "84.0±0.2"},
+    "qm2": {"qnli": "89.4±0.1", "sst2": "91.2±0.2", "mnli": "80.4±0.2", "cola": "57.4±0.8",
+            "mrpc": "89.0±0.2", "stsb": "88.4±0.1", "rte": "68.6±0.6", "qqp": "83.7±0.2"},
+    "m2": {"qnli": "88.9±0.1", "sst2": "91.1±0.3", "mnli": "79.9±0.3", "cola": "54.9±0.9",
+           "mrpc": "87.9±0.6", "stsb": "88.2±0.1", "rte": "66.8±0.6", "qqp": "82.1±0.4"},
+    "q": {"qnli": "86.8±0.1", "sst2": "89.6±0.2", "mnli": "74.4±0.3", "cola": "49.1±1.5",
+          "mrpc": "84.4±0.2", "stsb": "85.6±0.1", "rte": "61.4±1.1", "qqp": "80.6±0.4"},
+    "frozen": {"qnli": "68.7±0.3", "sst2": "81.7±0.1", "mnli": "42.4±0.1", "cola": "31.9±1.1",
+               "mrpc": "81.1±0.1", "stsb": "71.4±0.1", "rte": "56.9±0.4", "qqp": "62.4±0.2"},
+    "rand_uniform": {"qnli": "87.8±0.3", "sst2": "90.5±0.3", "mnli": "78.3±0.3", "cola": "54.1±1.0",
+                     "mrpc": "84.3±0.3", "stsb": "87.2±0.4", "rte": "62.9±0.9", "qqp": "82.4±0.3"},
+    "rand_row_col": {"qnli": "88.4±0.2", "sst2": "91.0±0.3", "mnli": "79.4±0.3", "cola": "53.4±0.6",
+                     "mrpc": "88.0±0.7", "stsb": "87.9±0.2", "rte": "65.1±0.7", "qqp": "82.3±0.2"},
+}
+
+
+def method_spec(method: str) -> tuple[str, list[str]]:
+    """``(mode, bias_terms)`` for a method name: a base method, a preset, or terms joined by '+'."""
+    if method in BASE_METHODS:
+        return BASE_METHODS[method]
+    terms = method.split("+")
+    try:
+        resolve_terms(terms)
+    except ValueError as err:
+        raise ValueError(f"unknown method {method!r}: use one of {list(BASE_METHODS)}, a preset "
+                         f"{sorted(PRESETS)}, or '+'-joined terms like q+m2 ({err})") from None
+    return "bitfit", terms
+
+
+def run_dir(root: Path, task: str, method: str, lr: float, seed: int) -> Path:
+    return root / task / method / f"lr{lr:g}" / f"seed{seed}"
+
+
+def run_grid(
+    main: Callable[[list[str]], Any],
+    *,
+    tasks: Sequence[str],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    output_dir: str,
+    bias_lrs: Sequence[float] = PAPER_BIAS_LRS,
+    full_lrs: Sequence[float] = PAPER_FULL_LRS,
+    extra_args: Sequence[str] = (),
+    dry_run: bool = False,
+    shard: tuple[int, int] = (0, 1),
+) -> list[Path]:
+    """Run every missing (task, method, lr, seed) with the runner's ``main(argv)``; returns run dirs."""
+    root = Path(output_dir)
+    specs = {m: method_spec(m) for m in methods}  # fail fast on a bad name, before any training
+    done: list[Path] = []
+    index = -1
+    # Seeds outermost: a grid cut short still has every cell, with fewer seeds.
+    for seed in seeds:
+        for task in tasks:
+            for method, (mode, terms) in specs.items():
+                for lr in (full_lrs if mode == "full" else bias_lrs):
+                    index += 1
+                    if index % shard[1] != shard[0]:  # another worker's run
+                        continue
+                    out = run_dir(root, task, method, lr, seed)
+                    if (out / "results.json").exists():
+                        logger.info("skip finished run %s", out)
+                        done.append(out)
+                        continue
+                    argv = ["--task_name", task, "--mode", mode, "--bias_terms", *terms,
+                            "--learning_rate", str(lr), "--seed", str(seed),
+                            "--output_dir", str(out), *extra_args]
+                    logger.info("run %s", " ".join(argv))
+                    if not dry_run:
+                        main(argv)
+                    done.append(out)
+    return done
+
+
+def _fmt(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1f}±{std:.1f}"
+
+
+def summarize(output_dir: str, score: str = "best") -> dict[str, Any]:
+    """Collect every results.json below ``output_dir`` into a paper-style table (Markdown + JSON)."""
+    root = Path(output_dir)
+    runs: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    meta: dict[str, str] = {}
+    for path in sorted(root.glob("*/*/lr*/seed*/results.json")):
+        r = json.loads(path.read_text())
+        task, method = path.parts[-5], path.parts[-4]
+        runs[(task, method)][float(r["learning_rate"])].append(float(r[score]))
+        meta[task] = r["metric"]
+    table: dict[str, dict[str, Any]] = defaultdict(dict)
+    for (task, method), by_lr in runs.items():
+        best_lr = max(by_lr, key=lambda lr: statistics.fmean(by_lr[lr]))
+        vals = by_lr[best_lr]
+        table[method][task] = {
+            "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "n_seeds": len(vals), "best_lr": best_lr, "scores": vals, "cell": _fmt(vals),
+            "all_lrs": {str(lr): _fmt(v) for lr, v in sorted(by_lr.items())},
+            "paper": PAPER_GLUE.get(method, {}).get(task),
+        }
+    tasks = sorted(meta)
+    lines = [
+        f"| method | {' | '.join(f'{t} ({meta[t]})' for t in tasks)} |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for method in table:
+        cells = []
+        for t in tasks:
+            c = table[method].get(t)
+            if c is None:
+                cells.append("–")
+            else:
+                paper = f" [paper {c['paper']}]" if c["paper"] else ""
+                cells.append(f"{c['cell']} (lr {c['best_lr']:g}, n={c['n_seeds']}){paper}")
+        lines.append(f"| {method} | {' | '.join(cells)} |")
+    md = "\n".join(lines) + "\n"
+    (root / "results.md").write_text(md)
+    (root / "results.json").write_text(json.dumps(table, indent=2))
+    return {"markdown": md, "table": table}
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: need 0 <= i < n.")
+    return i, n
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runner", default="glue", choices=["glue"], help="which runner's main() to call")
+    parser.add_argument("--tasks", nargs="+", required=True)
+    parser.add_argument("--methods", nargs="+", default=["full", "bitfit"],
+                        help=f"{list(BASE_METHODS)}, a preset, or '+'-joined terms (e.g. q+m2)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--bias_lrs", nargs="+", type=float, default=list(PAPER_BIAS_LRS))
+    parser.add_argument("--full_lrs", nargs="+", type=float, default=list(PAPER_FULL_LRS))
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--score", default="best", choices=["best", "final"],
+                        help="best dev score over epochs (the paper) or the last epoch's")
+    parser.add_argument("--shard", default="0/1",
+                        help="i/n: run only every n-th run starting at i, for n parallel workers "
+                        "(e.g. one per GPU); workers share --output_dir and the same table")
+    parser.add_argument("--dry_run", action="store_true", help="list the runs, train nothing")
+    parser.add_argument("runner_args", nargs=argparse.REMAINDER,
+                        help="after '--': arguments passed to every run")
+    args = parser.parse_args(argv)
+    extra = args.runner_args[1:] if args.runner_args[:1] == ["--"] else args.runner_args
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .glue import main as glue_main
+
+    run_grid(glue_main, tasks=args.tasks, methods=args.methods, seeds=args.seeds,
+             output_dir=args.output_dir, bias_lrs=args.bias_lrs, full_lrs=args.full_lrs,
+             extra_args=extra, dry_run=args.dry_run, shard=_parse_shard(args.shard))
+    summary = summarize(args.output_dir, args.score) if not args.dry_run else {"markdown": ""}
+    print(summary["markdown"])
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from conftest import FIXTURES, tiny_model
+
+from bitfit_tasks import sweep
+from bitfit_tasks.analysis import bias_change, plot_heatmap, write_csv
+
+
+class Crash(Exception):
+    pass
+
+
+def test_grid_resumes_and_shards(tmp_path):
+    calls: list[list[str]] = []
+    crash = {"on": True}
+
+    def fake_main(argv):
+        calls.append(argv)
+        if crash["on"] and argv[argv.index("--seed") + 1] == "2":
+            raise Crash  # the grid dies half-way
+        out = tmp_path / argv[argv.index("--output_dir") + 1]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text("{}")
+
+    kw = dict(tasks=["rte"], methods=["bitfit", "full", "q+m2"], seeds=[1, 2], bias_lrs=[1e-3, 4e-4],
+              full_lrs=[2e-5], output_dir=str(tmp_path))
+    with pytest.raises(Crash):
+        sweep.run_grid(fake_main, **kw)
+    assert len(calls) == 6  # seed 1: 2 + 1 + 2 runs, then the first seed-2 run dies
+    calls.clear()
+    crash["on"] = False
+    runs = sweep.run_grid(fake_main, **kw)
+    assert len(runs) == 10
+    # Only the unfinished seed-2 runs ran again.
+    assert [a[a.index("--seed") + 1] for a in calls] == ["2"] * 5
+    assert calls[0][calls[0].index("--bias_terms") + 1] == "bitfit"
+    qm2 = [a for a in calls if "q" in a and "m2" in a]
+    assert qm2 and qm2[0][qm2[0].index("--mode") + 1] == "bitfit"
+    # Two workers split a grid without overlap.
+    a = sweep.run_grid(lambda argv: None, **{**kw, "output_dir": str(tmp_path / "x")}, shard=(0, 2), dry_run=True)
+    b = sweep.run_grid(lambda argv: None, **{**kw, "output_dir": str(tmp_path / "x")}, shard=(1, 2), dry_run=True)
+    assert len(a) + len(b) == 10 and not set(a) & set(b)
+
+
+def test_unknown_method_and_bad_shard():
+    with pytest.raises(ValueError, match=r"unknown method 'lora'"):
+        sweep.method_spec("lora")
+    with pytest.raises(ValueError, match=r"--shard must look like i/n"):
+        sweep._parse_shard("2")
+    with pytest.raises(ValueError, match=r"need 0 <= i < n"):
+        sweep._parse_shard("3/2")
+
+
+def test_summary_picks_best_lr_by_mean_and_reports_std(tmp_path):
+    scores = {("bitfit", 1e-3): [0.70, 0.74, 0.72], ("bitfit", 1e-4): [0.75, 0.60, 0.62],
+              ("full", 2e-5): [0.71, 0.69, 0.70]}
+    for (method, lr), vals in scores.items():
+        for seed, v in enumerate(vals, 1):
+            d = sweep.run_dir(tmp_path, "rte", method, lr, seed)
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps(
+                {"learning_rate": lr, "best": v, "final": v - 0.01, "metric": "accuracy"}))
+    out = sweep.summarize(str(tmp_path))
+    cell = out["table"]["bitfit"]["rte"]
+    assert cell["best_lr"] == 1e-3  # mean 0.72 beats 0.6567 despite the single 0.75
+    assert cell["mean"] == pytest.approx(0.72)
+    assert cell["std"] == pytest.approx(statistics.stdev([0.70, 0.74, 0.72]))
+    assert cell["cell"] == "72.0±2.0" and cell["paper"] == "72.3±0.9"
+    assert "| bitfit | 72.0±2.0 (lr 0.001, n=3) [paper 72.3±0.9] |" in out["markdown"]
+    assert (tmp_path / "results.md").exists() and json.loads((tmp_path / "results.json").read_text())
+
+
+def test_sweep_cli_real_runner_resumes(tiny_model_dir, tmp_path, capsys):
+    argv = ["--tasks", "rte", "--methods", "bitfit", "frozen", "--seeds", "1", "--bias_lrs", "1e-3",
+            "--output_dir", str(tmp_path), "--", "--data_dir", f"{FIXTURES}/glue",
+            "--model_name_or_path", tiny_model_dir, "--num_train_epochs", "1", "--use_cpu", "true"]
+    sweep.main(argv)
+    first = capsys.readouterr().out
+    stamp = (tmp_path / "rte/bitfit/lr0.001/seed1/results.json").stat().st_mtime_ns
+    sweep.main(argv)
+    assert (tmp_path / "rte/bitfit/lr0.001/seed1/results.json").stat().st_mtime_ns == stamp
+    assert "| frozen |" in first and "| bitfit |" in first
+
+
+def test_bias_change_known_values(tmp_path):
+    model = tiny_model("bert")
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".bias")}
+    trained["bert.encoder.layer.1.attention.self.query.bias"] += 0.5
+    trained["bert.encoder.layer.0.intermediate.dense.bias"][:16] -= 2.0  # half of 32 dims
+    change = bias_change(model, trained)
+    assert change["q"] == {0: 0.0, 1: pytest.approx(0.5)}
+    assert change["m2"] == {0: pytest.approx(1.0), 1: 0.0}
+    assert change["k"] == {0: 0.0, 1: 0.0}
+    write_csv(change, tmp_path / "c.csv")
+    assert (tmp_path / "c.csv").read_text().splitlines()[0] == "term,layer0,layer1"
+    plot_heatmap(change, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"hold none of the base model's per-layer biases"):
+        bias_change(model, {"x.bias": torch.zeros(1)})

@@ -143,7 +143,9 @@ def load_glue(args: GlueArguments, cache_dir: str | None = None):
             out[split] = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=path, split="train",
                                                cache_dir=cache_dir, **kwargs)
         except Exception as err:  # datasets raises many types for a malformed file
-            raise ValueError(f"could not read {split} file {path!r} as {LOCAL_FORMATS[suffix]}: {err}") from err
+            raise ValueError(
+                f"could not read {split} file {path!r} as {LOCAL_FORMATS[suffix]}: {err}"
+            ) from err
     return datasets.DatasetDict(out)
 
 
@@ -254,7 +256,8 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
     raw = load_glue(data_args, model_args.cache_dir)
     if "train" not in raw:
         raise ValueError(f"no train split in the data; found {list(raw)}.")
-    train = check_and_encode_labels(sample(raw["train"], data_args.max_train_samples, data_seed), task, "train")
+    train = sample(raw["train"], data_args.max_train_samples, data_seed)
+    train = check_and_encode_labels(train, task, "train")
     eval_sets = {s: check_and_encode_labels(sample(raw[s], data_args.max_eval_samples, data_seed), task, s)
                  for s in task.eval_splits if s in raw}
     if not eval_sets:
@@ -277,11 +280,12 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
         texts = (batch[k1],) if k2 is None else (batch[k1], batch[k2])
         return tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
 
-    keep = {"label"}
+    def encode(ds):
+        return ds.map(tokenize, batched=True, remove_columns=[c for c in ds.column_names if c != "label"])
+
     with training_args.main_process_first(desc="tokenize"):
-        train = train.map(tokenize, batched=True, remove_columns=[c for c in train.column_names if c not in keep])
-        eval_sets = {s: d.map(tokenize, batched=True, remove_columns=[c for c in d.column_names if c not in keep])
-                     for s, d in eval_sets.items()}
+        train = encode(train)
+        eval_sets = {s: encode(d) for s, d in eval_sets.items()}
 
     history = EvalHistory()
     trainer = BitFitTrainer(

@@ -172,7 +172,9 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runner", default="glue", choices=["glue"], help="which runner's main() to call")
     parser.add_argument("--tasks", nargs="+", required=True)
     parser.add_argument("--methods", nargs="+", default=["full", "bitfit"],

@@ -33,7 +33,7 @@ def test_pearson_spearman_by_hand():
     y = [2.0, 4.0, 6.0, 8.5]
     # ranks identical -> spearman 1; pearson from the definition
     xm, ym = np.mean(x), np.mean(y)
-    r = sum((a - xm) * (b - ym) for a, b in zip(x, y)) / math.sqrt(
+    r = sum((a - xm) * (b - ym) for a, b in zip(x, y, strict=True)) / math.sqrt(
         sum((a - xm) ** 2 for a in x) * sum((b - ym) ** 2 for b in y))
     assert M.spearman(x, y) == pytest.approx(1.0)
     assert M.pearson(x, y) == pytest.approx(r)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .config import MODES, BitFitConfig
 from .core import BitFitState, prepare_model, random_masks, trainable_summary
+from .delta import AppliedDelta, Delta, apply_delta, export_merged, load_task_model, save_delta
+from .multitask import MultiTaskBitFit
 from .selection import (
     DEFAULT_BIAS_MAPS,
     GLOBAL_TERMS,
@@ -21,6 +23,13 @@ from .trainer import BitFitTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AppliedDelta",
+    "Delta",
+    "MultiTaskBitFit",
+    "apply_delta",
+    "export_merged",
+    "load_task_model",
+    "save_delta",
     "BiasMap",
     "BitFitConfig",
     "BitFitState",

@@ -35,6 +35,8 @@ class BitFitState:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     term_counts: dict[str, int] = field(default_factory=dict)
+    #: Every head tensor, trained or not (a delta stores the head either way).
+    head_all: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         pct = 100.0 * self.n_trainable / max(self.n_total, 1)
@@ -193,6 +195,7 @@ def prepare_model(
         masks=masks,
         originals={n: all_params[n].detach().clone() for n in masks},
         term_counts=term_counts,
+        head_all=head_parameter_names(model),
     )
     for name in masks:
         # Zero the gradient outside the mask, so clipping norms and Adam moments see only the

@@ -94,6 +94,9 @@ class GlueArguments:
                                 "(seed: --data_seed or --seed), not the first N rows."})
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on a seeded random subset of this size."})
+    save_full_model: bool = field(
+        default=False, metadata={"help": "With --mode full, also save the whole fine-tuned model at the "
+                                 "end (bias-only modes always save their small delta)."})
 
     def __post_init__(self) -> None:
         self.task_name = self.task_name.lower().replace("-", "")
@@ -327,6 +330,8 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
         "device": _device_name(training_args),
         "bitfit_config": asdict(bitfit),
     }
+    if bitfit.mode != "full" or data_args.save_full_model:
+        trainer.save_model(training_args.output_dir)  # every rank calls it; only the main one writes
     if trainer.is_world_process_zero():
         out = Path(training_args.output_dir)
         out.mkdir(parents=True, exist_ok=True)

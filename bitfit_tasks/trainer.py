@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 
+import torch
 from transformers import Trainer
 
 from .config import BitFitConfig
 from .core import BitFitState, prepare_model
+from .delta import Delta, apply_delta, is_delta_dir, save_delta
 from .selection import BiasMap
+
+TRAINING_ARGS_NAME = "training_args.bin"
 
 logger = logging.getLogger("bitfit_tasks")
 
@@ -61,3 +66,39 @@ class BitFitTrainer(Trainer):
             for params, lr in ((body, group["lr"]), (head, head_lr)):
                 if params:
                     optimizer.add_param_group({**group, "params": params, "lr": lr})
+
+    # ---- bias-only checkpoints ------------------------------------------------------------------
+    # Trainer funnels save_model(), periodic checkpoints and the final save through _save(), and
+    # resume / load_best_model_at_end through the two loaders below: overriding these three keeps
+    # every Trainer feature working with checkpoints that hold only the trained tensors.
+
+    def _saves_delta(self) -> bool:
+        return self.bitfit_config.mode != "full"
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self._saves_delta():
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        # The head is stored even when frozen: its (random) init is not in the base checkpoint.
+        names = list(dict.fromkeys(self.bitfit_state.trainable + self.bitfit_state.head_all))
+        save_delta(model, output_dir, names=names, mode=self.bitfit_config.mode,
+                   terms=self.bitfit_state.terms)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        logger.info("Saved BitFit delta (%s) to %s", self.bitfit_config.mode, output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not is_delta_dir(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        apply_delta(model if model is not None else self.model, Delta.load(resume_from_checkpoint))
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is None or not is_delta_dir(best):
+            return super()._load_best_model()
+        logger.info("Loading best BitFit delta from %s (score: %s).", best, self.state.best_metric)
+        apply_delta(self.accelerator.unwrap_model(self.model), Delta.load(best))

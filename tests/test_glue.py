@@ -133,6 +133,9 @@ def test_main_smoke_each_mode(mode_args, tiny_model_dir, tmp_path):
     assert saved["best"] == max(h["eval_f1"] for h in saved["history"])
     assert saved["learning_rate"] == (2e-5 if mode_args[1] == "full" else 7e-4)  # paper defaults
     assert (tmp_path / "biases_and_head.safetensors").exists()
+    # Bias-only modes leave a delta; full fine-tuning saves no 100%-size model unless asked.
+    assert (tmp_path / "bitfit_delta.safetensors").exists() == (mode_args[1] != "full")
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 def test_main_mnli_two_eval_sets_and_json_args(tiny_model_dir, tmp_path):

@@ -1,0 +1,43 @@
+"""``bitfit-delta``: inspect a bias-only checkpoint, or merge it into a full model.
+
+    bitfit-delta info runs/rte
+    bitfit-delta export runs/rte --base sentence-transformers/all-MiniLM-L6-v2 --output merged-rte
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from .delta import Delta, export_merged
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bitfit-delta", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    info = sub.add_parser("info", help="list a delta's tensors, terms, sizes and base model")
+    info.add_argument("delta_dir")
+    info.add_argument("--tensors", action="store_true", help="also list every tensor with its shape")
+    exp = sub.add_parser("export", help="apply the delta to its base and save a full (merged) model")
+    exp.add_argument("delta_dir")
+    exp.add_argument("--base", help="base model id/folder (default: the one recorded in the delta)")
+    exp.add_argument("--output", required=True, help="folder for the merged from_pretrained model")
+    a = p.parse_args(argv)
+    delta = Delta.load(a.delta_dir)
+    if a.cmd == "info":
+        print(delta.describe())
+        if a.tensors:
+            for name, t in delta.tensors.items():
+                print(f"    {name}  {tuple(t.shape)}  {t.dtype}")
+        return 0
+    base = a.base or delta.meta.get("base_model")
+    if not base:
+        p.error("the delta records no base model; pass --base")
+    out = export_merged(base, a.delta_dir, a.output)
+    print(f"merged model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

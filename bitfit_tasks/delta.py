@@ -1,0 +1,228 @@
+"""Bias-only checkpoints ("deltas"): save the trained tensors only, apply them onto a base, undo them.
+
+A delta folder holds
+
+* ``bitfit_delta.safetensors``: the trained tensors (selected biases + head; for the random
+  baselines the touched weight tensors), by their names in the task model;
+* ``bitfit_delta.json``: the base model, task class, task config, mode and terms, tensor shapes,
+  and a fingerprint of the frozen base weights, so a delta is never applied to the wrong backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .selection import head_parameter_names
+
+DELTA_WEIGHTS = "bitfit_delta.safetensors"
+DELTA_CONFIG = "bitfit_delta.json"
+FORMAT_VERSION = 1
+
+
+def is_delta_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / DELTA_WEIGHTS).is_file() and (Path(path) / DELTA_CONFIG).is_file()
+
+
+def fingerprint(model: nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> str:
+    """sha256 over the name, shape and fp32 bytes of every parameter not in ``exclude`` and not in
+    the head: the frozen backbone a delta was trained on. dtype-independent (computed in fp32)."""
+    head = set(head_parameter_names(model))
+    return fingerprint_tensors(
+        (n, p) for n, p in model.named_parameters() if n not in exclude and n not in head
+    )
+
+
+def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(named, key=lambda x: x[0]):
+        t = p.detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def delta_tensor_names(model: nn.Module) -> list[str]:
+    """What a delta stores: every trainable tensor (the selected biases, head, random-mode weights)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def save_delta(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    names: list[str] | None = None,
+    mode: str = "bitfit",
+    terms: dict[str, list[str]] | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """Write the trained tensors of ``model`` (``names``, default: those with requires_grad)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = names if names is not None else delta_tensor_names(model)
+    if not names:
+        raise ValueError("nothing to save: the model has no trainable tensors; pass names= explicitly.")
+    params = dict(model.named_parameters())
+    tensors = {n: params[n].detach().to("cpu").contiguous() for n in names}
+    config = getattr(model, "config", None)
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "base_model": base_model or getattr(config, "_name_or_path", None),
+        "task_class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "task_config": config.to_dict() if config is not None else None,
+        "mode": mode,
+        "terms": terms or {},
+        "head": [n for n in head_parameter_names(model) if n in tensors],
+        "shapes": {n: list(t.shape) for n, t in tensors.items()},
+        "base_fingerprint": fingerprint(model, exclude=set(names)),
+    }
+    save_file(tensors, str(out / DELTA_WEIGHTS), metadata={"format": "pt", "bitfit_mode": mode})
+    (out / DELTA_CONFIG).write_text(json.dumps(meta, indent=2, default=str))
+    return out
+
+
+@dataclass
+class Delta:
+    """A loaded delta: tensors plus metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    path: str = ""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Delta:
+        p = Path(path)
+        if not is_delta_dir(p):
+            raise FileNotFoundError(
+                f"{p} is not a BitFit delta: expected {DELTA_WEIGHTS} and {DELTA_CONFIG} in it "
+                "(written by BitFitTrainer.save_model or bitfit_tasks.save_delta)."
+            )
+        meta = json.loads((p / DELTA_CONFIG).read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{p}: delta format_version {meta.get('format_version')!r} is not supported "
+                             f"(this library reads {FORMAT_VERSION}); upgrade bitfit-tasks.")
+        return cls(tensors=load_file(str(p / DELTA_WEIGHTS)), meta=meta, path=str(p))
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def describe(self) -> str:
+        m = self.meta
+        n = sum(t.numel() for t in self.tensors.values())
+        lines = [
+            f"BitFit delta {self.path}",
+            f"  base model : {m.get('base_model')}",
+            f"  task class : {m.get('task_class')} (model_type {m.get('model_type')})",
+            f"  mode       : {m.get('mode')}  terms: {', '.join(m.get('terms', {})) or '-'}",
+            f"  tensors    : {len(self.tensors)} ({n:,d} values, {self.num_bytes():,d} bytes)",
+            f"  fingerprint: {m.get('base_fingerprint', '')[:16]}…",
+        ]
+        for term, names in m.get("terms", {}).items():
+            lines.append(f"    {term:>5}: {sum(self.tensors[x].numel() for x in names if x in self.tensors):,d}")
+        lines.append(f"    {'head':>5}: {sum(self.tensors[x].numel() for x in m.get('head', [])):,d}")
+        return "\n".join(lines)
+
+
+@dataclass
+class AppliedDelta:
+    """Handle returned by :func:`apply_delta`; ``remove()`` restores the base bit-exactly."""
+
+    model: nn.Module
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        params = dict(self.model.named_parameters())
+        for name, value in self.originals.items():
+            params[name].copy_(value)
+        self.originals = {}
+
+
+def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool = True) -> None:
+    """Raise ``ValueError`` naming the problem if ``delta`` does not belong on ``model``."""
+    params = dict(model.named_parameters())
+    missing = [n for n in delta.tensors if n not in params]
+    if missing:
+        raise ValueError(
+            f"delta {delta.path} has tensors the model lacks, e.g. {missing[:3]} (model "
+            f"{type(model).__name__}, delta trained on {delta.meta.get('task_class')}); load the base "
+            f"with the delta's task class."
+        )
+    bad = [(n, tuple(t.shape), tuple(params[n].shape)) for n, t in delta.tensors.items()
+           if tuple(t.shape) != tuple(params[n].shape)]
+    if bad:
+        n, want, have = bad[0]
+        raise ValueError(
+            f"delta {delta.path}: shape of {n} is {want} but the model's is {have}"
+            + (" (load the base with the delta's num_labels)" if n in delta.meta.get("head", []) else "")
+            + "."
+        )
+    if verify_fingerprint:
+        got = fingerprint(model, exclude=set(delta.tensors))
+        want = delta.meta.get("base_fingerprint")
+        if got != want:
+            raise ValueError(
+                f"delta {delta.path} was trained on a different base model (fingerprint "
+                f"{str(want)[:12]}… vs this model's {got[:12]}…; delta base: "
+                f"{delta.meta.get('base_model')!r}). Load that base, or pass "
+                "verify_fingerprint=False if you know better."
+            )
+
+
+@torch.no_grad()
+def apply_delta(
+    model: nn.Module, delta: Delta | str | os.PathLike, *, verify_fingerprint: bool = True
+) -> AppliedDelta:
+    """Copy a delta's tensors into ``model`` in place; keep the replaced values for ``remove()``."""
+    delta = delta if isinstance(delta, Delta) else Delta.load(delta)
+    check_compatible(model, delta, verify_fingerprint=verify_fingerprint)
+    params = dict(model.named_parameters())
+    handle = AppliedDelta(model)
+    for name, value in delta.tensors.items():
+        p = params[name]
+        handle.originals[name] = p.detach().clone()
+        p.copy_(value.to(device=p.device, dtype=p.dtype))
+    return handle
+
+
+def load_task_model(base_model: str, delta_dir: str | os.PathLike, **from_pretrained_kwargs):
+    """Base model + delta -> the fine-tuned task model (the task class and config come from the delta)."""
+    import transformers
+
+    delta = Delta.load(delta_dir)
+    cls = getattr(transformers, delta.meta["task_class"])
+    config = transformers.AutoConfig.from_pretrained(base_model)
+    task_cfg = delta.meta.get("task_config") or {}
+    for key in ("num_labels", "id2label", "label2id", "problem_type"):
+        if key in task_cfg:
+            setattr(config, key, task_cfg[key])
+    if "id2label" in task_cfg:
+        config.id2label = {int(k): v for k, v in task_cfg["id2label"].items()}
+    model = cls.from_pretrained(base_model, config=config, **from_pretrained_kwargs)
+    apply_delta(model, delta)
+    return model
+
+
+def export_merged(base_model: str, delta_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Write a full ``from_pretrained``-loadable model (base + delta merged), plus the tokenizer."""
+    from transformers import AutoTokenizer
+
+    model = load_task_model(base_model, delta_dir)
+    model.save_pretrained(output_dir)
+    try:
+        AutoTokenizer.from_pretrained(delta_dir if (Path(delta_dir) / "tokenizer_config.json").exists()
+                                      else base_model).save_pretrained(output_dir)
+    except (OSError, ValueError):  # a base without a tokenizer: the weights are what matters
+        pass
+    return Path(output_dir)

@@ -1,0 +1,212 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_trainer import RandomPairs
+from transformers import TrainingArguments
+
+from bitfit_tasks import (
+    BitFitConfig,
+    BitFitTrainer,
+    Delta,
+    MultiTaskBitFit,
+    apply_delta,
+    prepare_model,
+    save_delta,
+)
+from bitfit_tasks.delta import DELTA_CONFIG, DELTA_WEIGHTS, fingerprint
+
+
+def make_args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=1e-2,
+                weight_decay=0.1, report_to=[], use_cpu=True, seed=0, logging_strategy="no",
+                save_strategy="no", lr_scheduler_type="linear")
+    return TrainingArguments(**{**base, **kw})
+
+
+def trained(tmp_path, cfg=None, arch="bert", task="seq", num_labels=2, steps=3, seed=0):
+    model = tiny_model(arch, task, num_labels=num_labels, seed=seed)
+    trainer = BitFitTrainer(model=model, args=make_args(tmp_path / "train", max_steps=steps),
+                            train_dataset=RandomPairs(), bitfit_config=cfg or BitFitConfig())
+    trainer.train()
+    return trainer
+
+
+def batch(n=6, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (n, 10), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_save_model_writes_only_trained_tensors_and_reload_predicts_identically(tmp_path):
+    trainer = trained(tmp_path, BitFitConfig(bias_terms=["qm2"]))
+    trainer.save_model(str(tmp_path / "delta"))
+    files = {p.name for p in (tmp_path / "delta").iterdir()}
+    assert {DELTA_WEIGHTS, DELTA_CONFIG, "training_args.bin"} <= files
+    assert "model.safetensors" not in files
+    delta = Delta.load(tmp_path / "delta")
+    assert set(delta.tensors) == set(trainer.bitfit_state.trainable)
+    meta = json.loads((tmp_path / "delta" / DELTA_CONFIG).read_text())
+    assert meta["mode"] == "bitfit" and set(meta["terms"]) == {"q", "m2"}
+    assert meta["task_class"] == "BertForSequenceClassification"
+
+    model = trainer.model.eval()
+    want = model(**batch()).logits
+    base = tiny_model("bert").eval()  # same seed -> the same pristine base; a fresh random head
+    apply_delta(base, tmp_path / "delta")
+    assert torch.equal(base(**batch()).logits, want)
+
+
+def test_mismatched_base_is_refused(tmp_path):
+    trainer = trained(tmp_path)
+    trainer.save_model(str(tmp_path / "delta"))
+    other = tiny_model("bert", seed=1)
+    with pytest.raises(ValueError, match=r"trained on a different base model"):
+        apply_delta(other, tmp_path / "delta")
+    with pytest.raises(ValueError, match=r"shape of classifier\.(weight|bias) is \(2.*\) but the model's is "
+                                         r"\(3.*\) \(load the base with the delta's num_labels\)"):
+        apply_delta(tiny_model("bert", num_labels=3), tmp_path / "delta")
+    with pytest.raises(ValueError, match=r"has tensors the model lacks"):
+        apply_delta(tiny_model("bert", "qa"), tmp_path / "delta")
+    with pytest.raises(FileNotFoundError, match=r"is not a BitFit delta"):
+        Delta.load(tmp_path)
+    # The fingerprint ignores the head (a user's base has a fresh one) and nothing else.
+    assert fingerprint(tiny_model("bert", num_labels=5)) == fingerprint(tiny_model("bert"))
+
+
+def test_remove_restores_base_bit_exactly(tmp_path):
+    trained(tmp_path).save_model(str(tmp_path / "delta"))
+    model = tiny_model("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = apply_delta(model, tmp_path / "delta")
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    handle.remove()
+    for n, p in model.named_parameters():
+        assert torch.equal(before[n], p), n
+
+
+def test_frozen_head_is_saved_too(tmp_path):
+    trainer = trained(tmp_path, BitFitConfig(train_head=False))
+    trainer.save_model(str(tmp_path / "d"))
+    assert {"classifier.weight", "classifier.bias"} <= set(Delta.load(tmp_path / "d").tensors)
+
+
+def test_full_mode_saves_a_regular_model(tmp_path):
+    trainer = trained(tmp_path, BitFitConfig(mode="full"))
+    trainer.save_model(str(tmp_path / "full"))
+    assert (tmp_path / "full" / "model.safetensors").exists()
+    assert not (tmp_path / "full" / DELTA_WEIGHTS).exists()
+
+
+@pytest.mark.parametrize("mode", ["bitfit", "rand_uniform"])
+def test_resume_from_bias_only_checkpoint_matches_uninterrupted(mode, tmp_path):
+    cfg = BitFitConfig(mode=mode)
+
+    def run(out, resume=None, max_steps=6):
+        model = tiny_model("bert")
+        args = make_args(out, max_steps=max_steps, save_strategy="steps", save_steps=3)
+        trainer = BitFitTrainer(model=model, args=args, train_dataset=RandomPairs(n=64), bitfit_config=cfg)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "a")
+    ckpt = tmp_path / "a" / "checkpoint-3"
+    assert (ckpt / DELTA_WEIGHTS).exists() and (ckpt / "optimizer.pt").exists()
+    assert not (ckpt / "model.safetensors").exists()
+    # Optimizer state covers the trainable set only.
+    opt_state = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    n_state = sum(s["exp_avg"].numel() for s in opt_state["state"].values())
+    assert n_state == sum(p.numel() for p in full.model.parameters() if p.requires_grad)
+    resumed = run(tmp_path / "b", resume=str(ckpt))
+    for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_load_best_model_at_end_with_deltas(tmp_path):
+    from conftest import FIXTURES  # noqa: F401
+
+    model = tiny_model("bert")
+    args = make_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, eval_strategy="steps",
+                     eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss")
+    trainer = BitFitTrainer(model=model, args=args, train_dataset=RandomPairs(n=64),
+                            eval_dataset=RandomPairs(n=16, seed=5), bitfit_config=BitFitConfig())
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and (tmp_path / best.split("/")[-1] / DELTA_WEIGHTS).exists()
+    saved = Delta.load(best).tensors
+    params = dict(trainer.model.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in saved.items())
+
+
+def test_multitask_switch_and_mixed_batch(tmp_path):
+    seq = trained(tmp_path / "s", BitFitConfig(bias_terms=["qm2"]), num_labels=2)
+    seq.save_model(str(tmp_path / "d_seq"))
+    seq3 = trained(tmp_path / "s3", BitFitConfig(), num_labels=3, seed=0)
+    seq3.save_model(str(tmp_path / "d_seq3"))
+    base = tiny_model("bert")
+    pristine = {n: p.detach().clone() for n, p in base.bert.named_parameters()}
+    mt = MultiTaskBitFit(base)
+    mt.add_task("a", tmp_path / "d_seq")
+    mt.add_task("b", tmp_path / "d_seq3")
+    with pytest.raises(ValueError, match=r"task 'a' is loaded already"):
+        mt.add_task("a", tmp_path / "d_seq")
+    x = batch(8)
+    want_a = seq.model.eval()(**x).logits
+    want_b = seq3.model.eval()(**x).logits
+    assert torch.allclose(mt("a", **x).logits, want_a, atol=1e-6)
+    assert torch.allclose(mt("b", **x).logits, want_b, atol=1e-6)
+    assert torch.allclose(mt("a", **x).logits, want_a, atol=1e-6)
+    rows = ["a", "b", "b", "a", "a", "b", "a", "b"]
+    out = mt.forward_mixed(rows, **x)
+    for i, t in enumerate(rows):
+        want = (want_a if t == "a" else want_b)[i]
+        assert out[i]["logits"].shape == want.shape
+        assert torch.allclose(out[i]["logits"], want, atol=1e-5), (i, t)
+    mt.remove_task("a")
+    mt.remove_task("b")
+    mt.deactivate()
+    for n, p in mt.backbone.named_parameters():
+        assert torch.equal(p, pristine[n]), n
+    with pytest.raises(KeyError, match=r"unknown task 'a'; loaded tasks: \[\]"):
+        mt.activate("a")
+
+
+def test_multitask_refuses_other_base(tmp_path):
+    trained(tmp_path).save_model(str(tmp_path / "d"))
+    mt = MultiTaskBitFit(tiny_model("bert", seed=7))
+    with pytest.raises(ValueError, match=r"trained on a different base model"):
+        mt.add_task("x", tmp_path / "d")
+
+
+def test_save_delta_function_and_describe(tmp_path):
+    model = tiny_model("roberta")
+    prepare_model(model, BitFitConfig(bias_terms=["q"]))
+    save_delta(model, tmp_path / "r", mode="bitfit")
+    d = Delta.load(tmp_path / "r")
+    text = d.describe()
+    assert "RobertaForSequenceClassification" in text and "tensors" in text
+    with pytest.raises(ValueError, match=r"nothing to save"):
+        save_delta(tiny_model("bert").requires_grad_(False), tmp_path / "x")
+
+
+def test_cli_info_and_export(tmp_path, capsys, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from bitfit_tasks.cli import main as cli
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    trainer = BitFitTrainer(model=base, args=make_args(tmp_path / "t", max_steps=2),
+                            train_dataset=RandomPairs(), bitfit_config=BitFitConfig(bias_terms=["qm2"]))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "d"))
+    assert cli(["info", str(tmp_path / "d"), "--tensors"]) == 0
+    out = capsys.readouterr().out
+    assert "BertForSequenceClassification" in out and "bert.encoder.layer.0.attention.self.query.bias" in out
+    assert tiny_model_dir in out
+    assert cli(["export", str(tmp_path / "d"), "--output", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    x = batch()
+    assert torch.equal(merged(**x).logits, trainer.model.eval()(**x).logits)

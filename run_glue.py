@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from bitfit_tasks.glue import main
+from bitfit_tasks.glue import cli_main
 
 if __name__ == "__main__":
-    main()
+    cli_main()

@@ -86,12 +86,30 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
     The JSON route goes through the same parser, so defaults and checks are identical.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = {**RUNNER_DEFAULTS, **(defaults or {})}
+    if cpu_only_multiprocess():
+        defaults.setdefault("use_cpu", True)
     if len(argv) == 1 and argv[0].endswith(".json"):
         argv = _json_to_argv(argv[0])
     parser = HfArgumentParser(tuple(dataclass_types))
     known = {f.name for t in dataclass_types for f in fields(t)}
-    parser.set_defaults(**{k: v for k, v in {**RUNNER_DEFAULTS, **(defaults or {})}.items() if k in known})
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k in known})
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def cpu_only_multiprocess() -> bool:
+    """Launched as one of several processes (torchrun / accelerate launch) on a machine without an
+    accelerator. accelerate then needs ``cpu=True`` (``--use_cpu``) to form a gloo group of all
+    processes; without it every process believes it is alone, trains on its own and writes the
+    same files."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    has_acc = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return not has_acc
 
 
 def resolve_lr(training_args: TrainingArguments, bitfit: BitFitConfig, bias_lr: float) -> float:
@@ -99,6 +117,15 @@ def resolve_lr(training_args: TrainingArguments, bitfit: BitFitConfig, bias_lr: 
     if math.isnan(training_args.learning_rate):
         training_args.learning_rate = DEFAULT_FULL_LR if bitfit.mode == "full" else bias_lr
     return training_args.learning_rate
+
+
+def finish_distributed() -> None:
+    """Destroy the process group at exit: launchers can abort a process that leaves one behind."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 __all__ = [

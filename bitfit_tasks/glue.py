@@ -235,6 +235,16 @@ DEMO_ARGS = [
 ]
 
 
+def cli_main() -> None:
+    """Entry point of run_glue.py: run, then leave the process group cleanly (multi-process)."""
+    from .arguments import finish_distributed
+
+    try:
+        main()
+    finally:
+        finish_distributed()
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import sys
 
@@ -298,7 +308,9 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
         eval_dataset=eval_sets if len(eval_sets) > 1 else next(iter(eval_sets.values())),
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=lambda p: compute_glue_metrics(data_args.task_name, p.predictions, p.label_ids),
+        # n_examples shows every dev example is scored exactly once, whatever the process count.
+        compute_metrics=lambda p: {**compute_glue_metrics(data_args.task_name, p.predictions, p.label_ids),
+                                   "n_examples": len(p.label_ids)},
         callbacks=[history],
         bitfit_config=bitfit,
     )

@@ -199,8 +199,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     run_grid(glue_main, tasks=args.tasks, methods=args.methods, seeds=args.seeds,
              output_dir=args.output_dir, bias_lrs=args.bias_lrs, full_lrs=args.full_lrs,
              extra_args=extra, dry_run=args.dry_run, shard=_parse_shard(args.shard))
-    summary = summarize(args.output_dir, args.score) if not args.dry_run else {"markdown": ""}
-    print(summary["markdown"])
+    import torch.distributed as dist
+
+    from .arguments import finish_distributed
+
+    is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    summary = {"markdown": ""}
+    if is_main and not args.dry_run:  # one writer for the table
+        summary = summarize(args.output_dir, args.score)
+        print(summary["markdown"])
+    finish_distributed()
     return summary
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 
@@ -16,6 +17,15 @@ from .selection import BiasMap
 TRAINING_ARGS_NAME = "training_args.bin"
 
 logger = logging.getLogger("bitfit_tasks")
+
+
+def _loss_uses_num_items(model) -> bool:
+    """Whether the model's forward normalises its loss by Trainer's ``num_items_in_batch``."""
+    try:
+        src = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return True  # unknown: keep Trainer's behaviour
+    return "loss_function" in src or "num_items_in_batch" in src
 
 
 class BitFitTrainer(Trainer):
@@ -33,7 +43,17 @@ class BitFitTrainer(Trainer):
         bias_map: BiasMap | None = None,
         **kwargs,
     ) -> None:
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None and targs.ddp_find_unused_parameters is None:
+            # Every selected bias and the head take part in each forward, so DDP needs no
+            # per-step search for unused parameters (Trainer's default turns it on).
+            targs.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
+        if self.model_accepts_loss_kwargs and not _loss_uses_num_items(self.model):
+            # Encoder task heads (sequence/token classification, QA) take **kwargs but compute a
+            # per-process mean loss; Trainer would still multiply it by the process count (and skip
+            # dividing by gradient-accumulation steps), doubling gradients on 2 processes.
+            self.model_accepts_loss_kwargs = False
         self.bitfit_config = bitfit_config or BitFitConfig()
         self.bitfit_state: BitFitState = prepare_model(
             self.model, self.bitfit_config, bias_map=bias_map, seed=self.args.seed

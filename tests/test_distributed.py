@@ -1,0 +1,107 @@
+"""Two gloo processes on CPU through `accelerate launch --multi_gpu --num_processes 2` (and torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def launch(args: list[str], nproc: int, cwd: Path, launcher: str = "accelerate") -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    elif launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", "29533", *args]
+    else:
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--main_process_port", "29531", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def glue_args(model_dir: str, out: Path, batch: int) -> list[str]:
+    return [str(ROOT / "run_glue.py"), "--task_name", "mrpc", "--data_dir", f"{FIXTURES}/glue",
+            "--model_name_or_path", model_dir, "--output_dir", str(out), "--max_steps", "3",
+            "--learning_rate", "1e-2", "--seed", "0", "--disable_tqdm", "true",
+            "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "3",
+            "--eval_strategy", "steps", "--eval_steps", "3", "--logging_strategy", "no"]
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_run_glue_two_processes_equals_one_process_double_batch(launcher, tiny_model_dir, tmp_path):
+    one = launch(glue_args(tiny_model_dir, tmp_path / "one", 8), 1, tmp_path)
+    two = launch(glue_args(tiny_model_dir, tmp_path / "two", 4), 2, tmp_path, launcher)
+    # One process logs and writes: a single trainable line, a single save.
+    assert (two.stdout + two.stderr).count("trainable params:") == 1
+    assert (two.stdout + two.stderr).count("Saved BitFit delta") == 1
+    assert "trainable params:" in one.stdout + one.stderr
+    a = load_file(tmp_path / "one" / "bitfit_delta.safetensors")
+    b = load_file(tmp_path / "two" / "bitfit_delta.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "results.json").read_text())
+    # 16 dev rows, 2 processes x eval batch 3: sampler padding must not double-count any row.
+    e1, e2 = r1["history"][-1], r2["history"][-1]
+    assert e1["eval_n_examples"] == e2["eval_n_examples"] == 16
+    assert e1["eval_accuracy"] == e2["eval_accuracy"] and e1["eval_f1"] == e2["eval_f1"]
+
+
+def test_two_process_eval_of_a_fixed_model_equals_one_process(tiny_model_dir, tmp_path):
+    """Evaluate the same trained delta with 1 and 2 processes (no training in the second run)."""
+    launch(glue_args(tiny_model_dir, tmp_path / "train", 8), 1, tmp_path)
+    merged = tmp_path / "merged"
+    from bitfit_tasks.delta import export_merged
+
+    export_merged(tiny_model_dir, tmp_path / "train", merged)
+    shutil.copy(Path(tiny_model_dir) / "tokenizer.json", merged / "tokenizer.json")
+    res = {}
+    for n in (1, 2):
+        out = tmp_path / f"eval{n}"
+        args = glue_args(str(merged), out, 4)
+        args[args.index("--max_steps") + 1] = "1"
+        args += ["--learning_rate", "1e-30", "--mode", "frozen"]  # effectively no training
+        launch(args, n, tmp_path)
+        res[n] = json.loads((out / "results.json").read_text())["history"][-1]
+    assert res[1]["eval_n_examples"] == res[2]["eval_n_examples"] == 16
+    for k in ("eval_accuracy", "eval_f1"):
+        assert res[1][k] == res[2][k]
+
+
+def test_sweep_under_two_processes_runs_each_once_and_resumes(tiny_model_dir, tmp_path):
+    args = ["-m", "bitfit_tasks.sweep", "--tasks", "rte", "--methods", "bitfit", "frozen", "--seeds", "1",
+            "--bias_lrs", "1e-3", "--output_dir", str(tmp_path / "grid"), "--", "--data_dir", f"{FIXTURES}/glue",
+            "--model_name_or_path", tiny_model_dir, "--num_train_epochs", "1", "--disable_tqdm", "true"]
+    first = launch(args, 2, ROOT)
+    assert first.stdout.count("| method |") == 1  # one table, from the main process
+    results = sorted((tmp_path / "grid").glob("*/*/lr*/seed*/results.json"))
+    assert len(results) == 2
+    stamps = [p.stat().st_mtime_ns for p in results]
+    again = launch(args, 2, ROOT)
+    assert [p.stat().st_mtime_ns for p in results] == stamps
+    assert "skip finished run" in again.stderr
+
+
+def test_allreduce_volume_is_the_trainable_set(tiny_model_dir, tmp_path):
+    out = tmp_path / "ar.json"
+    launch([str(ROOT / "benchmarks" / "allreduce.py"), "--model", tiny_model_dir, "--json", str(out)], 2, tmp_path)
+    rows = json.loads(out.read_text())
+    for mode, r in rows.items():
+        assert r["bytes_per_step"] == 4 * r["requires_grad"], mode
+    assert rows["bitfit"]["requires_grad"] == rows["bitfit"]["trainable"]
+    assert rows["full"]["bytes_per_step"] > 5 * rows["bitfit"]["bytes_per_step"]

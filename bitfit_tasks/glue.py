@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -26,6 +22,7 @@ from transformers import (
 from . import metrics as M
 from .arguments import ModelArguments, parse_args, resolve_lr
 from .config import BitFitConfig
+from .runner import EvalHistory, setup_logging, train_and_record
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -207,22 +204,6 @@ def compute_glue_metrics(task_name: str, predictions: np.ndarray, labels: np.nda
     return out
 
 
-class EvalHistory(TrainerCallback):
-    """Keeps every evaluation so the best dev score over epochs can be reported (paper, A.2)."""
-
-    def __init__(self) -> None:
-        self.history: list[dict[str, Any]] = []
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not metrics:
-            return
-        # Several eval sets (MNLI matched/mismatched) report one by one at the same step.
-        if self.history and self.history[-1]["step"] == state.global_step:
-            self.history[-1].update(metrics)
-        else:
-            self.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
-
-
 def main_metric_key(task_name: str) -> str:
     task = GLUE_TASKS[task_name]
     split = task.eval_splits[0]
@@ -259,8 +240,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConfig,
         training_args: TrainingArguments) -> dict[str, Any]:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logging.getLogger("bitfit_tasks").setLevel(logging.INFO)
+    setup_logging()
     task = GLUE_TASKS[data_args.task_name]
     resolve_lr(training_args, bitfit, PAPER_BIAS_LR[data_args.task_name])
     set_seed(training_args.seed)
@@ -314,63 +294,9 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
         callbacks=[history],
         bitfit_config=bitfit,
     )
-    start = time.time()
-    train_result = trainer.train()
-    final = trainer.evaluate() if training_args.eval_strategy == "no" else history.history[-1]
-    if training_args.eval_strategy == "no":
-        history.history.append(final)
-    key = main_metric_key(data_args.task_name)
-    scores = [h[key] for h in history.history if key in h and not math.isnan(h[key])]
-    results = {
-        "task": data_args.task_name,
-        "metric": task.metric,
-        "mode": bitfit.mode,
-        "bias_terms": bitfit.bias_terms,
-        "learning_rate": training_args.learning_rate,
-        "seed": training_args.seed,
-        "epochs": training_args.num_train_epochs,
-        "train_examples": len(train),
-        "model": model_args.model_name_or_path,
-        "trainable_params": trainer.bitfit_state.n_trainable,
-        "all_params": trainer.bitfit_state.n_total,
-        "best": max(scores) if scores else float("nan"),
-        "final": scores[-1] if scores else float("nan"),
-        "final_metrics": {k: v for k, v in final.items() if isinstance(v, float)},
-        "history": history.history,
-        "train_loss": train_result.training_loss,
-        "train_seconds": round(time.time() - start, 1),
-        "device": _device_name(training_args),
-        "bitfit_config": asdict(bitfit),
-    }
-    if bitfit.mode != "full" or data_args.save_full_model:
-        trainer.save_model(training_args.output_dir)  # every rank calls it; only the main one writes
-    if trainer.is_world_process_zero():
-        out = Path(training_args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_biases_and_head(trainer.model, out / "biases_and_head.safetensors")
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-        logger.info("%s %s (%s): best %.4f, final %.4f -> %s", data_args.task_name, task.metric,
-                    bitfit.mode, results["best"], results["final"], out / "results.json")
-    return results
-
-
-def _device_name(training_args: TrainingArguments) -> str:
-    import torch
-
-    dev = training_args.device
-    if dev.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(dev)}"
-    return f"{dev.type}:{torch.get_num_threads()} threads"
-
-
-def save_biases_and_head(model, path: Path) -> None:
-    """Every bias parameter and the head (small, any mode): what the bias-change analysis reads."""
-    from safetensors.torch import save_file
-
-    from .selection import head_parameter_names
-
-    head = set(head_parameter_names(model))
-    bias_ids = {id(m.bias) for m in model.modules() if getattr(m, "bias", None) is not None}
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-               if id(p) in bias_ids or n in head}
-    save_file(tensors, str(path))
+    return train_and_record(
+        trainer, history, metric_key=main_metric_key(data_args.task_name), bitfit=bitfit,
+        save_full_model=data_args.save_full_model,
+        info={"task": data_args.task_name, "metric": task.metric, "train_examples": len(train),
+              "model": model_args.model_name_or_path},
+    )

@@ -120,7 +120,17 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.1f}±{std:.1f}"
 
 
-def summarize(output_dir: str, score: str = "best") -> dict[str, Any]:
+# BERT-base PTB POS accuracy (Sec. 4, "Token-level tasks").
+PAPER_POS = {"full": "97.2", "bitfit": "97.2"}
+
+
+def paper_reference(runner: str, method: str, task: str) -> str | None:
+    if runner == "pos":
+        return PAPER_POS.get(method)
+    return PAPER_GLUE.get(method, {}).get(task)
+
+
+def summarize(output_dir: str, score: str = "best", runner: str = "glue") -> dict[str, Any]:
     """Collect every results.json below ``output_dir`` into a paper-style table (Markdown + JSON)."""
     root = Path(output_dir)
     runs: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -138,7 +148,7 @@ def summarize(output_dir: str, score: str = "best") -> dict[str, Any]:
             "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "n_seeds": len(vals), "best_lr": best_lr, "scores": vals, "cell": _fmt(vals),
             "all_lrs": {str(lr): _fmt(v) for lr, v in sorted(by_lr.items())},
-            "paper": PAPER_GLUE.get(method, {}).get(task),
+            "paper": paper_reference(runner, method, task),
         }
     tasks = sorted(meta)
     lines = [
@@ -175,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--runner", default="glue", choices=["glue"], help="which runner's main() to call")
+    parser.add_argument("--runner", default="glue", choices=["glue", "pos"],
+                        help="which runner's main() to call (run_glue.py or run_pos.py)")
     parser.add_argument("--tasks", nargs="+", required=True)
     parser.add_argument("--methods", nargs="+", default=["full", "bitfit"],
                         help=f"{list(BASE_METHODS)}, a preset, or '+'-joined terms (e.g. q+m2)")
@@ -194,9 +205,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     extra = args.runner_args[1:] if args.runner_args[:1] == ["--"] else args.runner_args
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .glue import main as glue_main
+    if args.runner == "pos":
+        from .pos import main as runner_main
+    else:
+        from .glue import main as runner_main
 
-    run_grid(glue_main, tasks=args.tasks, methods=args.methods, seeds=args.seeds,
+    run_grid(runner_main, tasks=args.tasks, methods=args.methods, seeds=args.seeds,
              output_dir=args.output_dir, bias_lrs=args.bias_lrs, full_lrs=args.full_lrs,
              extra_args=extra, dry_run=args.dry_run, shard=_parse_shard(args.shard))
     import torch.distributed as dist
@@ -206,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     summary = {"markdown": ""}
     if is_main and not args.dry_run:  # one writer for the table
-        summary = summarize(args.output_dir, args.score)
+        summary = summarize(args.output_dir, args.score, args.runner)
         print(summary["markdown"])
     finish_distributed()
     return summary

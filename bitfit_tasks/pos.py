@@ -1,0 +1,237 @@
+"""Penn Treebank POS tagging: data, first-sub-token alignment, word-level metrics, run_pos main."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from transformers import (
+    AutoConfig,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    DataCollatorForTokenClassification,
+    TrainingArguments,
+    set_seed,
+)
+
+from .arguments import ModelArguments, parse_args, resolve_lr
+from .config import BitFitConfig
+from .pos_data import FORMATS, Sentence, read_file, read_token_tag_dataset, read_treebank_splits
+from .runner import EvalHistory, setup_logging, train_and_record
+from .trainer import BitFitTrainer
+
+logger = logging.getLogger("bitfit_tasks")
+IGNORE = -100
+
+
+@dataclass
+class PosArguments:
+    task_name: str = field(default="pos", metadata={"help": "A label for this dataset in results/sweeps."})
+    treebank: str | None = field(
+        default=None, metadata={"help": "One WSJ treebank (folder or zip of .mrg, e.g. NLTK's treebank.zip), "
+                                "split by section 00-18/19-21/22-24, or for the NLTK sample by file "
+                                "wsj_0001-0159/0160-0179/0180-0199."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data: .mrg/folder/zip of trees, "
+                                   "CoNLL columns (.txt), .conllu, jsonl/parquet with tokens+pos_tags, or "
+                                   "archive.zip::member."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation data (any format above)."})
+    test_file: str | None = field(default=None, metadata={"help": "Optional test data, scored at the end."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset with tokens + pos_tags "
+                                     "(e.g. batterydata/pos_tagging, conll2003)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config."})
+    data_format: str = field(default="auto", metadata={"help": f"One of {list(FORMATS)}.", "choices": list(FORMATS)})
+    word_column: int = field(default=0, metadata={"help": "CoNLL column of the word (0-based)."})
+    tag_column: int = field(default=1, metadata={"help": "CoNLL column of the POS tag (CoNLL-2000: 1)."})
+    conllu_tag_field: str = field(default="xpos", metadata={"help": "CoNLL-U tag: xpos (PTB tags) or upos.",
+                                                            "choices": ["xpos", "upos"]})
+    unknown_tags: str = field(
+        default="error", metadata={"help": "A tag in evaluation data that training never saw: 'error' (stop and "
+                                   "list them) or 'count_wrong' (keep the words, scored as errors).",
+                                   "choices": ["error", "count_wrong"]})
+    max_seq_length: int = field(default=256, metadata={"help": "Sub-token limit; words past it count as errors."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Seeded random subset of sentences."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Seeded random subset of sentences."})
+    save_full_model: bool = field(default=False, metadata={"help": "With --mode full, save the whole model."})
+
+    def __post_init__(self) -> None:
+        sources = [self.treebank is not None, self.train_file is not None, self.dataset_name is not None]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one data source: --treebank, --train_file/--validation_file, or "
+                             "--dataset_name.")
+        if self.train_file is not None and self.validation_file is None:
+            raise ValueError("--train_file needs --validation_file too.")
+
+
+def load_splits(a: PosArguments) -> dict[str, list[Sentence]]:
+    if a.treebank:
+        splits = read_treebank_splits(a.treebank)
+    elif a.dataset_name:
+        splits = {s: read_token_tag_dataset(a.dataset_name, s, a.dataset_config_name) for s in ("train", "validation")}
+    else:
+        kw = dict(word_column=a.word_column, tag_column=a.tag_column, conllu_tag_field=a.conllu_tag_field)
+        splits = {"train": read_file(a.train_file, a.data_format, **kw),
+                  "validation": read_file(a.validation_file, a.data_format, **kw)}
+        if a.test_file:
+            splits["test"] = read_file(a.test_file, a.data_format, **kw)
+    for name in ("train", "validation"):
+        if not splits.get(name):
+            raise ValueError(f"the {name} split is empty; check the data source.")
+    return {k: v for k, v in splits.items() if v}
+
+
+def tag_set(train: list[Sentence]) -> list[str]:
+    return sorted({t for s in train for t in s["tags"]})
+
+
+def check_tags(split: str, sentences: list[Sentence], known: set[str], policy: str) -> int:
+    unknown = Counter(t for s in sentences for t in s["tags"] if t not in known)
+    if unknown and policy == "error":
+        raise ValueError(f"{split} data has tags the training data never shows: {dict(unknown.most_common(10))}. "
+                         "Add them to the training data, or pass --unknown_tags count_wrong to score those "
+                         "words as errors.")
+    return sum(unknown.values())
+
+
+def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
+    """First sub-token of each word gets the word's label; other sub-tokens and specials -100."""
+    out, prev = [], None
+    for wid in word_ids:
+        out.append(word_labels[wid] if wid is not None and wid != prev else IGNORE)
+        prev = wid if wid is not None else prev
+    return out
+
+
+def word_accuracy_metrics(pred_ids: np.ndarray, label_ids: np.ndarray, id2tag: dict[int, str],
+                          extra_wrong: int = 0, top_confusions: int = 5) -> dict[str, Any]:
+    """Word-level accuracy (the POS headline) from first-sub-token positions, plus per-tag
+    precision/recall and the most frequent confusions. ``extra_wrong`` words (truncated or with an
+    unseen tag) count in the denominator as errors."""
+    mask = label_ids != IGNORE
+    gold, pred = label_ids[mask], pred_ids[mask]
+    correct = int((gold == pred).sum())
+    total = int(mask.sum()) + extra_wrong
+    out: dict[str, Any] = {"accuracy": correct / total if total else 0.0, "n_words": total}
+    per_tag = {}
+    for i, tag in id2tag.items():
+        tp = int(((pred == i) & (gold == i)).sum())
+        n_pred, n_gold = int((pred == i).sum()), int((gold == i).sum())
+        if n_gold or n_pred:
+            per_tag[tag] = {"precision": tp / n_pred if n_pred else 0.0, "recall": tp / n_gold if n_gold else 0.0,
+                            "support": n_gold}
+    out["per_tag"] = per_tag
+    conf = Counter((id2tag[int(g)], id2tag[int(p)]) for g, p in zip(gold, pred, strict=True) if g != p)
+    out["confusions"] = [f"{g}->{p}: {n}" for (g, p), n in conf.most_common(top_confusions)]
+    return out
+
+
+def _sample(sentences: list[Sentence], n: int | None, seed: int) -> list[Sentence]:
+    if n is None or n >= len(sentences):
+        return sentences
+    idx = np.random.default_rng(seed).choice(len(sentences), size=n, replace=False)
+    return [sentences[i] for i in sorted(idx)]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, bitfit, training_args = parse_args(
+        (ModelArguments, PosArguments, BitFitConfig, TrainingArguments), argv
+    )
+    return run(model_args, data_args, bitfit, training_args)
+
+
+def cli_main() -> None:
+    from .arguments import finish_distributed
+
+    try:
+        main()
+    finally:
+        finish_distributed()
+
+
+def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfig,
+        training_args: TrainingArguments) -> dict[str, Any]:
+    import datasets
+
+    setup_logging()
+    resolve_lr(training_args, bitfit, 1e-3)  # BitFit default (paper's largest bias rate)
+    set_seed(training_args.seed)
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    splits = load_splits(data_args)
+    splits["train"] = _sample(splits["train"], data_args.max_train_samples, seed)
+    for s in ("validation", "test"):
+        if s in splits:
+            splits[s] = _sample(splits[s], data_args.max_eval_samples, seed)
+    tags = tag_set(splits["train"])
+    tag2id = {t: i for i, t in enumerate(tags)}
+    unseen = {s: check_tags(s, v, set(tags), data_args.unknown_tags) for s, v in splits.items() if s != "train"}
+
+    base_type = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir).model_type
+    # Byte-level BPE tokenizers need a prefix space to tokenise pre-split words like running text.
+    extra = {"add_prefix_space": True} if base_type in ("roberta", "longformer", "deberta", "gpt2") else {}
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir, **extra)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{model_args.model_name_or_path}: POS tagging needs a fast tokenizer (word_ids for "
+                         "sub-token alignment); this one is slow. Use a model with tokenizer.json.")
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, num_labels=len(tags),
+                                        id2label=dict(enumerate(tags)), label2id=tag2id, cache_dir=model_args.cache_dir)
+    model = AutoModelForTokenClassification.from_pretrained(
+        model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+
+    truncated: dict[str, int] = {}
+
+    def encode(name: str, sentences: list[Sentence]):
+        enc = tokenizer([s["tokens"] for s in sentences], is_split_into_words=True, truncation=True,
+                        max_length=data_args.max_seq_length)
+        labels, lost = [], 0
+        for i, s in enumerate(sentences):
+            word_labels = [tag2id.get(t, IGNORE) for t in s["tags"]]
+            row = align_labels(enc.word_ids(i), word_labels)
+            labels.append(row)
+            lost += len(s["tokens"]) - len({w for w in enc.word_ids(i) if w is not None})
+        truncated[name] = lost
+        if lost:
+            logger.warning("%s: %d words lie past --max_seq_length %d; they count as errors.", name, lost,
+                           data_args.max_seq_length)
+        return datasets.Dataset.from_dict({**enc, "labels": labels})
+
+    train = encode("train", splits["train"])
+    evals = {s: encode(s, splits[s]) for s in ("validation", "test") if s in splits}
+    id2tag = dict(enumerate(tags))
+
+    def metrics_for(split: str):
+        def compute(p):
+            m = word_accuracy_metrics(np.argmax(p.predictions, -1), p.label_ids, id2tag,
+                                      extra_wrong=truncated.get(split, 0) + unseen.get(split, 0))
+            logger.info("%s confusions (gold->pred): %s", split, ", ".join(m["confusions"]))
+            return {"accuracy": m["accuracy"], "n_words": m["n_words"],
+                    "per_tag": m["per_tag"], "confusions": m["confusions"]}
+        return compute
+
+    history = EvalHistory()
+    trainer = BitFitTrainer(
+        model=model, args=training_args, train_dataset=train, eval_dataset=evals["validation"],
+        processing_class=tokenizer, data_collator=DataCollatorForTokenClassification(tokenizer),
+        compute_metrics=metrics_for("validation"), callbacks=[history], bitfit_config=bitfit,
+    )
+    results = train_and_record(
+        trainer, history, metric_key="eval_accuracy", bitfit=bitfit, save_full_model=data_args.save_full_model,
+        info={"task": data_args.task_name, "metric": "word accuracy", "train_examples": len(train),
+              "n_tags": len(tags), "model": model_args.model_name_or_path, "truncated_words": truncated},
+    )
+    if "test" in evals:
+        trainer.compute_metrics = metrics_for("test")
+        test = trainer.evaluate(evals["test"], metric_key_prefix="test")
+        results["test_accuracy"] = test["test_accuracy"]
+        logger.info("test word accuracy %.4f", test["test_accuracy"])
+        if trainer.is_world_process_zero():
+            import json
+            from pathlib import Path
+
+            (Path(training_args.output_dir) / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return results

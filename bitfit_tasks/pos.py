@@ -129,6 +129,22 @@ def word_accuracy_metrics(pred_ids: np.ndarray, label_ids: np.ndarray, id2tag: d
     return out
 
 
+def token_loss(outputs, labels, num_items_in_batch=None):
+    """Cross-entropy summed over labelled sub-tokens / the labelled count of the *global* batch.
+
+    Trainer counts labels across processes and accumulation steps (``num_items_in_batch``), so N
+    processes with batch B give exactly the gradient of one process with batch N*B; the models'
+    own per-process mean would weight sentences by their process's token count instead.
+    """
+    import torch.nn.functional as F
+
+    logits = outputs["logits"]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    n = num_items_in_batch if num_items_in_batch is not None else (labels != IGNORE).sum()
+    return loss / n
+
+
 def _sample(sentences: list[Sentence], n: int | None, seed: int) -> list[Sentence]:
     if n is None or n >= len(sentences):
         return sentences
@@ -218,6 +234,7 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
         model=model, args=training_args, train_dataset=train, eval_dataset=evals["validation"],
         processing_class=tokenizer, data_collator=DataCollatorForTokenClassification(tokenizer),
         compute_metrics=metrics_for("validation"), callbacks=[history], bitfit_config=bitfit,
+        compute_loss_func=token_loss,
     )
     results = train_and_record(
         trainer, history, metric_key="eval_accuracy", bitfit=bitfit, save_full_model=data_args.save_full_model,

@@ -105,3 +105,26 @@ def test_allreduce_volume_is_the_trainable_set(tiny_model_dir, tmp_path):
         assert r["bytes_per_step"] == 4 * r["requires_grad"], mode
     assert rows["bitfit"]["requires_grad"] == rows["bitfit"]["trainable"]
     assert rows["full"]["bytes_per_step"] > 5 * rows["bitfit"]["bytes_per_step"]
+
+
+def test_run_pos_two_processes_equals_one_process_double_batch(tiny_model_dir, tmp_path):
+    def args(out, batch):
+        return [str(ROOT / "run_pos.py"), "--treebank", f"{FIXTURES}/pos/treebank", "--model_name_or_path",
+                tiny_model_dir, "--output_dir", str(out), "--max_steps", "2", "--learning_rate", "1e-2",
+                "--seed", "0", "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "1",
+                "--unknown_tags", "count_wrong", "--ignore_mismatched_sizes", "true", "--disable_tqdm", "true",
+                "--logging_strategy", "no"]
+
+    launch(args(tmp_path / "one", 2), 1, tmp_path)
+    two = launch(args(tmp_path / "two", 1), 2, tmp_path)
+    assert (two.stdout + two.stderr).count("trainable params:") == 1
+    a = load_file(tmp_path / "one" / "bitfit_delta.safetensors")
+    b = load_file(tmp_path / "two" / "bitfit_delta.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "results.json").read_text())
+    # Every word of the dev split (and the test split: 2 sentences, 1 per process) counted once.
+    assert r1["history"][-1]["eval_n_words"] == r2["history"][-1]["eval_n_words"] == 5
+    assert r1["history"][-1]["eval_accuracy"] == r2["history"][-1]["eval_accuracy"]
+    assert r1["test_accuracy"] == r2["test_accuracy"]

@@ -148,3 +148,20 @@ def test_run_pos_conllu_with_test_file(tiny_model_dir, tmp_path):
                 "--num_train_epochs", "1", "--use_cpu", "true", "--ignore_mismatched_sizes", "true"])
     assert "test_accuracy" in res
     assert json.loads((tmp_path / "results.json").read_text())["n_tags"] == 7
+
+
+def test_token_loss_is_global_token_mean():
+    import torch
+
+    from bitfit_tasks.pos import token_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 5, generator=g)
+    labels = torch.randint(0, 5, (4, 6), generator=g)
+    labels[0, :4] = IGNORE
+    mean = torch.nn.functional.cross_entropy(logits.view(-1, 5), labels.view(-1), ignore_index=IGNORE)
+    assert torch.allclose(token_loss({"logits": logits}, labels), mean)
+    # Two halves normalised by the global count sum to the global mean (what DDP + Trainer compute).
+    n = (labels != IGNORE).sum()
+    halves = sum(token_loss({"logits": logits[i:i + 2]}, labels[i:i + 2], num_items_in_batch=n) for i in (0, 2))
+    assert torch.allclose(halves, mean)

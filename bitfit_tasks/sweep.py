@@ -85,6 +85,7 @@ def run_grid(
     extra_args: Sequence[str] = (),
     dry_run: bool = False,
     shard: tuple[int, int] = (0, 1),
+    task_args: Callable[[str], list[str]] | None = None,
 ) -> list[Path]:
     """Run every missing (task, method, lr, seed) with the runner's ``main(argv)``; returns run dirs."""
     root = Path(output_dir)
@@ -106,7 +107,7 @@ def run_grid(
                         continue
                     argv = ["--task_name", task, "--mode", mode, "--bias_terms", *terms,
                             "--learning_rate", str(lr), "--seed", str(seed),
-                            "--output_dir", str(out), *extra_args]
+                            "--output_dir", str(out), *(task_args(task) if task_args else []), *extra_args]
                     logger.info("run %s", " ".join(argv))
                     if not dry_run:
                         main(argv)
@@ -127,6 +128,8 @@ PAPER_POS = {"full": "97.2", "bitfit": "97.2"}
 def paper_reference(runner: str, method: str, task: str) -> str | None:
     if runner == "pos":
         return PAPER_POS.get(method)
+    if runner == "squad":
+        return None  # the paper gives Figure 2 only, no numbers
     return PAPER_GLUE.get(method, {}).get(task)
 
 
@@ -171,6 +174,51 @@ def summarize(output_dir: str, score: str = "best", runner: str = "glue") -> dic
     return {"markdown": md, "table": table}
 
 
+def plot_training_size_curve(output_dir: str) -> str:
+    """The paper's Figure 2: EM and F1 (mean +- std over seeds) against the training fraction, per
+    method; writes curve.png, curve.md and curve.json next to the runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = Path(output_dir)
+    data: dict[str, dict[float, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for path in sorted(root.glob("frac*/*/lr*/seed*/results.json")):
+        r = json.loads(path.read_text())
+        frac = float(path.parts[-5].removeprefix("frac"))
+        fm = r["final_metrics"]
+        data[path.parts[-4]][frac]["em"].append(fm["eval_exact_match"])
+        data[path.parts[-4]][frac]["f1"].append(fm["eval_f1"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    lines = ["| method | fraction | EM | F1 | seeds |", "|---|---|---|---|---|"]
+    table: dict[str, dict[str, Any]] = {}
+    for method, by_frac in sorted(data.items()):
+        fracs = sorted(by_frac)
+        for ax, key in zip(axes, ("em", "f1"), strict=True):
+            means = [statistics.fmean(by_frac[f][key]) for f in fracs]
+            stds = [statistics.stdev(by_frac[f][key]) if len(by_frac[f][key]) > 1 else 0.0 for f in fracs]
+            ax.errorbar([100 * f for f in fracs], means, yerr=stds, marker="o", capsize=3, label=method)
+        for f in fracs:
+            em, f1 = by_frac[f]["em"], by_frac[f]["f1"]
+            lines.append(f"| {method} | {f:g} | {_fmt([x / 100 for x in em])} | {_fmt([x / 100 for x in f1])} | "
+                         f"{len(em)} |")
+            table.setdefault(method, {})[str(f)] = {"em": em, "f1": f1}
+    for ax, name in zip(axes, ("Exact match", "F1"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("% of SQuAD training questions")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(root / "curve.png", dpi=120)
+    plt.close(fig)
+    md = "\n".join(lines) + "\n"
+    (root / "curve.md").write_text(md)
+    (root / "curve.json").write_text(json.dumps(table, indent=2))
+    return md
+
+
 def _parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -185,9 +233,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--runner", default="glue", choices=["glue", "pos"],
-                        help="which runner's main() to call (run_glue.py or run_pos.py)")
-    parser.add_argument("--tasks", nargs="+", required=True)
+    parser.add_argument("--runner", default="glue", choices=["glue", "pos", "squad"],
+                        help="which runner's main() to call (run_glue.py, run_pos.py, run_squad.py)")
+    parser.add_argument("--tasks", nargs="+", help="GLUE tasks, or labels of POS datasets")
+    parser.add_argument("--fractions", nargs="+", type=float,
+                        help="squad: training fractions (the tasks become frac<F>), e.g. 0.01 0.1 1")
     parser.add_argument("--methods", nargs="+", default=["full", "bitfit"],
                         help=f"{list(BASE_METHODS)}, a preset, or '+'-joined terms (e.g. q+m2)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
@@ -205,12 +255,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     extra = args.runner_args[1:] if args.runner_args[:1] == ["--"] else args.runner_args
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.runner == "pos":
+    task_args = None
+    if args.runner == "squad":
+        from .squad import main as runner_main
+
+        if not args.fractions:
+            parser.error("--runner squad needs --fractions")
+        args.tasks = [f"frac{f:g}" for f in args.fractions]
+
+        def task_args(task: str) -> list[str]:
+            return ["--train_fraction", task.removeprefix("frac")]
+    elif args.runner == "pos":
         from .pos import main as runner_main
     else:
         from .glue import main as runner_main
+    if not args.tasks:
+        parser.error("--tasks is required")
 
-    run_grid(runner_main, tasks=args.tasks, methods=args.methods, seeds=args.seeds,
+    run_grid(runner_main, task_args=task_args, tasks=args.tasks, methods=args.methods, seeds=args.seeds,
              output_dir=args.output_dir, bias_lrs=args.bias_lrs, full_lrs=args.full_lrs,
              extra_args=extra, dry_run=args.dry_run, shard=_parse_shard(args.shard))
     import torch.distributed as dist
@@ -222,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if is_main and not args.dry_run:  # one writer for the table
         summary = summarize(args.output_dir, args.score, args.runner)
         print(summary["markdown"])
+        if args.runner == "squad":
+            print(plot_training_size_curve(args.output_dir))
     finish_distributed()
     return summary
 

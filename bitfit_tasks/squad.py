@@ -1,0 +1,326 @@
+"""SQuAD v1.1: data (official nested JSON, flattened rows, or the hub), windows with doc stride,
+n-best span search over all windows, the official EM/F1, training-size subsets, run_squad main."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import re
+import string
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    TrainingArguments,
+    set_seed,
+)
+
+from .arguments import ModelArguments, parse_args, resolve_lr
+from .config import BitFitConfig
+from .runner import EvalHistory, setup_logging, train_and_record
+from .trainer import BitFitTrainer
+
+logger = logging.getLogger("bitfit_tasks")
+
+
+# ---- the official SQuAD v1.1 metric -----------------------------------------------------------
+
+def normalize_answer(s: str) -> str:
+    """Lower case, drop punctuation and the articles a/an/the, squeeze whitespace (official v1.1)."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def f1_score(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = collections.Counter(pred) & collections.Counter(ref)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def squad_metrics(predictions: dict[str, str], golds: dict[str, list[str]]) -> dict[str, float]:
+    """EM and F1 (x100) as the official script: max over gold answers, mean over questions."""
+    missing = [q for q in golds if q not in predictions]
+    if missing:
+        raise ValueError(f"{len(missing)} question(s) have no prediction, e.g. {missing[:3]}; every "
+                         "example must be scored.")
+    em = [max(exact_match(predictions[q], g) for g in gs) for q, gs in golds.items()]
+    f1 = [max(f1_score(predictions[q], g) for g in gs) for q, gs in golds.items()]
+    return {"exact_match": 100.0 * float(np.mean(em)), "f1": 100.0 * float(np.mean(f1)), "n_examples": len(golds)}
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+def flatten_official(data: dict, source: str = "<json>") -> list[dict[str, Any]]:
+    """``{"version", "data": [articles -> paragraphs -> qas]}`` -> hub-style rows."""
+    if not isinstance(data, dict) or "data" not in data:
+        raise ValueError(f"{source}: not the official SQuAD format (no top-level 'data' list).")
+    rows = []
+    for article in data["data"]:
+        for para in article.get("paragraphs", []):
+            for qa in para.get("qas", []):
+                answers = qa.get("answers", [])
+                rows.append({
+                    "id": str(qa["id"]), "title": article.get("title", ""), "context": para["context"],
+                    "question": qa["question"],
+                    "answers": {"text": [a["text"] for a in answers],
+                                "answer_start": [int(a["answer_start"]) for a in answers]},
+                })
+    return rows
+
+
+def read_squad_file(path: str) -> list[dict[str, Any]]:
+    """Official nested JSON, or flattened rows (jsonl / json list) with id, context, question, answers."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"SQuAD file {path!r} does not exist.")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".jsonl":
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        data = json.loads(text)
+        rows = flatten_official(data, path) if isinstance(data, dict) else data
+    needed = {"id", "context", "question", "answers"}
+    for r in rows[:1] + rows[-1:]:
+        if not needed <= set(r):
+            raise ValueError(f"{path}: rows need {sorted(needed)}; a row has {sorted(r)}.")
+    return rows
+
+
+def sample_examples(rows: list[dict], fraction: float | None, n: int | None, seed: int) -> list[dict]:
+    """A seeded random sample of *examples* (questions, before windowing), never a prefix."""
+    k = len(rows)
+    if fraction is not None:
+        k = max(1, round(fraction * len(rows)))
+    if n is not None:
+        k = min(k, n)
+    if k >= len(rows):
+        return rows
+    idx = np.random.default_rng(seed).choice(len(rows), size=k, replace=False)
+    return [rows[i] for i in sorted(idx)]
+
+
+# ---- windows ---------------------------------------------------------------------------------
+
+def prepare_train_features(rows: list[dict], tokenizer, max_len: int, stride: int) -> dict[str, list]:
+    """Question + context windows; a gold answer outside a window maps to the CLS position."""
+    enc = tokenizer([r["question"].lstrip() for r in rows], [r["context"] for r in rows],
+                    truncation="only_second", max_length=max_len, stride=stride,
+                    return_overflowing_tokens=True, return_offsets_mapping=True, padding=False)
+    sample_map = enc.pop("overflow_to_sample_mapping")
+    offsets_all = enc.pop("offset_mapping")
+    starts, ends = [], []
+    for i, offsets in enumerate(offsets_all):
+        ids = enc["input_ids"][i]
+        cls = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
+        seq = enc.sequence_ids(i)
+        ans = rows[sample_map[i]]["answers"]
+        if not ans["answer_start"]:
+            starts.append(cls)
+            ends.append(cls)
+            continue
+        a0 = ans["answer_start"][0]
+        a1 = a0 + len(ans["text"][0])
+        ctx = [j for j, s in enumerate(seq) if s == 1]
+        c0, c1 = ctx[0], ctx[-1]
+        if not (offsets[c0][0] <= a0 and offsets[c1][1] >= a1):
+            starts.append(cls)
+            ends.append(cls)
+            continue
+        s = c0
+        while s <= c1 and offsets[s][0] <= a0:
+            s += 1
+        e = c1
+        while e >= c0 and offsets[e][1] >= a1:
+            e -= 1
+        starts.append(s - 1)
+        ends.append(e + 1)
+    out = dict(enc)
+    out["start_positions"], out["end_positions"] = starts, ends
+    return out
+
+
+def prepare_eval_features(rows: list[dict], tokenizer, max_len: int, stride: int) -> tuple[dict, list, list]:
+    """Windows plus, per window, its example index and the context offsets (None elsewhere)."""
+    enc = tokenizer([r["question"].lstrip() for r in rows], [r["context"] for r in rows],
+                    truncation="only_second", max_length=max_len, stride=stride,
+                    return_overflowing_tokens=True, return_offsets_mapping=True, padding=False)
+    sample_map = list(enc.pop("overflow_to_sample_mapping"))
+    offsets_all = enc.pop("offset_mapping")
+    offsets = [[o if enc.sequence_ids(i)[k] == 1 else None for k, o in enumerate(off)]
+               for i, off in enumerate(offsets_all)]
+    return dict(enc), sample_map, offsets
+
+
+def postprocess(rows: list[dict], sample_map: list[int], offsets: list[list], start_logits: np.ndarray,
+                end_logits: np.ndarray, n_best: int = 20, max_answer_length: int = 30) -> dict[str, str]:
+    """Best context span per example over *all* its windows (n-best start x end search)."""
+    by_example: dict[int, list[int]] = collections.defaultdict(list)
+    for f, ex in enumerate(sample_map):
+        by_example[ex].append(f)
+    preds = {}
+    for ex, row in enumerate(rows):
+        best_score, best_text = -np.inf, ""
+        for f in by_example.get(ex, []):
+            sl, el, off = start_logits[f], end_logits[f], offsets[f]
+            n = len(off)
+            for s in np.argsort(sl[:n])[::-1][:n_best]:
+                for e in np.argsort(el[:n])[::-1][:n_best]:
+                    if off[s] is None or off[e] is None or e < s or e - s + 1 > max_answer_length:
+                        continue
+                    score = sl[s] + el[e]
+                    if score > best_score:
+                        best_score, best_text = score, row["context"][off[s][0]:off[e][1]]
+        preds[row["id"]] = best_text
+    return preds
+
+
+# ---- runner ----------------------------------------------------------------------------------
+
+@dataclass
+class SquadArguments:
+    task_name: str = field(default="squad", metadata={"help": "A label for results and sweeps."})
+    train_file: str | None = field(default=None, metadata={"help": "Official SQuAD v1.1 JSON or flattened "
+                                   "jsonl/json rows. Without files the hub's rajpurkar/squad is used."})
+    validation_file: str | None = field(default=None, metadata={"help": "Dev file (same formats)."})
+    dataset_name: str = field(default="rajpurkar/squad", metadata={"help": "Hub dataset when no files are given."})
+    max_seq_length: int = field(default=384, metadata={"help": "Window length in tokens."})
+    doc_stride: int = field(default=128, metadata={"help": "Overlap between windows of a long context."})
+    n_best_size: int = field(default=20, metadata={"help": "Start/end candidates searched per window."})
+    max_answer_length: int = field(default=30, metadata={"help": "Longest answer, in tokens."})
+    train_fraction: float | None = field(default=None, metadata={"help": "0 < F <= 1: train on a seeded random "
+                                         "fraction of the training *questions* (ids saved to train_ids.json)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "At most this many training questions "
+                                          "(seeded random, after --train_fraction)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a seeded random subset of "
+                                         "this many dev questions (fixed by --data_seed/--seed)."})
+    save_full_model: bool = field(default=False, metadata={"help": "With --mode full, save the whole model."})
+
+    def __post_init__(self) -> None:
+        if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
+            raise ValueError(f"--train_fraction must be in (0, 1], got {self.train_fraction}.")
+        if (self.train_file is None) != (self.validation_file is None):
+            raise ValueError("give both --train_file and --validation_file (or neither, for the hub).")
+        if self.doc_stride >= self.max_seq_length:
+            raise ValueError(f"--doc_stride {self.doc_stride} must be smaller than --max_seq_length "
+                             f"{self.max_seq_length}.")
+
+
+def load_rows(a: SquadArguments) -> tuple[list[dict], list[dict]]:
+    if a.train_file:
+        return read_squad_file(a.train_file), read_squad_file(a.validation_file)
+    import datasets
+
+    ds = datasets.load_dataset(a.dataset_name)
+    return [dict(r) for r in ds["train"]], [dict(r) for r in ds["validation"]]
+
+
+class SquadEval:
+    """Evaluate = predict start/end logits for every window (gathered over processes, no duplicates),
+    then n-best post-processing over each example's windows and the official EM/F1."""
+
+    def __init__(self, rows, features, sample_map, offsets, args: SquadArguments, output_dir: str):
+        self.rows, self.features, self.sample_map, self.offsets = rows, features, sample_map, offsets
+        self.args, self.output_dir = args, output_dir
+
+    def __call__(self, trainer: BitFitTrainer) -> dict[str, float]:
+        out = trainer.predict(self.features, metric_key_prefix="eval")
+        start, end = out.predictions[:2] if isinstance(out.predictions, tuple) else out.predictions
+        preds = postprocess(self.rows, self.sample_map, self.offsets, start, end, self.args.n_best_size,
+                            self.args.max_answer_length)
+        metrics = {f"eval_{k}": v for k, v in squad_metrics(preds, {r["id"]: r["answers"]["text"]
+                                                                    for r in self.rows}).items()}
+        if trainer.is_world_process_zero():
+            Path(self.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.output_dir) / "predictions.json").write_text(json.dumps(preds, indent=1))
+        trainer.log(metrics)
+        trainer.control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
+        return metrics
+
+
+class SquadBitFitTrainer(BitFitTrainer):
+    """BitFitTrainer whose evaluate() is SQuAD's (windows -> spans -> EM/F1), during and after training."""
+
+    squad_eval: SquadEval | None = None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if self.squad_eval is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        return self.squad_eval(self)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, bitfit, training_args = parse_args(
+        (ModelArguments, SquadArguments, BitFitConfig, TrainingArguments), argv,
+        defaults={"eval_strategy": "no", "per_device_train_batch_size": 16},
+    )
+    return run(model_args, data_args, bitfit, training_args)
+
+
+def cli_main() -> None:
+    from .arguments import finish_distributed
+
+    try:
+        main()
+    finally:
+        finish_distributed()
+
+
+def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitConfig,
+        training_args: TrainingArguments) -> dict[str, Any]:
+    import datasets
+
+    setup_logging()
+    resolve_lr(training_args, bitfit, 1e-3)
+    set_seed(training_args.seed)
+    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    train_rows, dev_rows = load_rows(data_args)
+    train_rows = sample_examples(train_rows, data_args.train_fraction, data_args.max_train_samples, seed)
+    # The dev subset depends on the data seed only, so every method is scored on the same questions.
+    dev_rows = sample_examples(dev_rows, None, data_args.max_eval_samples, 1234)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{model_args.model_name_or_path}: SQuAD preprocessing needs a fast tokenizer "
+                         "(offset mappings); this one is slow.")
+    model = AutoModelForQuestionAnswering.from_pretrained(model_args.model_name_or_path,
+                                                          cache_dir=model_args.cache_dir)
+    train_feats = prepare_train_features(train_rows, tokenizer, data_args.max_seq_length, data_args.doc_stride)
+    dev_enc, sample_map, offsets = prepare_eval_features(dev_rows, tokenizer, data_args.max_seq_length,
+                                                         data_args.doc_stride)
+    history = EvalHistory()
+    trainer = SquadBitFitTrainer(
+        model=model, args=training_args, train_dataset=datasets.Dataset.from_dict(train_feats),
+        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=[history], bitfit_config=bitfit,
+    )
+    trainer.squad_eval = SquadEval(dev_rows, datasets.Dataset.from_dict(dev_enc), sample_map, offsets, data_args,
+                                   training_args.output_dir)
+    if trainer.is_world_process_zero():
+        out = Path(training_args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_ids.json").write_text(json.dumps([r["id"] for r in train_rows]))
+    return train_and_record(
+        trainer, history, metric_key="eval_f1", bitfit=bitfit, save_full_model=data_args.save_full_model,
+        info={"task": data_args.task_name, "metric": "f1", "train_examples": len(train_rows),
+              "train_features": len(train_feats["input_ids"]), "train_fraction": data_args.train_fraction,
+              "eval_examples": len(dev_rows), "model": model_args.model_name_or_path},
+    )

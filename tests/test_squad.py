@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import FIXTURES
+
+from bitfit_tasks.squad import (
+    SquadArguments,
+    exact_match,
+    f1_score,
+    main,
+    normalize_answer,
+    postprocess,
+    prepare_eval_features,
+    prepare_train_features,
+    read_squad_file,
+    sample_examples,
+    squad_metrics,
+)
+
+SQ = f"{FIXTURES}/squad"
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_official_and_flattened_formats_agree():
+    official = read_squad_file(f"{SQ}/official.json")
+    flat = read_squad_file(f"{SQ}/flat.jsonl")
+    assert official == flat and len(official) == 5
+    assert official[1]["answers"]["text"] == ["Cairo", "Cairo ,"]
+
+
+def test_bad_files(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"version": "1.1"}))
+    with pytest.raises(ValueError, match=r"not the official SQuAD format"):
+        read_squad_file(str(bad))
+    bad.write_text(json.dumps([{"id": "1", "question": "q"}]))
+    with pytest.raises(ValueError, match=r"rows need \['answers', 'context', 'id', 'question'\]"):
+        read_squad_file(str(bad))
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
+        read_squad_file(str(tmp_path / "nope.json"))
+    with pytest.raises(ValueError, match=r"--train_fraction must be in \(0, 1\]"):
+        SquadArguments(train_fraction=1.5)
+    with pytest.raises(ValueError, match=r"--doc_stride 400 must be smaller"):
+        SquadArguments(doc_stride=400)
+
+
+@pytest.mark.parametrize("max_len,stride", [(384, 128), (40, 16)])
+def test_train_features_map_gold_answers_to_token_spans(tok, max_len, stride):
+    rows = read_squad_file(f"{SQ}/official.json")
+    feats = prepare_train_features(rows, tok, max_len, stride)
+    enc = tok([r["question"] for r in rows], [r["context"] for r in rows], truncation="only_second",
+              max_length=max_len, stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+    found = {}
+    for i, (s, e) in enumerate(zip(feats["start_positions"], feats["end_positions"], strict=True)):
+        row = rows[enc["overflow_to_sample_mapping"][i]]
+        if s == 0 and e == 0:  # CLS: the answer is not inside this window
+            continue
+        off = enc["offset_mapping"][i]
+        text = row["context"][off[s][0]:off[e][1]]
+        assert normalize_answer(text) == normalize_answer(row["answers"]["text"][0])
+        # Decoding the token span gives the answer back too.
+        assert tok.decode(feats["input_ids"][i][s:e + 1]) == row["answers"]["text"][0].lower()
+        found.setdefault(row["id"], []).append(i)
+    assert set(found) == {r["id"] for r in rows}  # every answer lies in some window
+    if max_len == 40:
+        # 'traders' is at the very end of a long context: only a later window holds it.
+        first_window_of_q3 = min(i for i, ex in enumerate(enc["overflow_to_sample_mapping"]) if ex == 2)
+        assert min(found["q3"]) > first_window_of_q3
+
+
+def test_postprocess_picks_best_span_across_windows(tok):
+    rows = [read_squad_file(f"{SQ}/official.json")[2]]  # q3 'traders'
+    enc, sample_map, offsets = prepare_eval_features(rows, tok, 40, 16)
+    n_win = len(sample_map)
+    assert n_win >= 2
+    target = rows[0]["context"].index("traders")
+    L = max(len(o) for o in offsets)
+    start = np.full((n_win, L), -5.0)
+    end = np.full((n_win, L), -5.0)
+    # A tempting span in window 0 and the right one, scoring higher, in the last window that has it.
+    ctx0 = [k for k, o in enumerate(offsets[0]) if o is not None]
+    start[0, ctx0[0]], end[0, ctx0[1]] = 3.0, 3.0
+    w = max(i for i in range(n_win) if any(o is not None and o[0] == target for o in offsets[i]))
+    k = next(k for k, o in enumerate(offsets[w]) if o is not None and o[0] == target)
+    start[w, k], end[w, k] = 4.0, 4.0
+    # Question-token positions (offsets None) must never be chosen even with the highest logits.
+    q_pos = next(k for k, o in enumerate(offsets[0]) if o is None and k > 0)
+    start[0, q_pos], end[0, q_pos] = 50.0, 50.0
+    preds = postprocess(rows, sample_map, offsets, start, end, n_best=20, max_answer_length=30)
+    assert preds == {"q3": "traders"}
+
+
+def test_official_em_f1_by_hand():
+    assert normalize_answer("The  Mediterranean, Sea!") == "mediterranean sea"
+    assert exact_match("the Cairo", "Cairo") == 1.0
+    # pred tokens: [river, nile], gold: [nile, flows, north] -> common 1; P=1/2, R=1/3, F1=0.4
+    assert f1_score("river Nile", "Nile flows north") == pytest.approx(0.4)
+    m = squad_metrics({"a": "Cairo", "b": "river Nile", "c": "x"},
+                      {"a": ["Cairo ,", "Kairo"], "b": ["Nile flows north", "the river"], "c": ["y"]})
+    # a: EM 1 F1 1; b: EM 0, F1 max(0.4, 2*(1/2*1)/(1/2+1)=0.667); c: 0
+    assert m["exact_match"] == pytest.approx(100 / 3)
+    assert m["f1"] == pytest.approx(100 * (1 + 2 / 3 + 0) / 3)
+    with pytest.raises(ValueError, match=r"1 question\(s\) have no prediction"):
+        squad_metrics({}, {"a": ["x"]})
+
+
+def test_subset_sampling_is_seeded_example_level_not_prefix():
+    rows = [{"id": str(i)} for i in range(1000)]
+    a = sample_examples(rows, 0.1, None, seed=3)
+    assert len(a) == 100 and a == sample_examples(rows, 0.1, None, seed=3)
+    assert a != rows[:100] and a != sample_examples(rows, 0.1, None, seed=4)
+    assert len(sample_examples(rows, 0.1, 20, seed=3)) == 20
+
+
+def test_run_squad_smoke_same_subset_for_every_method(tiny_model_dir, tmp_path):
+    ids = {}
+    for mode in ("bitfit", "full"):
+        out = tmp_path / mode
+        res = main(["--train_file", f"{SQ}/official.json", "--validation_file", f"{SQ}/flat.jsonl",
+                    "--model_name_or_path", tiny_model_dir, "--output_dir", str(out), "--mode", mode,
+                    "--train_fraction", "0.6", "--max_seq_length", "40", "--doc_stride", "16",
+                    "--num_train_epochs", "1", "--use_cpu", "true", "--disable_tqdm", "true"])
+        ids[mode] = json.loads((out / "train_ids.json").read_text())
+        preds = json.loads((out / "predictions.json").read_text())
+        assert set(preds) == {"q1", "q2", "q3", "q4", "q5"}
+        assert res["history"][-1]["eval_n_examples"] == 5
+        assert 0 <= res["best"] <= 100 and res["train_examples"] == 3
+    assert ids["bitfit"] == ids["full"] and len(ids["bitfit"]) == 3
+
+
+def test_training_size_curve_grid_resumes_and_plots(tiny_model_dir, tmp_path, capsys):
+    from bitfit_tasks import sweep
+
+    argv = ["--runner", "squad", "--fractions", "0.4", "1", "--methods", "bitfit", "full", "--seeds", "1", "2",
+            "--bias_lrs", "1e-3", "--full_lrs", "5e-5", "--output_dir", str(tmp_path), "--",
+            "--train_file", f"{SQ}/official.json", "--validation_file", f"{SQ}/official.json",
+            "--model_name_or_path", tiny_model_dir, "--max_seq_length", "40", "--doc_stride", "16",
+            "--num_train_epochs", "1", "--use_cpu", "true", "--disable_tqdm", "true"]
+    sweep.main(argv)
+    out = capsys.readouterr().out
+    assert "| bitfit | 0.4 |" in out and "| full | 1 |" in out
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    runs = sorted(tmp_path.glob("frac*/*/lr*/seed*/results.json"))
+    assert len(runs) == 8
+    assert json.loads((tmp_path / "frac0.4/bitfit/lr0.001/seed1/results.json").read_text())["train_examples"] == 2
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    sweep.main(argv)
+    assert [p.stat().st_mtime_ns for p in runs] == stamps

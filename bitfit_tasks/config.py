@@ -40,6 +40,12 @@ class BitFitConfig:
         default=None,
         metadata={"help": "Separate learning rate for the task head (default: --learning_rate)."},
     )
+    lean: bool = field(
+        default=False,
+        metadata={"help": "Bias-only modes: store the frozen weights once in bf16, train under bf16 autocast, "
+                  "keep dropout masks as 1-byte booleans (biases and head stay fp32). Less memory and "
+                  "time; results differ from fp32 by bf16 rounding."},
+    )
     mask_seed: int | None = field(
         default=None,
         metadata={"help": "Seed for the random baselines' parameter draw (default: --seed)."},
@@ -56,6 +62,9 @@ class BitFitConfig:
                 f"head_learning_rate must be > 0, got {self.head_learning_rate}; leave it unset "
                 "to use --learning_rate."
             )
+        if self.lean and self.mode not in ("bitfit", "frozen"):
+            raise ValueError(f"lean=True stores frozen weights in bf16, which only bias-only modes allow "
+                             f"(bitfit, frozen); mode {self.mode!r} updates weights. Drop --lean.")
         if self.mode == "frozen" and not self.train_head:
             raise ValueError(
                 "mode 'frozen' with train_head=False leaves nothing trainable; use "

@@ -65,6 +65,7 @@ def save_delta(
     mode: str = "bitfit",
     terms: dict[str, list[str]] | None = None,
     base_model: str | None = None,
+    base_fingerprint: str | None = None,
 ) -> Path:
     """Write the trained tensors of ``model`` (``names``, default: those with requires_grad)."""
     out = Path(output_dir)
@@ -85,7 +86,7 @@ def save_delta(
         "terms": terms or {},
         "head": [n for n in head_parameter_names(model) if n in tensors],
         "shapes": {n: list(t.shape) for n, t in tensors.items()},
-        "base_fingerprint": fingerprint(model, exclude=set(names)),
+        "base_fingerprint": base_fingerprint or fingerprint(model, exclude=set(names)),
     }
     save_file(tensors, str(out / DELTA_WEIGHTS), metadata={"format": "pt", "bitfit_mode": mode})
     (out / DELTA_CONFIG).write_text(json.dumps(meta, indent=2, default=str))
@@ -192,7 +193,7 @@ def apply_delta(
     for name, value in delta.tensors.items():
         p = params[name]
         handle.originals[name] = p.detach().clone()
-        p.copy_(value.to(device=p.device, dtype=p.dtype))
+        p.copy_(value.to(device=p.device, dtype=p.dtype))  # a lean (bf16) model takes it rounded
     return handle
 
 

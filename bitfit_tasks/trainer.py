@@ -11,7 +11,8 @@ from transformers import Trainer
 
 from .config import BitFitConfig
 from .core import BitFitState, prepare_model
-from .delta import Delta, apply_delta, is_delta_dir, save_delta
+from .delta import Delta, apply_delta, fingerprint, is_delta_dir, save_delta
+from .lean import bf16_supported, make_lean
 from .selection import BiasMap
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -44,6 +45,12 @@ class BitFitTrainer(Trainer):
         **kwargs,
     ) -> None:
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        lean = bitfit_config is not None and bitfit_config.lean
+        if lean and targs is not None and not targs.bf16:
+            if not bf16_supported():
+                raise ValueError("lean=True needs bf16 autocast, which this GPU does not support; drop --lean.")
+            # Lean mode is bf16 autocast by definition; the accelerator reads mixed_precision.
+            targs.bf16, targs.mixed_precision = True, "bf16"
         if targs is not None and targs.ddp_find_unused_parameters is None:
             # Every selected bias and the head take part in each forward, so DDP needs no
             # per-step search for unused parameters (Trainer's default turns it on).
@@ -58,6 +65,16 @@ class BitFitTrainer(Trainer):
         self.bitfit_state: BitFitState = prepare_model(
             self.model, self.bitfit_config, bias_map=bias_map, seed=self.args.seed
         )
+        # Fingerprint the base before lean mode rounds it, so deltas stay valid for the fp32 base.
+        self._base_fingerprint = (
+            fingerprint(self.model, exclude=set(self._delta_names())) if self._saves_delta() else None
+        )
+        if targs is not None and targs.gradient_checkpointing and hasattr(self.model, "enable_input_require_grads"):
+            # With reentrant checkpointing, blocks whose input needs no grad (frozen embeddings) would
+            # give their biases no gradient at all; make the embedding output require grad.
+            self.model.enable_input_require_grads()
+        if self.bitfit_config.lean:
+            logger.info("lean mode: %s", make_lean(self.model))
         summary = self.bitfit_state.summary()
         # Only the main process logs, so N processes don't print N copies.
         if self.args.process_index == 0:
@@ -92,6 +109,10 @@ class BitFitTrainer(Trainer):
     # resume / load_best_model_at_end through the two loaders below: overriding these three keeps
     # every Trainer feature working with checkpoints that hold only the trained tensors.
 
+    def _delta_names(self) -> list[str]:
+        # The head is stored even when frozen: its (random) init is not in the base checkpoint.
+        return list(dict.fromkeys(self.bitfit_state.trainable + self.bitfit_state.head_all))
+
     def _saves_delta(self) -> bool:
         return self.bitfit_config.mode != "full"
 
@@ -102,10 +123,8 @@ class BitFitTrainer(Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        # The head is stored even when frozen: its (random) init is not in the base checkpoint.
-        names = list(dict.fromkeys(self.bitfit_state.trainable + self.bitfit_state.head_all))
-        save_delta(model, output_dir, names=names, mode=self.bitfit_config.mode,
-                   terms=self.bitfit_state.terms)
+        save_delta(model, output_dir, names=self._delta_names(), mode=self.bitfit_config.mode,
+                   terms=self.bitfit_state.terms, base_fingerprint=self._base_fingerprint)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))

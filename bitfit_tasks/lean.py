@@ -1,0 +1,62 @@
+"""Lean bias-only training: frozen weights stored once in bf16, bf16 autocast, 1-byte dropout masks.
+
+Only a bias-only method can store its frozen weights in bf16 for good: they never update, so there
+is no fp32 master copy to keep. Biases, LayerNorm gains and the head stay fp32 (the optimizer
+updates fp32 values; autocast casts them per op). Frozen weights are rounded to bf16 once, so the
+forward pass differs from fp32 training by bf16 rounding, the same order as bf16 autocast alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _BoolDropoutFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.rand_like(x, dtype=torch.float32) >= p  # bool: 1 byte per element, saved for backward
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return x * keep * ctx.scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, None
+
+
+class BoolDropout(nn.Dropout):
+    """``nn.Dropout`` that keeps its mask as bool for backward (PyTorch's CPU dropout keeps a mask
+    the size and dtype of the activation). Same distribution, same expectation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p >= 1.0:
+            return x * 0.0
+        return _BoolDropoutFn.apply(x, self.p)
+
+
+def bf16_supported() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return True  # CPU autocast supports bf16
+
+
+@torch.no_grad()
+def make_lean(model: nn.Module) -> dict[str, int]:
+    """Cast every frozen parameter with >= 2 dims (weight matrices, embeddings) to bf16 in place and
+    swap ``nn.Dropout`` modules for :class:`BoolDropout`. Returns what it changed."""
+    cast = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.dim() >= 2 and p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
+            cast += p.numel()
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(module, name, BoolDropout(child.p, child.inplace))
+                swapped += 1
+    return {"bf16_frozen_values": cast, "bool_dropouts": swapped}

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_delta import batch, make_args
+from test_trainer import RandomPairs
+from torch import nn
+
+from bitfit_tasks import BitFitConfig, BitFitTrainer, apply_delta, prepare_model
+from bitfit_tasks.lean import BoolDropout, make_lean
+
+
+def test_bool_dropout_keeps_a_bool_mask_and_matches_dropout_semantics():
+    torch.manual_seed(0)
+    x = torch.randn(64, 128, requires_grad=True)
+    d = BoolDropout(0.25).train()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = d(x)
+    assert [t.dtype for t in saved] == [torch.bool]  # 1 byte per element, not a float mask
+    keep = y != 0
+    assert torch.allclose(y[keep], x[keep] / 0.75)
+    assert abs(keep.float().mean().item() - 0.75) < 0.02
+    y.sum().backward()
+    assert torch.allclose(x.grad, keep.float() / 0.75)
+    assert torch.equal(d.eval()(x), x)
+
+
+def test_make_lean_casts_only_frozen_matrices_and_swaps_dropout():
+    model = tiny_model("bert")
+    model.config.hidden_dropout_prob = 0.1
+    prepare_model(model, BitFitConfig())
+    info = make_lean(model)
+    for n, p in model.named_parameters():
+        if p.requires_grad or p.dim() < 2:
+            assert p.dtype == torch.float32, n
+        else:
+            assert p.dtype == torch.bfloat16, n
+    assert info["bool_dropouts"] == sum(isinstance(m, BoolDropout) for m in model.modules()) > 0
+    assert not any(type(m) is nn.Dropout for m in model.modules())
+
+
+def test_lean_loss_and_gradients_match_fp32_within_bf16_tolerance():
+    x = batch(8)
+    y = torch.tensor([0, 1] * 4)
+    grads, losses = {}, {}
+    for lean in (False, True):
+        model = tiny_model("bert").train()
+        prepare_model(model, BitFitConfig(bias_terms=["qm2"]))
+        if lean:
+            make_lean(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=lean):
+            out = model(**x, labels=y)
+        out.loss.backward()
+        losses[lean] = out.loss.item()
+        grads[lean] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+    for n, g in grads[False].items():
+        assert grads[True][n].dtype == torch.float32  # trainable tensors stay fp32
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), grads[True][n].flatten(), dim=0)
+        assert cos > 0.98, (n, cos)
+
+
+def test_lean_trainer_trains_and_its_delta_fits_the_fp32_base(tmp_path):
+    model = tiny_model("bert")
+    args = make_args(tmp_path, max_steps=3)
+    trainer = BitFitTrainer(model=model, args=args, train_dataset=RandomPairs(), bitfit_config=BitFitConfig(lean=True))
+    assert args.bf16 and args.mixed_precision == "bf16"
+    before = model.bert.encoder.layer[0].intermediate.dense.bias.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, model.bert.encoder.layer[0].intermediate.dense.bias)
+    trainer.save_model(str(tmp_path / "d"))
+    base = tiny_model("bert")
+    apply_delta(base, tmp_path / "d")  # fingerprint taken before the bf16 rounding: accepted
+    assert torch.equal(base.bert.encoder.layer[0].intermediate.dense.bias,
+                       model.bert.encoder.layer[0].intermediate.dense.bias)
+
+
+def test_lean_refuses_weight_updating_modes():
+    with pytest.raises(ValueError, match=r"lean=True stores frozen weights in bf16.*mode 'full'"):
+        BitFitConfig(mode="full", lean=True)
+    with pytest.raises(ValueError, match=r"mode 'rand_uniform' updates weights"):
+        BitFitConfig(mode="rand_uniform", lean=True)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_with_qm2_gives_the_same_gradients(reentrant, tmp_path):
+    grads = {}
+    for gc in (False, True):
+        model = tiny_model("bert").train()
+        args = make_args(tmp_path, max_steps=1, gradient_checkpointing=gc,
+                         gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        trainer = BitFitTrainer(model=model, args=args, train_dataset=RandomPairs(),
+                                bitfit_config=BitFitConfig(bias_terms=["qm2"], train_head=False))
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        out = model(**batch(4), labels=torch.tensor([0, 1, 0, 1]))
+        out.loss.backward()
+        grads[gc] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        del trainer
+    for n, g in grads[False].items():
+        assert grads[True][n] is not None and grads[True][n].abs().sum() > 0, n
+        assert torch.allclose(grads[True][n], g, atol=1e-7), n

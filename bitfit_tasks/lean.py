@@ -44,15 +44,33 @@ def bf16_supported() -> bool:
     return True  # CPU autocast supports bf16
 
 
+def _autocast_forward(model: nn.Module) -> None:
+    """Run every forward of ``model`` under bf16 autocast on whatever device it sits on, so
+    training, evaluation and plain calls all work with the bf16 weights."""
+    if getattr(model, "_bitfit_lean_forward", False):
+        return
+    inner = model.forward
+
+    def forward(*args, **kwargs):
+        device = next(model.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return inner(*args, **kwargs)
+
+    model.forward = forward
+    model._bitfit_lean_forward = True
+
+
 @torch.no_grad()
 def make_lean(model: nn.Module) -> dict[str, int]:
-    """Cast every frozen parameter with >= 2 dims (weight matrices, embeddings) to bf16 in place and
-    swap ``nn.Dropout`` modules for :class:`BoolDropout`. Returns what it changed."""
+    """Cast every frozen parameter with >= 2 dims (weight matrices, embeddings) to bf16 in place, run
+    the model's forward under bf16 autocast, and swap ``nn.Dropout`` modules for
+    :class:`BoolDropout`. Returns what it changed."""
     cast = 0
     for p in model.parameters():
         if not p.requires_grad and p.dim() >= 2 and p.dtype == torch.float32:
             p.data = p.data.to(torch.bfloat16)
             cast += p.numel()
+    _autocast_forward(model)
     swapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

@@ -194,7 +194,8 @@ def main() -> None:
     saved = {(r.name, r.path): r.saved_bytes() for r in runners}
     print(f"{a.shape}, batch {a.batch} x seq {a.seq}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}; median of {a.repeats} interleaved steps after 1 warm-up")
-    print("| path | config | step s | vs full | peak MiB | vs full | saved-for-backward MiB | vs full | page faults/step |")
+    print("| path | config | step s | vs full | peak MiB | vs full | saved-for-backward MiB | vs full "
+          "| page faults/step |")
     print("|---|---|---|---|---|---|---|---|---|")
     out = {}
     for path in a.paths:

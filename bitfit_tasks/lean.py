@@ -8,6 +8,8 @@ forward pass differs from fp32 training by bf16 rounding, the same order as bf16
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -51,6 +53,7 @@ def _autocast_forward(model: nn.Module) -> None:
         return
     inner = model.forward
 
+    @functools.wraps(inner)  # keeps the signature Trainer reads to choose dataset columns
     def forward(*args, **kwargs):
         device = next(model.parameters()).device.type
         with torch.autocast(device, dtype=torch.bfloat16):

@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from bitfit_tasks.glue import cli_main
+from bitfit_tasks.arguments import run_cli
+from bitfit_tasks.glue import main
 
 if __name__ == "__main__":
-    cli_main()
+    run_cli(main)

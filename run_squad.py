@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from bitfit_tasks.squad import cli_main
+from bitfit_tasks.arguments import run_cli
+from bitfit_tasks.squad import main
 
 if __name__ == "__main__":
-    cli_main()
+    run_cli(main)

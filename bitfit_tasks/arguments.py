@@ -128,6 +128,15 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+def run_cli(main) -> None:
+    """A runner script's entry point: ``main()`` from sys.argv, then leave the process group
+    cleanly, even on error (a launcher can abort a process that exits with a group alive)."""
+    try:
+        main()
+    finally:
+        finish_distributed()
+
+
 __all__ = [
     "BitFitConfig", "ModelArguments", "PAPER_BIAS_LRS", "PAPER_FULL_LRS", "TrainingArguments",
     "demo_model_path", "parse_args", "resolve_lr",

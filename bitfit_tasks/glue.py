@@ -16,13 +16,12 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     TrainingArguments,
-    set_seed,
 )
 
 from . import metrics as M
-from .arguments import ModelArguments, parse_args, resolve_lr
+from .arguments import ModelArguments, parse_args
 from .config import BitFitConfig
-from .runner import EvalHistory, setup_logging, train_and_record
+from .runner import EvalHistory, start_run, train_and_record
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -216,16 +215,6 @@ DEMO_ARGS = [
 ]
 
 
-def cli_main() -> None:
-    """Entry point of run_glue.py: run, then leave the process group cleanly (multi-process)."""
-    from .arguments import finish_distributed
-
-    try:
-        main()
-    finally:
-        finish_distributed()
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import sys
 
@@ -240,11 +229,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConfig,
         training_args: TrainingArguments) -> dict[str, Any]:
-    setup_logging()
     task = GLUE_TASKS[data_args.task_name]
-    resolve_lr(training_args, bitfit, PAPER_BIAS_LR[data_args.task_name])
-    set_seed(training_args.seed)
-    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    data_seed = start_run(training_args, bitfit, PAPER_BIAS_LR[data_args.task_name])
 
     raw = load_glue(data_args, model_args.cache_dir)
     if "train" not in raw:

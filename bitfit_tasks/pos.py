@@ -16,13 +16,12 @@ from transformers import (
     AutoTokenizer,
     DataCollatorForTokenClassification,
     TrainingArguments,
-    set_seed,
 )
 
-from .arguments import ModelArguments, parse_args, resolve_lr
+from .arguments import ModelArguments, parse_args
 from .config import BitFitConfig
 from .pos_data import FORMATS, Sentence, read_file, read_token_tag_dataset, read_treebank_splits
-from .runner import EvalHistory, setup_logging, train_and_record
+from .runner import EvalHistory, start_run, train_and_record
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -160,23 +159,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return run(model_args, data_args, bitfit, training_args)
 
 
-def cli_main() -> None:
-    from .arguments import finish_distributed
-
-    try:
-        main()
-    finally:
-        finish_distributed()
-
-
 def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfig,
         training_args: TrainingArguments) -> dict[str, Any]:
     import datasets
 
-    setup_logging()
-    resolve_lr(training_args, bitfit, 1e-3)  # BitFit default (paper's largest bias rate)
-    set_seed(training_args.seed)
-    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    seed = start_run(training_args, bitfit, 1e-3)  # BitFit default: the paper's largest bias rate
     splits = load_splits(data_args)
     splits["train"] = _sample(splits["train"], data_args.max_train_samples, seed)
     for s in ("validation", "test"):

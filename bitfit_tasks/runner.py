@@ -25,6 +25,19 @@ def setup_logging() -> None:
     logging.getLogger("bitfit_tasks").setLevel(logging.INFO)
 
 
+def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, bias_lr: float) -> int:
+    """Common prologue of every runner: logging, the mode's default learning rate, seeds.
+    Returns the data seed (``--data_seed``, else ``--seed``) for subset sampling."""
+    from transformers import set_seed
+
+    from .arguments import resolve_lr
+
+    setup_logging()
+    resolve_lr(training_args, bitfit, bias_lr)
+    set_seed(training_args.seed)
+    return training_args.data_seed if training_args.data_seed is not None else training_args.seed
+
+
 class EvalHistory(TrainerCallback):
     """Keeps every evaluation so the best dev score over epochs can be reported (paper, A.2)."""
 

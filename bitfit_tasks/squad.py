@@ -20,12 +20,11 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     TrainingArguments,
-    set_seed,
 )
 
-from .arguments import ModelArguments, parse_args, resolve_lr
+from .arguments import ModelArguments, parse_args
 from .config import BitFitConfig
-from .runner import EvalHistory, setup_logging, train_and_record
+from .runner import EvalHistory, start_run, train_and_record
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -275,23 +274,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return run(model_args, data_args, bitfit, training_args)
 
 
-def cli_main() -> None:
-    from .arguments import finish_distributed
-
-    try:
-        main()
-    finally:
-        finish_distributed()
-
-
 def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitConfig,
         training_args: TrainingArguments) -> dict[str, Any]:
     import datasets
 
-    setup_logging()
-    resolve_lr(training_args, bitfit, 1e-3)
-    set_seed(training_args.seed)
-    seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    seed = start_run(training_args, bitfit, 1e-3)
     train_rows, dev_rows = load_rows(data_args)
     train_rows = sample_examples(train_rows, data_args.train_fraction, data_args.max_train_samples, seed)
     # The dev subset depends on the data seed only, so every method is scored on the same questions.

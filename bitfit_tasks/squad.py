@@ -119,10 +119,14 @@ def sample_examples(rows: list[dict], fraction: float | None, n: int | None, see
 # ---- windows ---------------------------------------------------------------------------------
 
 def prepare_train_features(rows: list[dict], tokenizer, max_len: int, stride: int) -> dict[str, list]:
-    """Question + context windows; a gold answer outside a window maps to the CLS position."""
+    """Question + context windows; a gold answer outside a window maps to the CLS position.
+
+    Windows are padded to ``max_len``: QA heads put padding positions into the start/end softmax,
+    so padding to the longest window of a batch would make the loss depend on how windows are
+    batched (and differ between 1 and N processes)."""
     enc = tokenizer([r["question"].lstrip() for r in rows], [r["context"] for r in rows],
                     truncation="only_second", max_length=max_len, stride=stride,
-                    return_overflowing_tokens=True, return_offsets_mapping=True, padding=False)
+                    return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
     sample_map = enc.pop("overflow_to_sample_mapping")
     offsets_all = enc.pop("offset_mapping")
     starts, ends = [], []
@@ -160,7 +164,7 @@ def prepare_eval_features(rows: list[dict], tokenizer, max_len: int, stride: int
     """Windows plus, per window, its example index and the context offsets (None elsewhere)."""
     enc = tokenizer([r["question"].lstrip() for r in rows], [r["context"] for r in rows],
                     truncation="only_second", max_length=max_len, stride=stride,
-                    return_overflowing_tokens=True, return_offsets_mapping=True, padding=False)
+                    return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
     sample_map = list(enc.pop("overflow_to_sample_mapping"))
     offsets_all = enc.pop("offset_mapping")
     offsets = [[o if enc.sequence_ids(i)[k] == 1 else None for k, o in enumerate(off)]

@@ -19,9 +19,26 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
+# What `accelerate config` writes for "multi-GPU, 2 processes". (A MULTI_CPU config with
+# use_cpu: true makes accelerate start a single process unless mpirun is set up.)
+ACCELERATE_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+main_process_port: 29535
+mixed_precision: 'no'
+use_cpu: false
+"""
+
+
 def launch(args: list[str], nproc: int, cwd: Path, launcher: str = "accelerate") -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, *args]
+    elif launcher == "accelerate-config":
+        cfg = cwd / "accelerate.yaml"
+        cfg.write_text(ACCELERATE_CONFIG)
+        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(cfg), *args]
     elif launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", "29533", *args]
     else:
@@ -41,7 +58,7 @@ def glue_args(model_dir: str, out: Path, batch: int) -> list[str]:
             "--eval_strategy", "steps", "--eval_steps", "3", "--logging_strategy", "no"]
 
 
-@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+@pytest.mark.parametrize("launcher", ["accelerate", "accelerate-config", "torchrun"])
 def test_run_glue_two_processes_equals_one_process_double_batch(launcher, tiny_model_dir, tmp_path):
     one = launch(glue_args(tiny_model_dir, tmp_path / "one", 8), 1, tmp_path)
     two = launch(glue_args(tiny_model_dir, tmp_path / "two", 4), 2, tmp_path, launcher)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .config import MODES, BitFitConfig
-from .core import BitFitState, prepare_model, random_masks, trainable_summary
+from .core import BitFitState, prepare_model, random_masks
 from .delta import AppliedDelta, Delta, apply_delta, export_merged, load_task_model, save_delta
 from .multitask import MultiTaskBitFit
 from .selection import (
@@ -46,5 +46,4 @@ __all__ = [
     "register_bias_map",
     "select_bias_parameters",
     "supported_model_types",
-    "trainable_summary",
 ]

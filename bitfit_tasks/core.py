@@ -13,8 +13,8 @@ from .config import BitFitConfig
 from .selection import (
     BiasMap,
     backbone_of,
+    bias_parameter_ids,
     head_parameter_names,
-    resolve_terms,
     select_bias_parameters,
 )
 
@@ -48,27 +48,24 @@ class BitFitState:
             lines.append(f"  {term:>8}: {n:,d} ({100.0 * n / max(self.n_total, 1):.4f}%)")
         return "\n".join(lines)
 
+    def _mask_on(self, name: str, device: torch.device) -> torch.Tensor:
+        """The mask (and kept values) of ``name`` on ``device``: the trainer may move the model
+        after prepare_model()."""
+        if self.masks[name].device != device:
+            self.masks[name] = self.masks[name].to(device)
+            self.originals[name] = self.originals[name].to(device)
+        return self.masks[name]
+
     def mask_grad(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        mask = self.masks[name]
-        if mask.device != grad.device:  # the trainer moved the model after prepare_model()
-            self.masks[name] = mask = mask.to(grad.device)
-            self.originals[name] = self.originals[name].to(grad.device)
-        return grad * mask
+        return grad * self._mask_on(name, grad.device)
 
     @torch.no_grad()
     def restore_frozen_entries(self, model: nn.Module) -> None:
         """Put back every masked-out entry, so weight decay or Adam can never move it."""
         params = dict(model.named_parameters())
-        for name, mask in self.masks.items():
+        for name in self.masks:
             p = params[name]
-            if mask.device != p.device:
-                self.masks[name] = mask = mask.to(p.device)
-                self.originals[name] = self.originals[name].to(p.device)
-            p.copy_(torch.where(mask, p, self.originals[name]))
-
-
-def _bias_param_ids(module: nn.Module) -> set[int]:
-    return {id(m.bias) for m in module.modules() if isinstance(getattr(m, "bias", None), nn.Parameter)}
+            p.copy_(torch.where(self._mask_on(name, p.device), p, self.originals[name]))
 
 
 def random_masks(
@@ -80,7 +77,7 @@ def random_masks(
     gains). ``row_col`` draws whole rows or columns of the 2-D ones instead; the last line drawn
     is cut short so that the total is exactly ``k``. Same seed, same draw.
     """
-    bias_ids = _bias_param_ids(model)
+    bias_ids = bias_parameter_ids(model)
     by_id = {id(p): n for n, p in model.named_parameters()}
     cands = [
         (by_id[id(p)], p)
@@ -136,14 +133,15 @@ def prepare_model(
     Frozen tensors get ``requires_grad=False`` so autograd does no weight-gradient work for them.
     """
     config = config or BitFitConfig()
-    head = head_parameter_names(model) if config.train_head else []
+    head_all = head_parameter_names(model)
+    head = head_all if config.train_head else []
     all_params = dict(model.named_parameters())
     n_total = sum(p.numel() for p in all_params.values())
     terms: dict[str, list[str]] = {}
     masks: dict[str, torch.Tensor] = {}
 
     if config.mode == "full":
-        trainable = [n for n in all_params if config.train_head or n not in head_parameter_names(model)]
+        trainable = [n for n in all_params if config.train_head or n not in head_all]
     elif config.mode == "frozen":
         trainable = list(head)
     else:
@@ -195,7 +193,7 @@ def prepare_model(
         masks=masks,
         originals={n: all_params[n].detach().clone() for n in masks},
         term_counts=term_counts,
-        head_all=head_parameter_names(model),
+        head_all=head_all,
     )
     for name in masks:
         # Zero the gradient outside the mask, so clipping norms and Adam moments see only the
@@ -204,14 +202,4 @@ def prepare_model(
     return state
 
 
-def trainable_summary(model: nn.Module) -> str:
-    """``trainable params: N || all params: M || trainable%: P`` for any model (peft's format)."""
-    n_total = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return (
-        f"trainable params: {n_train:,d} || all params: {n_total:,d} "
-        f"|| trainable%: {100.0 * n_train / max(n_total, 1):.4f}"
-    )
-
-
-__all__ = ["BitFitState", "prepare_model", "random_masks", "resolve_terms", "trainable_summary"]
+__all__ = ["BitFitState", "prepare_model", "random_masks"]

@@ -223,19 +223,18 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
         compute_metrics=metrics_for("validation"), callbacks=[history], bitfit_config=bitfit,
         compute_loss_func=token_loss,
     )
-    results = train_and_record(
+
+    def score_test(trainer: BitFitTrainer) -> dict[str, Any]:
+        if "test" not in evals:
+            return {}
+        trainer.compute_metrics = metrics_for("test")
+        test = trainer.evaluate(evals["test"], metric_key_prefix="test")
+        logger.info("test word accuracy %.4f", test["test_accuracy"])
+        return {"test_accuracy": test["test_accuracy"]}
+
+    return train_and_record(
         trainer, history, metric_key="eval_accuracy", bitfit=bitfit, save_full_model=data_args.save_full_model,
         info={"task": data_args.task_name, "metric": "word accuracy", "train_examples": len(train),
               "n_tags": len(tags), "model": model_args.model_name_or_path, "truncated_words": truncated},
+        after_training=score_test,
     )
-    if "test" in evals:
-        trainer.compute_metrics = metrics_for("test")
-        test = trainer.evaluate(evals["test"], metric_key_prefix="test")
-        results["test_accuracy"] = test["test_accuracy"]
-        logger.info("test word accuracy %.4f", test["test_accuracy"])
-        if trainer.is_world_process_zero():
-            import json
-            from pathlib import Path
-
-            (Path(training_args.output_dir) / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    return results

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from .config import BitFitConfig
-from .selection import head_parameter_names
+from .selection import bias_parameter_ids, head_parameter_names
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -66,7 +67,7 @@ def save_biases_and_head(model, path: Path) -> None:
     from safetensors.torch import save_file
 
     head = set(head_parameter_names(model))
-    bias_ids = {id(m.bias) for m in model.modules() if getattr(m, "bias", None) is not None}
+    bias_ids = bias_parameter_ids(model)
     tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
                if id(p) in bias_ids or n in head}
     save_file(tensors, str(path))
@@ -80,8 +81,11 @@ def train_and_record(
     info: dict[str, Any],
     bitfit: BitFitConfig,
     save_full_model: bool = False,
+    after_training: Callable[[BitFitTrainer], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Train, take the best and last dev score of ``metric_key``, save, write results.json."""
+    """Train, take the best and last dev score of ``metric_key``, save, write results.json.
+
+    ``after_training(trainer)`` may add entries (e.g. a test-set score) before anything is written."""
     args = trainer.args
     start = time.time()
     train_result = trainer.train()
@@ -107,6 +111,8 @@ def train_and_record(
         "device": device_name(args),
         "bitfit_config": asdict(bitfit),
     }
+    if after_training is not None:
+        results.update(after_training(trainer))
     if bitfit.mode != "full" or save_full_model:
         trainer.save_model(args.output_dir)  # every rank calls it; only the main one writes
     if trainer.is_world_process_zero():

@@ -190,9 +190,13 @@ def resolve_terms(terms: str | Iterable[str]) -> tuple[list[str], bool]:
     return list(dict.fromkeys(out)), from_preset
 
 
+def bias_parameter_ids(module: nn.Module) -> set[int]:
+    """ids of every ``bias`` parameter a submodule owns (by attribute, not by name)."""
+    return {id(m.bias) for m in module.modules() if isinstance(getattr(m, "bias", None), nn.Parameter)}
+
+
 def has_bias_parameters(model: nn.Module) -> bool:
-    """True if any module owns a ``bias`` parameter (by attribute, not by name)."""
-    return any(isinstance(getattr(m, "bias", None), nn.Parameter) for m in model.modules())
+    return bool(bias_parameter_ids(model))
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -285,8 +289,7 @@ def head_parameter_names(model: nn.Module) -> list[str]:
 def unmapped_biases(model: nn.Module, *, bias_map: BiasMap | None = None) -> list[str]:
     """Backbone biases that no term of the map covers (a map to extend, or a part to ignore)."""
     patterns = list(_get_bias_map(model, bias_map).patterns().values())
-    bias_ids = {id(m.bias) for m in backbone_of(model).modules()
-                if isinstance(getattr(m, "bias", None), nn.Parameter)}
+    bias_ids = bias_parameter_ids(backbone_of(model))
     by_id = {id(p): n for n, p in backbone_of(model).named_parameters()}
     rel_to_full = full_names(model)
     return [rel_to_full[by_id[i]] for i in bias_ids

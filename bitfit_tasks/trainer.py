@@ -94,7 +94,8 @@ class BitFitTrainer(Trainer):
 
     def _split_head_groups(self, optimizer, head_lr: float) -> None:
         """Give the head its own learning rate, keeping each group's other settings."""
-        head_ids = {id(p) for n, p in self.model.named_parameters() if n in set(self.bitfit_state.head)}
+        head = set(self.bitfit_state.head)
+        head_ids = {id(p) for n, p in self.model.named_parameters() if n in head}
         groups = list(optimizer.param_groups)
         optimizer.param_groups.clear()
         for group in groups:

@@ -5,7 +5,9 @@
 
 Side by side in one process, interleaved (each round runs every configuration once), after a
 warm-up round: median step time, peak heap in use during the step (glibc mallinfo2 sampled every
-millisecond, minus the heap in use before the step), and bytes saved for backward. Configurations:
+millisecond, minus the heap in use before the step: activations, gradients, temporaries), the total
+peak (that plus what is held between steps: parameters, buffers, optimizer state), and bytes saved
+for backward. Configurations:
 full, bitfit (all biases), bitfit qm2, frozen, and lean bitfit (bf16 frozen weights + autocast +
 bool dropout masks), each through ``BitFitTrainer.training_step`` and a plain
 forward/backward/AdamW loop. Ratios are to full fine-tuning on the same path.
@@ -142,6 +144,14 @@ class Runner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
+    def persistent_bytes(self) -> int:
+        """Bytes held between steps: parameters, buffers and optimizer state (Adam moments)."""
+        opt = self.trainer.optimizer if self.path == "trainer" else self.opt
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
+
     def saved_bytes(self) -> int:
         seen: dict[tuple, int] = {}
 
@@ -192,23 +202,27 @@ def main() -> None:
                 peaks[(r.name, r.path)].append(s.peak - s.base)
                 faults[(r.name, r.path)].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     saved = {(r.name, r.path): r.saved_bytes() for r in runners}
+    held = {(r.name, r.path): r.persistent_bytes() for r in runners}
     print(f"{a.shape}, batch {a.batch} x seq {a.seq}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}; median of {a.repeats} interleaved steps after 1 warm-up")
-    print("| path | config | step s | vs full | peak MiB | vs full | saved-for-backward MiB | vs full "
-          "| page faults/step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| path | config | step s | vs full | step peak MiB | vs full | total peak MiB | vs full "
+          "| saved-for-backward MiB | vs full | page faults/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     out = {}
     for path in a.paths:
         base = (statistics.median(times[("full", path)]) if "full" in a.configs else None,
                 statistics.median(peaks[("full", path)]) if "full" in a.configs else None,
+                statistics.median(peaks[("full", path)]) + held[("full", path)] if "full" in a.configs else None,
                 saved.get(("full", path)))
         for c in a.configs:
             k = (c, path)
             st, pk, sv = statistics.median(times[k]), statistics.median(peaks[k]), saved[k]
-            ratio = [f"{x / b:.2f}" if b else "-" for x, b in zip((st, pk, sv), base, strict=True)]
-            print(f"| {path} | {c} | {st:.3f} | {ratio[0]} | {pk / 2**20:.0f} | {ratio[1]} | {sv / 2**20:.0f} | "
-                  f"{ratio[2]} | {statistics.median(faults[k]):.0f} |")
-            out[f"{path}/{c}"] = {"step_s": st, "peak_bytes": pk, "saved_bytes": sv, "times": times[k]}
+            total = pk + held[k]  # what the process needs at the step's peak, weights and Adam state included
+            ratio = [f"{x / b:.2f}" if b else "-" for x, b in zip((st, pk, total, sv), base, strict=True)]
+            print(f"| {path} | {c} | {st:.3f} | {ratio[0]} | {pk / 2**20:.0f} | {ratio[1]} | {total / 2**20:.0f} | "
+                  f"{ratio[2]} | {sv / 2**20:.0f} | {ratio[3]} | {statistics.median(faults[k]):.0f} |")
+            out[f"{path}/{c}"] = {"step_s": st, "peak_bytes": pk, "persistent_bytes": held[k],
+                                  "total_peak_bytes": total, "saved_bytes": sv, "times": times[k]}
     if "trainer" in a.paths and "loop" in a.paths:
         for c in a.configs:
             t, lp = statistics.median(times[(c, "trainer")]), statistics.median(times[(c, "loop")])

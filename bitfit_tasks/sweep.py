@@ -219,6 +219,23 @@ def plot_training_size_curve(output_dir: str) -> str:
     return md
 
 
+def fraction_task_args(fractions: Sequence[float], epochs: Sequence[float] | None = None,
+                       extra_args: Sequence[str] = ()) -> tuple[list[str], Callable[[str], list[str]]]:
+    """SQuAD curve: the task names (``frac<F>``) and each task's runner arguments. ``epochs`` gives
+    one epoch count per fraction, so small subsets can train for more epochs than large ones in
+    one command."""
+    if epochs is not None and len(epochs) != len(fractions):
+        raise ValueError(f"--fraction_epochs needs one value per fraction: got {len(epochs)} for "
+                         f"{len(fractions)} fractions {list(fractions)}.")
+    if epochs is not None and "--num_train_epochs" in extra_args:
+        raise ValueError("--fraction_epochs and --num_train_epochs both set the epochs; pass one of them.")
+    per_task = {f"frac{f:g}": ["--train_fraction", f"{f:g}"] for f in fractions}
+    if epochs is not None:
+        for f, e in zip(fractions, epochs, strict=True):
+            per_task[f"frac{f:g}"] += ["--num_train_epochs", f"{e:g}"]
+    return list(per_task), per_task.__getitem__
+
+
 def _parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -238,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tasks", nargs="+", help="GLUE tasks, or labels of POS datasets")
     parser.add_argument("--fractions", nargs="+", type=float,
                         help="squad: training fractions (the tasks become frac<F>), e.g. 0.01 0.1 1")
+    parser.add_argument("--fraction_epochs", nargs="+", type=float,
+                        help="squad: epochs per fraction, one per --fractions value (e.g. 10 3 2), instead "
+                        "of one --num_train_epochs for all")
     parser.add_argument("--methods", nargs="+", default=["full", "bitfit"],
                         help=f"{list(BASE_METHODS)}, a preset, or '+'-joined terms (e.g. q+m2)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
@@ -261,10 +281,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         if not args.fractions:
             parser.error("--runner squad needs --fractions")
-        args.tasks = [f"frac{f:g}" for f in args.fractions]
-
-        def task_args(task: str) -> list[str]:
-            return ["--train_fraction", task.removeprefix("frac")]
+        args.tasks, task_args = fraction_task_args(args.fractions, args.fraction_epochs, extra)
     elif args.runner == "pos":
         from .pos import main as runner_main
     else:

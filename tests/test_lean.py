@@ -102,3 +102,21 @@ def test_gradient_checkpointing_with_qm2_gives_the_same_gradients(reentrant, tmp
     for n, g in grads[False].items():
         assert grads[True][n] is not None and grads[True][n].abs().sum() > 0, n
         assert torch.allclose(grads[True][n], g, atol=1e-7), n
+
+
+def test_bf16_mixed_precision_keeps_trainable_biases_fp32(tmp_path):
+    """Plain --bf16 (not lean): Trainer autocasts the forward; the biases stay fp32 tensors and train,
+    the frozen weights stay fp32 and untouched, and nothing trips over a dtype mismatch."""
+    model = tiny_model("bert")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("bias")
+              and not n.startswith("classifier")}
+    trainer = BitFitTrainer(model=model, args=make_args(tmp_path, max_steps=3, bf16=True),
+                            train_dataset=RandomPairs(), bitfit_config=BitFitConfig(bias_terms=["qm2"]))
+    assert trainer.accelerator.mixed_precision == "bf16"  # the forward runs under bf16 autocast
+    before = model.bert.encoder.layer[0].attention.self.query.bias.detach().clone()
+    trainer.train()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not torch.equal(before, model.bert.encoder.layer[0].attention.self.query.bias)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n

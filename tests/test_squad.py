@@ -155,3 +155,17 @@ def test_training_size_curve_grid_resumes_and_plots(tiny_model_dir, tmp_path, ca
     stamps = [p.stat().st_mtime_ns for p in runs]
     sweep.main(argv)
     assert [p.stat().st_mtime_ns for p in runs] == stamps
+
+
+def test_fraction_epochs_give_each_fraction_its_own_epochs():
+    from bitfit_tasks.sweep import fraction_task_args
+
+    tasks, args = fraction_task_args([0.01, 0.1], [10, 3])
+    assert tasks == ["frac0.01", "frac0.1"]
+    assert args("frac0.01") == ["--train_fraction", "0.01", "--num_train_epochs", "10"]
+    assert args("frac0.1") == ["--train_fraction", "0.1", "--num_train_epochs", "3"]
+    assert fraction_task_args([0.5])[1]("frac0.5") == ["--train_fraction", "0.5"]
+    with pytest.raises(ValueError, match=r"one value per fraction: got 1 for 2 fractions"):
+        fraction_task_args([0.01, 0.1], [10])
+    with pytest.raises(ValueError, match=r"--fraction_epochs and --num_train_epochs both set"):
+        fraction_task_args([0.01], [10], ["--num_train_epochs", "2"])

@@ -117,8 +117,9 @@ def run_grid(
 
 def _fmt(values: list[float]) -> str:
     mean = 100 * statistics.fmean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.1f}±{std:.1f}"
+    if len(values) == 1:
+        return f"{mean:.1f}"  # one seed: no spread to report (a "±0.0" would claim one)
+    return f"{mean:.1f}±{100 * statistics.stdev(values):.1f}"
 
 
 # BERT-base PTB POS accuracy (Sec. 4, "Token-level tasks").

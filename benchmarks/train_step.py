@@ -210,10 +210,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     out = {}
     for path in a.paths:
-        base = (statistics.median(times[("full", path)]) if "full" in a.configs else None,
-                statistics.median(peaks[("full", path)]) if "full" in a.configs else None,
-                statistics.median(peaks[("full", path)]) + held[("full", path)] if "full" in a.configs else None,
-                saved.get(("full", path)))
+        base: tuple = (None,) * 4
+        if "full" in a.configs:
+            f = ("full", path)
+            full_peak = statistics.median(peaks[f])
+            base = (statistics.median(times[f]), full_peak, full_peak + held[f], saved[f])
         for c in a.configs:
             k = (c, path)
             st, pk, sv = statistics.median(times[k]), statistics.median(peaks[k]), saved[k]

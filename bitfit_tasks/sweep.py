@@ -240,7 +240,7 @@ def fraction_task_args(fractions: Sequence[float], epochs: Sequence[float] | Non
     if epochs is not None and len(epochs) != len(fractions):
         raise ValueError(f"--fraction_epochs needs one value per fraction: got {len(epochs)} for "
                          f"{len(fractions)} fractions {list(fractions)}.")
-    if epochs is not None and "--num_train_epochs" in extra_args:
+    if epochs is not None and any(a.split("=")[0] == "--num_train_epochs" for a in extra_args):
         raise ValueError("--fraction_epochs and --num_train_epochs both set the epochs; pass one of them.")
     per_task = {f"frac{f:g}": ["--train_fraction", f"{f:g}"] for f in fractions}
     if epochs is not None:
@@ -289,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     extra = args.runner_args[1:] if args.runner_args[:1] == ["--"] else args.runner_args
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     task_args = None
+    if args.fraction_epochs and args.runner != "squad":
+        parser.error("--fraction_epochs is for --runner squad (with --fractions)")
     if args.runner == "squad":
         from .squad import main as runner_main
 

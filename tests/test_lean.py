@@ -108,10 +108,11 @@ def test_bf16_mixed_precision_keeps_trainable_biases_fp32(tmp_path):
     """Plain --bf16 (not lean): Trainer autocasts the forward; the biases stay fp32 tensors and train,
     the frozen weights stay fp32 and untouched, and nothing trips over a dtype mismatch."""
     model = tiny_model("bert")
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("bias")
-              and not n.startswith("classifier")}
     trainer = BitFitTrainer(model=model, args=make_args(tmp_path, max_steps=3, bf16=True),
                             train_dataset=RandomPairs(), bitfit_config=BitFitConfig(bias_terms=["qm2"]))
+    # Everything BitFit froze (weights and the biases outside qm2) must come out bit-identical.
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(n.endswith("key.bias") for n in frozen)
     assert trainer.accelerator.mixed_precision == "bf16"  # the forward runs under bf16 autocast
     before = model.bert.encoder.layer[0].attention.self.query.bias.detach().clone()
     trainer.train()

@@ -169,3 +169,5 @@ def test_fraction_epochs_give_each_fraction_its_own_epochs():
         fraction_task_args([0.01, 0.1], [10])
     with pytest.raises(ValueError, match=r"--fraction_epochs and --num_train_epochs both set"):
         fraction_task_args([0.01], [10], ["--num_train_epochs", "2"])
+    with pytest.raises(ValueError, match=r"--fraction_epochs and --num_train_epochs both set"):
+        fraction_task_args([0.01], [10], ["--num_train_epochs=2"])

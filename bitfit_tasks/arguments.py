@@ -67,33 +67,42 @@ RUNNER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _json_to_argv(path: str) -> list[str]:
-    data = json.loads(Path(path).read_text())
+def _read_json_args(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"argument file {path!r} does not exist.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"argument file {path!r} is not valid JSON ({err}); fix it or pass the "
+                         "arguments on the command line.") from None
     if not isinstance(data, dict):
-        raise ValueError(f"argument file {path} must hold a JSON object of argument names to values.")
-    argv: list[str] = []
-    for key, value in data.items():
-        values = value if isinstance(value, list) else [value]
-        argv.append(f"--{key}")
-        argv.extend(str(v).lower() if isinstance(v, bool) else str(v) for v in values)
-    return argv
+        raise ValueError(f"argument file {path!r} must hold one JSON object of argument names to values, "
+                         f"got a {type(data).__name__}.")
+    return data
 
 
 def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = None,
                defaults: dict[str, Any] | None = None) -> tuple:
     """Parse ``argv`` (or one ``.json`` file of arguments) into the given dataclasses.
 
-    The JSON route goes through the same parser, so defaults and checks are identical.
+    A JSON file goes through ``HfArgumentParser.parse_dict`` (HF's own JSON path, so null, dict,
+    list and bool values keep their types), with the same runner defaults as the command line.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     defaults = {**RUNNER_DEFAULTS, **(defaults or {})}
     if cpu_only_multiprocess():
         defaults.setdefault("use_cpu", True)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        argv = _json_to_argv(argv[0])
     parser = HfArgumentParser(tuple(dataclass_types))
-    known = {f.name for t in dataclass_types for f in fields(t)}
-    parser.set_defaults(**{k: v for k, v in defaults.items() if k in known})
+    known = {f.name for t in dataclass_types for f in fields(t) if f.init}
+    applicable = {k: v for k, v in defaults.items() if k in known}
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        data = _read_json_args(argv[0])
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"argument file {argv[0]!r}: unknown argument(s) {unknown}; see --help for the "
+                             "names (without the leading --).")
+        return parser.parse_dict({**applicable, **data})
+    parser.set_defaults(**applicable)
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -128,16 +137,95 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+class UsageError(ValueError):
+    """Bad input the user can fix (a flag, a file, a value): the runners print its message as one
+    line instead of a traceback."""
+
+
+# Errors whose message is written for the user: the runners print the message alone (a traceback
+# would bury it). Set BITFIT_DEBUG=1 to get the traceback as well.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OSError, ImportError)
+
+
 def run_cli(main) -> None:
     """A runner script's entry point: ``main()`` from sys.argv, then leave the process group
-    cleanly, even on error (a launcher can abort a process that exits with a group alive)."""
+    cleanly, even on error (a launcher can abort a process that exits with a group alive).
+    A user error (bad flag, file or value; a hub download that fails offline) ends in one line
+    on stderr and exit code 1."""
+    import os
+
     try:
         main()
+    except USER_ERRORS as err:
+        if os.environ.get("BITFIT_DEBUG", "").lower() in ("1", "true", "yes"):
+            raise
+        msg = " ".join(str(err).split()) or type(err).__name__
+        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "bitfit-tasks"
+        print(f"{prog}: error: {msg} (BITFIT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         finish_distributed()
 
 
+def resolve_resume(training_args: TrainingArguments) -> str | None:
+    """``--resume_from_checkpoint``: a checkpoint folder, or ``true`` for the newest *complete*
+    checkpoint in ``--output_dir`` (as the HF examples do with ``get_last_checkpoint``). Checked
+    before any data or model is loaded; the resolved path is written back into the arguments."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none", "no"):
+        training_args.resume_from_checkpoint = None
+        return None
+    if str(value).lower() in ("true", "last", "yes", "1"):
+        path = last_complete_checkpoint(training_args.output_dir)
+        if path is None:
+            raise UsageError(
+                f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in --output_dir "
+                f"{training_args.output_dir!r}; train with --save_strategy epoch (or steps) to write "
+                "checkpoints, or drop the flag to start from scratch."
+            )
+    else:
+        path = str(value)
+        if not Path(path).is_dir():
+            raise UsageError(f"--resume_from_checkpoint {path!r} is not a folder; pass a checkpoint-N folder "
+                             "or 'true' for the last checkpoint in --output_dir.")
+        if not (Path(path) / "trainer_state.json").is_file():
+            raise UsageError(f"--resume_from_checkpoint {path!r} has no trainer_state.json, so it is not a "
+                             "complete Trainer checkpoint; pass a checkpoint-N folder written during training.")
+    training_args.resume_from_checkpoint = path
+    return path
+
+
+def last_complete_checkpoint(output_dir: str | None) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that holds ``trainer_state.json`` (Trainer writes
+    it after the weights and optimizer state, so a save killed half-way has none and is skipped)."""
+    import re
+
+    if not output_dir or not Path(output_dir).is_dir():
+        return None
+    found = []
+    for p in Path(output_dir).iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return str(max(found)[1]) if found else None
+
+
+def load_hub_dataset(path: str, name: str | None = None, *, local_hint: str, **kwargs):
+    """``datasets.load_dataset`` for a hub dataset; a failure (offline, unknown id) becomes one
+    line naming the dataset and the flags that read local files instead."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, name, **kwargs)
+    except Exception as err:  # datasets raises ConnectionError, OSError, DatasetNotFoundError, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        cfg = f" (config {name!r})" if name else ""
+        raise UsageError(f"could not load the hub dataset {path!r}{cfg}: {type(err).__name__}: {first[:200]}. "
+                         f"Without internet, give local files: {local_hint}.") from err
+
+
 __all__ = [
-    "BitFitConfig", "ModelArguments", "PAPER_BIAS_LRS", "PAPER_FULL_LRS", "TrainingArguments",
+    "BitFitConfig", "ModelArguments", "UsageError", "last_complete_checkpoint", "resolve_resume",
+    "PAPER_BIAS_LRS", "PAPER_FULL_LRS", "TrainingArguments",
     "demo_model_path", "parse_args", "resolve_lr",
 ]

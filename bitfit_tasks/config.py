@@ -26,7 +26,7 @@ class BitFitConfig:
         metadata={
             "help": "Bias terms in the paper's notation: q k v m1 LN1 m2 m3 LN2 emb pool, or a "
             "preset: bitfit/all (every bias, incl. embedding LayerNorm and pooler), layers "
-            "(the 8 per-layer terms), qm2 (query + intermediate, the paper's 0.04%), attention, "
+            "(the 8 per-layer terms), qm2 (query + intermediate, the paper's 0.04 percent), attention, "
             "mlp. Space- or comma-separated.",
             "nargs": "+",
         },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -19,9 +20,10 @@ from transformers import (
 )
 
 from . import metrics as M
-from .arguments import ModelArguments, parse_args
+from .arguments import ModelArguments, load_hub_dataset, parse_args
 from .config import BitFitConfig
-from .runner import EvalHistory, start_run, train_and_record
+from .fileio import atomic_write_lines
+from .runner import start_run, train_and_record
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -130,7 +132,9 @@ def load_glue(args: GlueArguments, cache_dir: str | None = None):
     import datasets
 
     if args.train_file is None:
-        return datasets.load_dataset("nyu-mll/glue", args.task_name, cache_dir=cache_dir)
+        return load_hub_dataset("nyu-mll/glue", args.task_name, cache_dir=cache_dir,
+                                local_hint="--data_dir DIR holding <task>/train.jsonl and validation.jsonl "
+                                "(e.g. ../shared/data/glue), or --train_file and --validation_file")
     files = {"train": args.train_file, GLUE_TASKS[args.task_name].eval_splits[0]: args.validation_file}
     if args.validation_mismatched_file:
         files["validation_mismatched"] = args.validation_mismatched_file
@@ -239,6 +243,8 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
     train = check_and_encode_labels(train, task, "train")
     eval_sets = {s: check_and_encode_labels(sample(raw[s], data_args.max_eval_samples, data_seed), task, s)
                  for s in task.eval_splits if s in raw}
+    # The rows' own ids where the data has them (nyu-mll/glue's idx), else the row number.
+    raw_ids = {s: list(d["idx"]) if "idx" in d.column_names else list(range(len(d))) for s, d in eval_sets.items()}
     if not eval_sets:
         raise ValueError(f"no evaluation split {list(task.eval_splits)} in the data; found {list(raw)}.")
 
@@ -266,7 +272,6 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
         train = encode(train)
         eval_sets = {s: encode(d) for s, d in eval_sets.items()}
 
-    history = EvalHistory()
     trainer = BitFitTrainer(
         model=model,
         args=training_args,
@@ -277,12 +282,34 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
         # n_examples shows every dev example is scored exactly once, whatever the process count.
         compute_metrics=lambda p: {**compute_glue_metrics(data_args.task_name, p.predictions, p.label_ids),
                                    "n_examples": len(p.label_ids)},
-        callbacks=[history],
         bitfit_config=bitfit,
     )
     return train_and_record(
-        trainer, history, metric_key=main_metric_key(data_args.task_name), bitfit=bitfit,
+        trainer, metric_key=main_metric_key(data_args.task_name), bitfit=bitfit,
         save_full_model=data_args.save_full_model,
         info={"task": data_args.task_name, "metric": task.metric, "train_examples": len(train),
+              "eval_examples": {s: len(d) for s, d in eval_sets.items()},
               "model": model_args.model_name_or_path},
+        after_training=lambda tr: write_predictions(tr, task, eval_sets, raw_ids, training_args.output_dir),
     )
+
+
+def write_predictions(trainer: BitFitTrainer, task: GlueTask, eval_sets: dict, ids: dict[str, list],
+                      output_dir: str) -> dict[str, Any]:
+    """``predictions_<split>.jsonl``: one line per dev example, ``{"idx", "label", "prediction"}`` with
+    label names (classification) or scores (STS-B), from the model as saved."""
+    files = {}
+    for split, ds in eval_sets.items():
+        out = trainer.predict(ds, metric_key_prefix=f"predict_{split}")
+        if not trainer.is_world_process_zero():
+            continue
+        preds = np.squeeze(out.predictions) if task.is_regression else np.argmax(out.predictions, axis=-1)
+
+        def name(v):
+            return float(v) if task.is_regression else task.labels[int(v)]
+
+        path = Path(output_dir) / f"predictions_{split}.jsonl"
+        atomic_write_lines(path, (json.dumps({"idx": i, "label": name(g), "prediction": name(p)})
+                                  for i, g, p in zip(ids[split], out.label_ids, np.atleast_1d(preds), strict=True)))
+        files[split] = str(path)
+    return {"prediction_files": files}

@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,9 @@ from transformers import (
 
 from .arguments import ModelArguments, parse_args
 from .config import BitFitConfig
+from .fileio import atomic_write_lines
 from .pos_data import FORMATS, Sentence, read_file, read_token_tag_dataset, read_treebank_splits
-from .runner import EvalHistory, start_run, train_and_record
+from .runner import start_run, train_and_record
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -187,6 +189,7 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
 
     truncated: dict[str, int] = {}
+    word_ids: dict[str, list[list[int | None]]] = {}
 
     def encode(name: str, sentences: list[Sentence]):
         enc = tokenizer([s["tokens"] for s in sentences], is_split_into_words=True, truncation=True,
@@ -201,6 +204,7 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
         if lost:
             logger.warning("%s: %d words lie past --max_seq_length %d; they count as errors.", name, lost,
                            data_args.max_seq_length)
+        word_ids[name] = [enc.word_ids(i) for i in range(len(sentences))]  # for the prediction files
         return datasets.Dataset.from_dict({**enc, "labels": labels})
 
     train = encode("train", splits["train"])
@@ -216,25 +220,49 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
                     "per_tag": m["per_tag"], "confusions": m["confusions"]}
         return compute
 
-    history = EvalHistory()
     trainer = BitFitTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=evals["validation"],
         processing_class=tokenizer, data_collator=DataCollatorForTokenClassification(tokenizer),
-        compute_metrics=metrics_for("validation"), callbacks=[history], bitfit_config=bitfit,
+        compute_metrics=metrics_for("validation"), bitfit_config=bitfit,
         compute_loss_func=token_loss,
     )
 
-    def score_test(trainer: BitFitTrainer) -> dict[str, Any]:
-        if "test" not in evals:
-            return {}
-        trainer.compute_metrics = metrics_for("test")
-        test = trainer.evaluate(evals["test"], metric_key_prefix="test")
-        logger.info("test word accuracy %.4f", test["test_accuracy"])
-        return {"test_accuracy": test["test_accuracy"]}
+    def score_and_predict(trainer: BitFitTrainer) -> dict[str, Any]:
+        """Score the test split (if any) and write per-word predictions for every eval split."""
+        extra: dict[str, Any] = {"prediction_files": {}}
+        for split, ds in evals.items():
+            trainer.compute_metrics = metrics_for(split)
+            out = trainer.predict(ds, metric_key_prefix=split if split == "test" else "predict")
+            if split == "test":
+                extra.update({k: out.metrics[k] for k in ("test_accuracy", "test_n_words")})
+                logger.info("test word accuracy %.4f", out.metrics["test_accuracy"])
+            if trainer.is_world_process_zero():
+                path = Path(training_args.output_dir) / f"predictions_{split}.jsonl"
+                pred_ids = np.argmax(out.predictions, -1)
+                atomic_write_lines(path, word_predictions(splits[split], word_ids[split], pred_ids, id2tag))
+                extra["prediction_files"][split] = str(path)
+        trainer.compute_metrics = metrics_for("validation")
+        return extra
 
     return train_and_record(
-        trainer, history, metric_key="eval_accuracy", bitfit=bitfit, save_full_model=data_args.save_full_model,
+        trainer, metric_key="eval_accuracy", bitfit=bitfit, save_full_model=data_args.save_full_model,
         info={"task": data_args.task_name, "metric": "word accuracy", "train_examples": len(train),
               "n_tags": len(tags), "model": model_args.model_name_or_path, "truncated_words": truncated},
-        after_training=score_test,
+        after_training=score_and_predict,
     )
+
+
+def word_predictions(sentences: list[Sentence], word_ids: list[list[int | None]], pred_ids: np.ndarray,
+                     id2tag: dict[int, str]):
+    """One JSON line per sentence: ``{"tokens", "gold", "predicted"}``; a word's prediction is its
+    first sub-token's, ``null`` for words cut off by --max_seq_length."""
+    import json
+
+    for i, s in enumerate(sentences):
+        pred: list[str | None] = [None] * len(s["tokens"])
+        prev = None
+        for pos, wid in enumerate(word_ids[i]):
+            if wid is not None and wid != prev and pos < pred_ids.shape[1]:
+                pred[wid] = id2tag[int(pred_ids[i, pos])]
+            prev = wid if wid is not None else prev
+        yield json.dumps({"tokens": s["tokens"], "gold": s["tags"], "predicted": pred})

@@ -212,7 +212,11 @@ def read_token_tag_dataset(path_or_name: str, split: str = "train", config: str 
         builder = "parquet" if p.suffix == ".parquet" else "json"
         ds = datasets.load_dataset(builder, data_files=str(p), split="train")
     else:
-        ds = datasets.load_dataset(path_or_name, config, split=split)
+        from .arguments import load_hub_dataset
+
+        ds = load_hub_dataset(path_or_name, config, split=split,
+                              local_hint="--treebank (a WSJ .mrg folder or zip, e.g. ../shared/data/pos/nltk_data/"
+                              "corpora/treebank.zip) or --train_file/--validation_file")
     missing = [c for c in ("tokens", "pos_tags") if c not in ds.column_names]
     if missing:
         raise ValueError(f"{path_or_name}: needs columns tokens and pos_tags; missing {missing}, "

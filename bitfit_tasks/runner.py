@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 from .config import BitFitConfig
+from .fileio import atomic_write_text
 from .selection import bias_parameter_ids, head_parameter_names
 from .trainer import BitFitTrainer
 
@@ -27,32 +28,56 @@ def setup_logging() -> None:
 
 
 def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, bias_lr: float) -> int:
-    """Common prologue of every runner: logging, the mode's default learning rate, seeds.
-    Returns the data seed (``--data_seed``, else ``--seed``) for subset sampling."""
+    """Common prologue of every runner: logging, the checkpoint to resume from (checked before any
+    data or model is loaded), the mode's default learning rate, seeds. Returns the data seed
+    (``--data_seed``, else ``--seed``) for subset sampling."""
     from transformers import set_seed
 
-    from .arguments import resolve_lr
+    from .arguments import resolve_lr, resolve_resume
 
     setup_logging()
+    resolve_resume(training_args)
     resolve_lr(training_args, bitfit, bias_lr)
     set_seed(training_args.seed)
     return training_args.data_seed if training_args.data_seed is not None else training_args.seed
 
 
-class EvalHistory(TrainerCallback):
-    """Keeps every evaluation so the best dev score over epochs can be reported (paper, A.2)."""
-
-    def __init__(self) -> None:
-        self.history: list[dict[str, Any]] = []
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not metrics:
-            return
-        # Several eval sets (MNLI matched/mismatched) report one by one at the same step.
-        if self.history and self.history[-1]["step"] == state.global_step:
-            self.history[-1].update(metrics)
+def eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every evaluation of the run, from Trainer's ``state.log_history`` (restored on resume, so a
+    resumed run reports the epochs before the checkpoint too). Several eval sets evaluated at the
+    same step (MNLI matched/mismatched) are merged into one entry."""
+    out: list[dict[str, Any]] = []
+    for entry in log_history:
+        evals = {k: v for k, v in entry.items() if k.startswith("eval_")}
+        if not evals:
+            continue
+        if out and out[-1]["step"] == entry.get("step"):
+            out[-1].update(evals)
         else:
-            self.history.append({"epoch": state.epoch, "step": state.global_step, **metrics})
+            out.append({"epoch": entry.get("epoch"), "step": entry.get("step"), **evals})
+    return out
+
+
+def train_loss_record(log_history: list[dict[str, Any]], run_loss: float, global_step: int,
+                      resumed_step: int) -> dict[str, Any]:
+    """Mean training loss over the *whole* run, and the loss of every logged interval.
+
+    Trainer's ``training_loss`` averages only the steps of the last ``train()`` call; after a resume
+    the steps before the checkpoint come from the logged intervals (each log holds the mean since
+    the previous one). Steps between the checkpoint's last log and the checkpoint itself were
+    never logged and are left out; ``train_loss_steps`` says how many steps the mean covers."""
+    logged = [{"epoch": e.get("epoch"), "step": e["step"], "loss": e["loss"]}
+              for e in log_history if "loss" in e and "step" in e]
+    total, covered = run_loss * (global_step - resumed_step), global_step - resumed_step
+    prev = 0
+    for e in logged:
+        if e["step"] > resumed_step:
+            break
+        total += e["loss"] * (e["step"] - prev)
+        covered += e["step"] - prev
+        prev = e["step"]
+    return {"train_loss": total / covered if covered else float("nan"), "train_loss_steps": covered,
+            "train_loss_history": logged}
 
 
 def device_name(training_args: TrainingArguments) -> str:
@@ -73,9 +98,12 @@ def save_biases_and_head(model, path: Path) -> None:
     save_file(tensors, str(path))
 
 
+BIAS_MODES = ("bitfit", "rand_uniform", "rand_row_col")  # modes whose selection is given by --bias_terms
+_TIMING_KEYS = ("runtime", "samples_per_second", "steps_per_second")
+
+
 def train_and_record(
     trainer: BitFitTrainer,
-    history: EvalHistory,
     *,
     metric_key: str,
     info: dict[str, Any],
@@ -83,43 +111,72 @@ def train_and_record(
     save_full_model: bool = False,
     after_training: Callable[[BitFitTrainer], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Train, take the best and last dev score of ``metric_key``, save, write results.json.
-
-    ``after_training(trainer)`` may add entries (e.g. a test-set score) before anything is written."""
+    """Train (resuming from ``--resume_from_checkpoint`` if set), save the model first, then run
+    ``after_training(trainer)`` (test scores, prediction files; it may add entries) and write
+    results.json: the best and last dev score of ``metric_key`` and what was really trained."""
     args = trainer.args
     start = time.time()
-    train_result = trainer.train()
-    if args.eval_strategy == "no" or not history.history:
+    resume = args.resume_from_checkpoint
+    resumed_step = 0
+    if resume:
+        resumed_step = int(json.loads((Path(resume) / "trainer_state.json").read_text()).get("global_step", 0))
+        logger.info("resuming from %s (step %d)", resume, resumed_step)
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    history = eval_history(trainer.state.log_history)
+    if args.eval_strategy == "no" or not history:
         trainer.evaluate()
-    final = history.history[-1]
-    scores = [h[metric_key] for h in history.history if metric_key in h and not math.isnan(h[metric_key])]
+        history = eval_history(trainer.state.log_history)
+    # Save before anything else can fail (scoring a test set, writing predictions): the trained
+    # model is never lost to an error after training.
+    if bitfit.mode != "full" or save_full_model:
+        trainer.save_model(args.output_dir)  # every rank calls it; only the main one writes
+    final = history[-1]
+    scored = [h for h in history if metric_key in h and not math.isnan(h[metric_key])]
+    best = max(scored, key=lambda h: h[metric_key]) if scored else None
+    state = trainer.state
     results = {
         **info,
         "mode": bitfit.mode,
-        "bias_terms": bitfit.bias_terms,
+        "bias_terms": bitfit.bias_terms if bitfit.mode in BIAS_MODES else None,
         "learning_rate": args.learning_rate,
+        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         "seed": args.seed,
-        "epochs": args.num_train_epochs,
+        "epochs": round(state.epoch, 4) if state.epoch is not None else None,  # trained, not configured
+        "optimizer_steps": state.global_step,
+        "num_train_epochs": args.num_train_epochs,
+        "max_steps": args.max_steps if args.max_steps > 0 else None,
+        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
+        * max(args.world_size, 1),
+        "resumed_from": resume,
         "trainable_params": trainer.bitfit_state.n_trainable,
         "all_params": trainer.bitfit_state.n_total,
-        "best": max(scores) if scores else float("nan"),
-        "final": scores[-1] if scores else float("nan"),
-        "final_metrics": {k: v for k, v in final.items() if isinstance(v, float)},
-        "history": history.history,
-        "train_loss": train_result.training_loss,
+        "best": best[metric_key] if best else float("nan"),
+        "best_epoch": best["epoch"] if best else None,
+        "final": scored[-1][metric_key] if scored else float("nan"),
+        "final_metrics": {k: v for k, v in final.items() if isinstance(v, float | int)},
+        "history": history,
+        **train_loss_record(state.log_history, train_result.training_loss, state.global_step, resumed_step),
         "train_seconds": round(time.time() - start, 1),
         "device": device_name(args),
         "bitfit_config": asdict(bitfit),
     }
     if after_training is not None:
         results.update(after_training(trainer))
-    if bitfit.mode != "full" or save_full_model:
-        trainer.save_model(args.output_dir)  # every rank calls it; only the main one writes
     if trainer.is_world_process_zero():
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_biases_and_head(trainer.model, out / "biases_and_head.safetensors")
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-        logger.info("%s (%s): best %s %.4f, final %.4f -> %s", info.get("task"), bitfit.mode, metric_key,
-                    results["best"], results["final"], out / "results.json")
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+        # print, not logging: the headline must show whatever the user's logging setup is.
+        print(f"{info.get('task')} ({bitfit.mode}): best {metric_key.removeprefix('eval_')} {results['best']:.4f} "
+              f"(epoch {results['best_epoch']}), final {results['final']:.4f} | last eval: "
+              f"{headline_metrics(results['final_metrics'])} | {results['optimizer_steps']} steps, "
+              f"{results['epochs']} epochs -> {out / 'results.json'}", flush=True)
     return results
+
+
+def headline_metrics(metrics: dict[str, Any]) -> str:
+    """``exact_match 61.2000, f1 72.5000, n_examples 2000``: the scores and counts, no timings."""
+    return ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" if isinstance(v, float) else f"{k.removeprefix('eval_')} {v}"
+                     for k, v in metrics.items()
+                     if k not in ("epoch", "step", "eval_loss") and not k.endswith(_TIMING_KEYS))

@@ -24,7 +24,8 @@ from transformers import (
 
 from .arguments import ModelArguments, parse_args
 from .config import BitFitConfig
-from .runner import EvalHistory, start_run, train_and_record
+from .fileio import atomic_write_text
+from .runner import eval_history, start_run, train_and_record
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -229,9 +230,10 @@ class SquadArguments:
 def load_rows(a: SquadArguments) -> tuple[list[dict], list[dict]]:
     if a.train_file:
         return read_squad_file(a.train_file), read_squad_file(a.validation_file)
-    import datasets
+    from .arguments import load_hub_dataset
 
-    ds = datasets.load_dataset(a.dataset_name)
+    ds = load_hub_dataset(a.dataset_name, local_hint="--train_file and --validation_file (the official v1.1 "
+                          "JSON, e.g. ../shared/data/squad/train-v1.1.rebuilt.json and dev-v1.1.rebuilt.json)")
     return [dict(r) for r in ds["train"]], [dict(r) for r in ds["validation"]]
 
 
@@ -251,8 +253,7 @@ class SquadEval:
         metrics = {f"eval_{k}": v for k, v in squad_metrics(preds, {r["id"]: r["answers"]["text"]
                                                                     for r in self.rows}).items()}
         if trainer.is_world_process_zero():
-            Path(self.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(self.output_dir) / "predictions.json").write_text(json.dumps(preds, indent=1))
+            atomic_write_text(Path(self.output_dir) / "predictions.json", json.dumps(preds, indent=1))
         trainer.log(metrics)
         trainer.control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
         return metrics
@@ -297,11 +298,10 @@ def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitCon
     train_feats = prepare_train_features(train_rows, tokenizer, data_args.max_seq_length, data_args.doc_stride)
     dev_enc, sample_map, offsets = prepare_eval_features(dev_rows, tokenizer, data_args.max_seq_length,
                                                          data_args.doc_stride)
-    history = EvalHistory()
     trainer = SquadBitFitTrainer(
         model=model, args=training_args, train_dataset=datasets.Dataset.from_dict(train_feats),
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-        callbacks=[history], bitfit_config=bitfit,
+        bitfit_config=bitfit,
     )
     trainer.squad_eval = SquadEval(dev_rows, datasets.Dataset.from_dict(dev_enc), sample_map, offsets, data_args,
                                    training_args.output_dir)
@@ -310,8 +310,15 @@ def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitCon
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_ids.json").write_text(json.dumps([r["id"] for r in train_rows]))
     return train_and_record(
-        trainer, history, metric_key="eval_f1", bitfit=bitfit, save_full_model=data_args.save_full_model,
+        trainer, metric_key="eval_f1", bitfit=bitfit, save_full_model=data_args.save_full_model,
         info={"task": data_args.task_name, "metric": "f1", "train_examples": len(train_rows),
               "train_features": len(train_feats["input_ids"]), "train_fraction": data_args.train_fraction,
               "eval_examples": len(dev_rows), "model": model_args.model_name_or_path},
+        after_training=final_em_f1,
     )
+
+
+def final_em_f1(trainer: BitFitTrainer) -> dict[str, float]:
+    """The last evaluation's official EM and F1, top level in results.json."""
+    last = eval_history(trainer.state.log_history)[-1]
+    return {"exact_match": last["eval_exact_match"], "f1": last["eval_f1"]}

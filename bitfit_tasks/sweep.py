@@ -296,6 +296,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         if not args.fractions:
             parser.error("--runner squad needs --fractions")
+        try:  # the curve's plot comes after hours of training: check for matplotlib first
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--runner squad plots the training-size curve with matplotlib, which is not "
+                         "installed; pip install 'bitfit-tasks[plot]' (or matplotlib) first.")
         args.tasks, task_args = fraction_task_args(args.fractions, args.fraction_epochs, extra)
     elif args.runner == "pos":
         from .pos import main as runner_main

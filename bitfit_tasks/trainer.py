@@ -69,16 +69,21 @@ class BitFitTrainer(Trainer):
         self._base_fingerprint = (
             fingerprint(self.model, exclude=set(self._delta_names())) if self._saves_delta() else None
         )
-        if targs is not None and targs.gradient_checkpointing and hasattr(self.model, "enable_input_require_grads"):
+        if targs is not None and targs.activation_checkpointing and hasattr(self.model, "enable_input_require_grads"):
             # With reentrant checkpointing, blocks whose input needs no grad (frozen embeddings) would
             # give their biases no gradient at all; make the embedding output require grad.
             self.model.enable_input_require_grads()
         if self.bitfit_config.lean:
             logger.info("lean mode: %s", make_lean(self.model))
-        summary = self.bitfit_state.summary()
-        # Only the main process logs, so N processes don't print N copies.
+        # Shown whatever the user's logging setup (PEFT prints it too); only the main process, so N
+        # processes don't print N copies.
         if self.args.process_index == 0:
-            logger.info("BitFit mode %r\n%s", self.bitfit_config.mode, summary)
+            self.print_trainable_parameters()
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's line ``trainable params: N || all params: M || trainable%: P``, then the count of
+        every bias term and the head."""
+        print(f"BitFit mode {self.bitfit_config.mode!r}\n{self.bitfit_state.summary()}", flush=True)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

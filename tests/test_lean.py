@@ -89,12 +89,12 @@ def test_gradient_checkpointing_with_qm2_gives_the_same_gradients(reentrant, tmp
     grads = {}
     for gc in (False, True):
         model = tiny_model("bert").train()
-        args = make_args(tmp_path, max_steps=1, gradient_checkpointing=gc,
-                         gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        args = make_args(tmp_path, max_steps=1, activation_checkpointing=gc,
+                         activation_checkpointing_kwargs={"use_reentrant": reentrant})
         trainer = BitFitTrainer(model=model, args=args, train_dataset=RandomPairs(),
                                 bitfit_config=BitFitConfig(bias_terms=["qm2"], train_head=False))
         if gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
         out = model(**batch(4), labels=torch.tensor([0, 1, 0, 1]))
         out.loss.backward()
         grads[gc] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

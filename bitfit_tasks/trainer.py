@@ -55,29 +55,47 @@ class BitFitTrainer(Trainer):
             # Every selected bias and the head take part in each forward, so DDP needs no
             # per-step search for unused parameters (Trainer's default turns it on).
             targs.ddp_find_unused_parameters = False
+        self.bitfit_config = bitfit_config or BitFitConfig()
+        self._bias_map = bias_map
+        self._bitfit_model: torch.nn.Module | None = None
+        # With model_init, Trainer builds the model inside __init__ (and again in every train() /
+        # hyperparameter-search trial) through call_model_init, which applies BitFit below.
         super().__init__(*args, **kwargs)
         if self.model_accepts_loss_kwargs and not _loss_uses_num_items(self.model):
             # Encoder task heads (sequence/token classification, QA) take **kwargs but compute a
             # per-process mean loss; Trainer would still multiply it by the process count (and skip
             # dividing by gradient-accumulation steps), doubling gradients on 2 processes.
             self.model_accepts_loss_kwargs = False
-        self.bitfit_config = bitfit_config or BitFitConfig()
+        if self._bitfit_model is not self.model:
+            self._apply_bitfit(self.model)
+
+    def call_model_init(self, trial=None):
+        """Every model Trainer creates from ``model_init`` (at ``train()``, in each hyperparameter
+        trial) is frozen and selected like one passed as ``model=``; otherwise it would train fully."""
+        model = super().call_model_init(trial)
+        self._apply_bitfit(model)
+        return model
+
+    def _apply_bitfit(self, model: torch.nn.Module) -> None:
+        """Freeze and select in place, fingerprint the base, lean mode, print the table."""
+        args = self.args
         self.bitfit_state: BitFitState = prepare_model(
-            self.model, self.bitfit_config, bias_map=bias_map, seed=self.args.seed
+            model, self.bitfit_config, bias_map=self._bias_map, seed=args.seed
         )
         # Fingerprint the base before lean mode rounds it, so deltas stay valid for the fp32 base.
         self._base_fingerprint = (
-            fingerprint(self.model, exclude=set(self._delta_names())) if self._saves_delta() else None
+            fingerprint(model, exclude=set(self._delta_names())) if self._saves_delta() else None
         )
-        if targs is not None and targs.activation_checkpointing and hasattr(self.model, "enable_input_require_grads"):
+        if args.activation_checkpointing and hasattr(model, "enable_input_require_grads"):
             # With reentrant checkpointing, blocks whose input needs no grad (frozen embeddings) would
             # give their biases no gradient at all; make the embedding output require grad.
-            self.model.enable_input_require_grads()
+            model.enable_input_require_grads()
         if self.bitfit_config.lean:
-            logger.info("lean mode: %s", make_lean(self.model))
+            logger.info("lean mode: %s", make_lean(model))
+        self._bitfit_model = model
         # Shown whatever the user's logging setup (PEFT prints it too); only the main process, so N
         # processes don't print N copies.
-        if self.args.process_index == 0:
+        if args.process_index == 0:
             self.print_trainable_parameters()
 
     def print_trainable_parameters(self) -> None:

@@ -168,3 +168,37 @@ def test_trainable_log_line(tmp_path, caplog):
     assert re.search(r"^\s+q: 32 \(", caplog.text, re.M)
     assert re.search(r"^\s+m2: 64 \(", caplog.text, re.M)
     assert re.search(r"^\s+head: 34 \(", caplog.text, re.M)
+
+
+def test_model_init_models_are_bitfit_too(tmp_path):
+    """Trainer(model_init=...) builds a fresh model at train(): it must be frozen and selected too,
+    and the delta saved afterwards must be the trained model."""
+    from transformers import TrainerCallback
+
+    from bitfit_tasks import apply_delta
+
+    seen = []
+
+    class Count(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+    targs = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
+                              learning_rate=1e-2, report_to=[], save_strategy="no", logging_strategy="no",
+                              use_cpu=True, seed=0)
+    trainer = BitFitTrainer(model_init=lambda: tiny_model("bert", seed=0), args=targs, train_dataset=RandomPairs(),
+                            eval_dataset=RandomPairs(n=16, seed=1), bitfit_config=BitFitConfig(), callbacks=[Count()])
+    want = trainer.bitfit_state.n_trainable
+    trainer.train()
+    assert seen == [want]
+    base = snapshot(tiny_model("bert", seed=0))
+    after = snapshot(trainer.model)
+    selected = {n for ns in select_bias_parameters(trainer.model, ["bitfit"]).values() for n in ns}
+    changed = {n for n in base if not torch.equal(base[n], after[n])}
+    assert changed == selected | set(head_parameter_names(trainer.model))
+    metrics = trainer.evaluate()
+    trainer.save_model(str(tmp_path / "delta"))
+    fresh = tiny_model("bert", seed=0)
+    apply_delta(fresh, str(tmp_path / "delta"))
+    trainer.model = fresh
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-7)

@@ -104,4 +104,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .arguments import run_cli
+
+    run_cli(main)

@@ -39,5 +39,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``bitfit-delta`` console script: a bad path or delta ends in one line, exit code 1."""
+    from .arguments import run_cli
+
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

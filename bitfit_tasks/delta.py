@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .fileio import atomic_write_text
 from .selection import head_parameter_names
 
 DELTA_WEIGHTS = "bitfit_delta.safetensors"
@@ -88,9 +89,44 @@ def save_delta(
         "shapes": {n: list(t.shape) for n, t in tensors.items()},
         "base_fingerprint": base_fingerprint or fingerprint(model, exclude=set(names)),
     }
-    save_file(tensors, str(out / DELTA_WEIGHTS), metadata={"format": "pt", "bitfit_mode": mode})
-    (out / DELTA_CONFIG).write_text(json.dumps(meta, indent=2, default=str))
+    # Tensors first, the JSON last, each under a temporary name renamed into place: a save killed
+    # at any point leaves the previous delta or no delta (is_delta_dir needs both), never half a file.
+    tmp = out / f".{DELTA_WEIGHTS}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "bitfit_mode": mode})
+    os.replace(tmp, out / DELTA_WEIGHTS)
+    atomic_write_text(out / DELTA_CONFIG, json.dumps(meta, indent=2, default=str))
     return out
+
+
+def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainable: int, n_total: int,
+               metrics: dict[str, Any] | None = None) -> str:
+    """``README.md`` of a delta folder: what it is (bias-only, not a full model), its base and that
+    base's fingerprint, the trained terms and counts, the last evaluation, and the lines that load it."""
+    base = meta.get("base_model") or "BASE_MODEL"
+    labels = (meta.get("task_config") or {}).get("id2label")
+    scores = {k: v for k, v in (metrics or {}).items()
+              if isinstance(v, int | float) and not k.endswith(("runtime", "per_second"))}
+    lines = [
+        "---", "library_name: bitfit-tasks", f"base_model: {base}", "tags: [bitfit, bias-only, peft]", "---", "",
+        f"# BitFit delta: {meta.get('task_class')} on `{base}`", "",
+        "This folder is a **bias-only delta** (BitFit, Ben-Zaken et al., 2021), not a full model: "
+        f"`{DELTA_WEIGHTS}` holds only the trained tensors, to be applied onto the base model `{base}`. "
+        "It is refused on any other base (sha256 fingerprint of the frozen base weights: "
+        f"`{meta.get('base_fingerprint')}`).", "",
+        f"- mode: `{meta.get('mode')}`; bias terms: {', '.join(meta.get('terms') or {}) or '-'}",
+        f"- trainable params: {n_trainable:,d} of {n_total:,d} ({100.0 * n_trainable / max(n_total, 1):.4f}%)",
+    ]
+    if labels:
+        lines.append(f"- labels: {json.dumps(labels)}")
+    if scores:
+        lines.append("- last evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    lines += ["", "Load it (base + delta = the fine-tuned model):", "", "```python",
+              "from bitfit_tasks import load_task_model",
+              "",
+              f"model = load_task_model({base!r}, {str(output_dir)!r})",
+              "```", "",
+              f"or merge it into a full model: `bitfit-delta export {output_dir} --output merged/`.", ""]
+    return "\n".join(lines)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from . import metrics as M
 from .arguments import ModelArguments, load_hub_dataset, parse_args
 from .config import BitFitConfig
 from .fileio import atomic_write_lines
-from .runner import start_run, train_and_record
+from .runner import ensure_pad_token, start_run, train_and_record
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -255,6 +255,7 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
            {"id2label": dict(enumerate(task.labels)), "label2id": {n: i for i, n in enumerate(task.labels)}}),
     )
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    ensure_pad_token(tokenizer, config)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)

@@ -23,7 +23,7 @@ from .arguments import ModelArguments, parse_args
 from .config import BitFitConfig
 from .fileio import atomic_write_lines
 from .pos_data import FORMATS, Sentence, read_file, read_token_tag_dataset, read_treebank_splits
-from .runner import start_run, train_and_record
+from .runner import ensure_pad_token, start_run, train_and_record
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -177,13 +177,15 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
 
     base_type = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir).model_type
     # Byte-level BPE tokenizers need a prefix space to tokenise pre-split words like running text.
-    extra = {"add_prefix_space": True} if base_type in ("roberta", "longformer", "deberta", "gpt2") else {}
+    byte_level = ("roberta", "longformer", "deberta", "gpt2", "opt", "bloom", "gpt_neox")
+    extra = {"add_prefix_space": True} if base_type in byte_level else {}
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir, **extra)
     if not tokenizer.is_fast:
         raise ValueError(f"{model_args.model_name_or_path}: POS tagging needs a fast tokenizer (word_ids for "
                          "sub-token alignment); this one is slow. Use a model with tokenizer.json.")
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, num_labels=len(tags),
                                         id2label=dict(enumerate(tags)), label2id=tag2id, cache_dir=model_args.cache_dir)
+    ensure_pad_token(tokenizer, config)
     model = AutoModelForTokenClassification.from_pretrained(
         model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)

@@ -42,6 +42,22 @@ def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, bias_lr: f
     return training_args.data_seed if training_args.data_seed is not None else training_args.seed
 
 
+def ensure_pad_token(tokenizer, config) -> None:
+    """Decoder tokenizers (GPT-2, GPT-NeoX, ...) often have no pad token: batching needs one, and a
+    decoder's sequence-classification head finds each row's last token by ``config.pad_token_id``.
+    Pad with the end-of-sequence token, as the HF examples do."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            from .arguments import UsageError
+
+            raise UsageError(f"the tokenizer of {config.name_or_path!r} has neither a pad nor an eos token to pad "
+                             "batches with; add one (tokenizer.add_special_tokens) and save the model folder.")
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("the tokenizer has no pad token; padding with its eos token %r", tokenizer.eos_token)
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+
+
 def eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every evaluation of the run, from Trainer's ``state.log_history`` (restored on resume, so a
     resumed run reports the epochs before the checkpoint too). Several eval sets evaluated at the

@@ -13,19 +13,30 @@ Per layer ``l`` (paper, Sec. 3): ``q``, ``k``, ``v`` (attention query/key/value)
 LayerNorm bias, plus ELECTRA's embedding projection and DeBERTa-v2's relative-embedding
 LayerNorm) and ``pool`` (the pooler dense bias of BERT-style backbones). The paper's "all bias
 terms" (and its HF code) include the embedding LayerNorm and the pooler, so the ``bitfit`` /
-``all`` presets do too; ``layers`` is the eight per-layer terms only.
+``all`` presets do too; ``layers`` is the per-layer terms only.
+
+Decoder families (GPT-2, OPT, BLOOM, Qwen2, GPT-NeoX) and MPNet/ALBERT map onto the same terms:
+``m1`` is the attention output projection, ``m2``/``m3`` the MLP up/down projections, ``LN1``/``LN2``
+the LayerNorm of the attention/MLP sublayer (before it in pre-LN stacks, after it in BERT). Two
+terms exist for them only: ``qkv``, a *fused* query/key/value projection (GPT-2's ``c_attn``,
+BLOOM's and GPT-NeoX's ``query_key_value``), whose one bias vector holds all three, so ``q``,
+``k`` and ``v`` cannot be chosen apart there; and ``final``, the LayerNorm after the last layer of
+a pre-LN stack (``ln_f``, ``final_layer_norm``).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
-LAYER_TERMS: tuple[str, ...] = ("q", "k", "v", "m1", "LN1", "m2", "m3", "LN2")
-GLOBAL_TERMS: tuple[str, ...] = ("emb", "pool")
+logger = logging.getLogger("bitfit_tasks")
+
+LAYER_TERMS: tuple[str, ...] = ("q", "k", "v", "m1", "LN1", "m2", "m3", "LN2", "qkv")
+GLOBAL_TERMS: tuple[str, ...] = ("emb", "pool", "final")
 TERMS: tuple[str, ...] = LAYER_TERMS + GLOBAL_TERMS
 
 #: Named subsets. A preset selects the terms the architecture has (RoBERTa's classification
@@ -35,9 +46,13 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "all": TERMS,
     "layers": LAYER_TERMS,
     "qm2": ("q", "m2"),
-    "attention": ("q", "k", "v", "m1", "LN1"),
+    "attention": ("q", "k", "v", "qkv", "m1", "LN1"),
     "mlp": ("m2", "m3", "LN2"),
 }
+
+
+#: Presets that mean "every bias of the backbone": they work on architectures without a map.
+ALL_BIASES_PRESETS = frozenset({"bitfit", "all"})
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,53 @@ DEFAULT_BIAS_MAPS: dict[str, BiasMap] = {
         },
         global_modules={"emb": ["embeddings.LayerNorm"]},
     ),
+    "mpnet": BiasMap(
+        layer_prefix=r"encoder\.layer\.(\d+)",
+        layer_modules={"q": "attention.attn.q", "k": "attention.attn.k", "v": "attention.attn.v",
+                       "m1": "attention.attn.o", "LN1": "attention.LayerNorm", "m2": "intermediate.dense",
+                       "m3": "output.dense", "LN2": "output.LayerNorm"},
+        global_modules={"emb": ["embeddings.LayerNorm"], "pool": ["pooler.dense"]},
+    ),
+    "albert": BiasMap(
+        # ALBERT shares one layer (per group) across depth: the group index is the "layer".
+        layer_prefix=r"encoder\.albert_layer_groups\.(\d+)\.albert_layers\.\d+",
+        layer_modules={"q": "attention.query", "k": "attention.key", "v": "attention.value",
+                       "m1": "attention.dense", "LN1": "attention.LayerNorm", "m2": "ffn", "m3": "ffn_output",
+                       "LN2": "full_layer_layer_norm"},
+        global_modules={"emb": ["embeddings.LayerNorm", "encoder.embedding_hidden_mapping_in"],
+                        "pool": ["pooler"]},
+    ),
+    "gpt2": BiasMap(
+        layer_prefix=r"h\.(\d+)",
+        layer_modules={"qkv": "attn.c_attn", "m1": "attn.c_proj", "LN1": "ln_1", "m2": "mlp.c_fc",
+                       "m3": "mlp.c_proj", "LN2": "ln_2"},
+        global_modules={"final": ["ln_f"]},
+    ),
+    "opt": BiasMap(
+        layer_prefix=r"decoder\.layers\.(\d+)",
+        layer_modules={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                       "m1": "self_attn.out_proj", "LN1": "self_attn_layer_norm", "m2": "fc1", "m3": "fc2",
+                       "LN2": "final_layer_norm"},
+        global_modules={"final": ["decoder.final_layer_norm"]},
+    ),
+    "bloom": BiasMap(
+        layer_prefix=r"h\.(\d+)",
+        layer_modules={"qkv": "self_attention.query_key_value", "m1": "self_attention.dense",
+                       "LN1": "input_layernorm", "m2": "mlp.dense_h_to_4h", "m3": "mlp.dense_4h_to_h",
+                       "LN2": "post_attention_layernorm"},
+        global_modules={"emb": ["word_embeddings_layernorm"], "final": ["ln_f"]},
+    ),
+    # Qwen2: only the q/k/v projections have biases (RMSNorm and the other Linears have none).
+    "qwen2": BiasMap(
+        layer_prefix=r"layers\.(\d+)",
+        layer_modules={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
+    ),
+    "gpt_neox": BiasMap(
+        layer_prefix=r"layers\.(\d+)",
+        layer_modules={"qkv": "attention.query_key_value", "m1": "attention.dense", "LN1": "input_layernorm",
+                       "m2": "mlp.dense_h_to_4h", "m3": "mlp.dense_4h_to_h", "LN2": "post_attention_layernorm"},
+        global_modules={"final": ["final_layer_norm"]},
+    ),
     "deberta-v2": BiasMap(
         layer_prefix=r"encoder\.layer\.(\d+)",
         layer_modules={
@@ -204,16 +266,21 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return getattr(model, "base_model", model)
 
 
-def _get_bias_map(model: nn.Module, bias_map: BiasMap | None) -> BiasMap:
+def _find_bias_map(model: nn.Module, bias_map: BiasMap | None) -> BiasMap | None:
     if bias_map is not None:
         return bias_map
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    found = _user_maps.get(model_type) or DEFAULT_BIAS_MAPS.get(model_type)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return _user_maps.get(model_type) or DEFAULT_BIAS_MAPS.get(model_type)
+
+
+def _get_bias_map(model: nn.Module, bias_map: BiasMap | None) -> BiasMap:
+    found = _find_bias_map(model, bias_map)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     if found is None:
         raise ValueError(
-            f"BitFit has no bias map for model_type {model_type!r} "
-            f"({type(model).__name__}); supported: {supported_model_types()}. Register one with "
+            f"BitFit has no per-term bias map for model_type {model_type!r} "
+            f"({type(model).__name__}); supported: {supported_model_types()}. The 'bitfit'/'all' preset "
+            "(every backbone bias) works without one; for per-term subsets register one with "
             "bitfit_tasks.register_bias_map(model_type, BiasMap(...)) or pass bias_map=."
         )
     return found
@@ -238,12 +305,25 @@ def select_bias_parameters(
     explicitly requested term the architecture does not have.
     """
     wanted, from_preset = resolve_terms(terms)
-    if not has_bias_parameters(model):
+    if not has_bias_parameters(backbone_of(model)):
         raise ValueError(
-            f"{type(model).__name__} has no bias parameters at all (Llama-style models are built "
+            f"{type(model).__name__} has no bias parameters in its backbone (Llama-style models are built "
             "without them), so BitFit has nothing to train. Use a model with biases (BERT, "
-            "RoBERTa, ELECTRA, DistilBERT, DeBERTa-v2) or another PEFT method."
+            "RoBERTa, ELECTRA, DistilBERT, DeBERTa-v2, MPNet, ALBERT, GPT-2, OPT, BLOOM, Qwen2, GPT-NeoX) "
+            "or another PEFT method."
         )
+    tokens = {t.strip() for item in ([terms] if isinstance(terms, str) else terms) for t in str(item).split(",")}
+    if _find_bias_map(model, bias_map) is None and tokens - {""} <= ALL_BIASES_PRESETS:
+        # "All biases" needs no per-term map: every bias a backbone module owns.
+        backbone = backbone_of(model)
+        rel_to_full = full_names(model)
+        ids = bias_parameter_ids(backbone)
+        names = [rel_to_full[n] for n, p in backbone.named_parameters() if id(p) in ids and n in rel_to_full]
+        if names:
+            logger.info("no per-term bias map for model_type %r: training every backbone bias (%d tensors) "
+                        "as term 'all'; per-term subsets (q, m2, ...) need a map (register_bias_map).",
+                        getattr(getattr(model, "config", None), "model_type", None), len(names))
+            return {"all": names}
     patterns = _get_bias_map(model, bias_map).patterns()
     rel_to_full = full_names(model)
     selected: dict[str, list[str]] = {}
@@ -264,6 +344,14 @@ def select_bias_parameters(
             f"bias terms {wanted} select no parameter of {type(model).__name__}; check the "
             "bias map for this architecture."
         )
+    skipped = [t for t in wanted if t not in selected and t in LAYER_TERMS and t != "qkv"]
+    # "Every bias" presets take what the model has; a named subset (qm2, attention, mlp) that loses a
+    # term trains less than its name says.
+    fused = "qkv" in selected and set(skipped) <= {"q", "k", "v"}
+    if skipped and not fused and not tokens <= ALL_BIASES_PRESETS | {"layers", ""}:
+        # e.g. qm2 on GPT-2: it has no separate query bias, so the preset trains less than its name says.
+        logger.warning("preset %s: %s has no %s bias term(s), skipped; fused q/k/v projections are the "
+                       "term 'qkv'.", terms, type(model).__name__, skipped)
     return selected
 
 

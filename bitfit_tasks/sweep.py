@@ -328,4 +328,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from .arguments import run_cli
+
+    run_cli(main)

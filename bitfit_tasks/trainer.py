@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 from transformers import Trainer
 
 from .config import BitFitConfig
 from .core import BitFitState, prepare_model
-from .delta import Delta, apply_delta, fingerprint, is_delta_dir, save_delta
+from .delta import DELTA_CONFIG, Delta, apply_delta, fingerprint, is_delta_dir, model_card, save_delta
+from .fileio import atomic_write_text
 from .lean import bf16_supported, make_lean
 from .selection import BiasMap
 
@@ -149,6 +152,12 @@ class BitFitTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         save_delta(model, output_dir, names=self._delta_names(), mode=self.bitfit_config.mode,
                    terms=self.bitfit_state.terms, base_fingerprint=self._base_fingerprint)
+        # The model card says what the folder is (a delta, not a model) and how to load it.
+        evals = [e for e in self.state.log_history if any(k.startswith("eval_") for k in e)]
+        meta = json.loads(Path(output_dir, DELTA_CONFIG).read_text())
+        card = model_card(output_dir, meta, n_trainable=self.bitfit_state.n_trainable,
+                          n_total=self.bitfit_state.n_total, metrics=evals[-1] if evals else None)
+        atomic_write_text(os.path.join(output_dir, "README.md"), card)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))

@@ -40,9 +40,33 @@ def tiny_config(arch: str, **extra) -> T.PretrainedConfig:
             relative_attention=True, position_buckets=8, norm_rel_ebd="layer_norm",
             pos_att_type=["p2c", "c2p"], share_att_key=False, **TINY, **extra,
         )
+    # Families with biases beyond BERT's (issue: drop-in for every architecture that has biases).
+    small = dict(vocab_size=100, max_position_embeddings=64)
+    if arch == "mpnet":
+        return T.MPNetConfig(**TINY, **extra)
+    if arch == "albert":
+        return T.AlbertConfig(embedding_size=8, **TINY, **extra)
+    if arch == "gpt2":
+        return T.GPT2Config(vocab_size=100, n_embd=16, n_layer=2, n_head=2, n_positions=64, bos_token_id=1,
+                            eos_token_id=1, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            **extra)
+    if arch == "opt":
+        return T.OPTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
+                           word_embed_proj_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=1, dropout=0.0,
+                           **small, **extra)
+    if arch == "bloom":
+        return T.BloomConfig(vocab_size=100, hidden_size=16, n_layer=2, n_head=2, pad_token_id=0, bos_token_id=1,
+                             eos_token_id=1, **extra)
+    if arch == "qwen2":
+        return T.Qwen2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                             intermediate_size=32, pad_token_id=0, bos_token_id=1, eos_token_id=1, **small, **extra)
+    if arch == "gpt_neox":
+        return T.GPTNeoXConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=1, **small, **extra)
     raise KeyError(arch)
 
 
+FAMILIES = ["mpnet", "albert", "gpt2", "opt", "bloom", "qwen2", "gpt_neox"]
 ARCHS = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2"]
 
 
@@ -85,4 +109,32 @@ def tiny_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     cfg = T.BertConfig(**{**TINY, "vocab_size": len(vocab), "max_position_embeddings": 512})
     T.BertForSequenceClassification(cfg).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A saved 2-layer GPT-2 (a decoder backbone) with a byte-level BPE tokenizer trained on the
+    fixtures' text and, like the real GPT-2's, no pad token."""
+    import glob
+    import json
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    texts: list[str] = []
+    for path in glob.glob(os.path.join(FIXTURES, "**", "*.jsonl"), recursive=True):
+        for line in open(path):
+            texts += [v for v in json.loads(line).values() if isinstance(v, str)]
+    for path in glob.glob(os.path.join(FIXTURES, "pos", "**", "*.mrg"), recursive=True):
+        texts.append(open(path).read())
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = T.GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                              eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=512,
+                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    T.GPT2ForSequenceClassification(cfg).save_pretrained(out)
     return str(out)

@@ -276,3 +276,12 @@ def test_trainable_table_printed_without_any_logging_setup(tmp_path, capsys):
     assert capsys.readouterr().out.count("trainable params:") == 1
     assert sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) == n
     assert isinstance(trainer.model.bert.encoder.layer[0].attention.self.query.bias, torch.nn.Parameter)
+
+
+def test_bitfit_delta_bad_path_is_one_line(tmp_path):
+    exe = shutil.which("bitfit-delta", path=str(Path(sys.executable).parent))
+    proc = subprocess.run([exe, "info", str(tmp_path / "nope")], capture_output=True, text=True, env=OFFLINE,
+                          timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert re.fullmatch(r"bitfit-delta: error: .*nope is not a BitFit delta: expected bitfit_delta.safetensors and "
+                        r"bitfit_delta.json in it .*\n", proc.stderr)

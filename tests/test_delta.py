@@ -210,3 +210,35 @@ def test_cli_info_and_export(tmp_path, capsys, tiny_model_dir):
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     x = batch()
     assert torch.equal(merged(**x).logits, trainer.model.eval()(**x).logits)
+
+
+def test_save_model_writes_a_model_card_whose_snippet_runs(tiny_model_dir, tmp_path):
+    """trainer.save_model() output says it is a bias-only delta and how to load it; the snippet runs."""
+    import re
+
+    from test_trainer import RandomPairs
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+
+    from bitfit_tasks import BitFitConfig, BitFitTrainer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
+    trainer = BitFitTrainer(model=model, args=args, train_dataset=RandomPairs(), eval_dataset=RandomPairs(n=8),
+                            bitfit_config=BitFitConfig(bias_terms=["qm2"]))
+    trainer.train()
+    trainer.evaluate()
+    out = tmp_path / "delta"
+    trainer.save_model(str(out))
+    card = (out / "README.md").read_text()
+    assert "**bias-only delta**" in card and f"base_model: {tiny_model_dir}" in card
+    assert f"trainable params: {trainer.bitfit_state.n_trainable:,d} of" in card and "eval_loss" in card
+    assert "bias terms: q, m2" in card
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    scope: dict = {}
+    exec(snippet, scope)
+    batch = {"input_ids": RandomPairs().ids[:2], "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    model.eval()
+    scope["model"].eval()
+    with torch.no_grad():
+        assert torch.allclose(scope["model"](**batch).logits, model(**batch).logits, atol=1e-6)

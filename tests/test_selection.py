@@ -140,16 +140,32 @@ def test_term_the_architecture_lacks():
         select_bias_parameters(tiny_model("roberta"), ["q", "pool"])
 
 
-def test_architecture_without_map():
-    cfg = T.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32)
-    with pytest.raises(ValueError, match=r"no bias map for model_type 'gpt2'.*register_bias_map"):
-        select_bias_parameters(T.GPT2ForSequenceClassification(cfg), "bitfit")
+def tiny_bart():
+    cfg = T.BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    return T.BartForSequenceClassification(cfg)
+
+
+def test_architecture_without_map_all_biases_or_clear_error(caplog):
+    """No per-term map (BART): 'bitfit'/'all' trains every backbone bias; a per-term subset is an error."""
+    model = tiny_bart()
+    with caplog.at_level("INFO", logger="bitfit_tasks"):
+        got = select_bias_parameters(model, "bitfit")
+    assert list(got) == ["all"]
+    backbone_biases = {"model." + n for n, p in model.model.named_parameters() if n.endswith(".bias")}
+    assert set(got["all"]) == backbone_biases and not set(got["all"]) & set(head_parameter_names(model))
+    assert "per-term subsets (q, m2, ...) need a map" in caplog.text
+    with pytest.raises(ValueError, match=r"no per-term bias map for model_type 'bart'.*'bitfit'/'all' preset "
+                                         r"\(every backbone bias\) works without one.*register_bias_map"):
+        select_bias_parameters(model, "qm2")
+    state = prepare_model(model, BitFitConfig())
+    assert state.term_counts["all"] == sum(p.numel() for n, p in model.named_parameters() if n in backbone_biases)
 
 
 def test_model_without_any_bias():
     cfg = T.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=2)
-    with pytest.raises(ValueError, match=r"LlamaForCausalLM has no bias parameters at all"):
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM has no bias parameters in its backbone"):
         select_bias_parameters(T.LlamaForCausalLM(cfg), "bitfit")
 
 
@@ -180,23 +196,21 @@ def test_bias_map_validation():
 
 
 def test_register_map_for_new_architecture():
-    """GPT-2 has biases but no map: registering one makes BitFit work on it."""
-    cfg = T.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=32)
-    model = T.GPT2ForSequenceClassification(cfg)
-    gpt2 = BiasMap(
-        layer_prefix=r"h\.(\d+)",
-        layer_modules={"m1": "attn.c_proj", "LN1": "ln_1", "m2": "mlp.c_fc", "m3": "mlp.c_proj",
-                       "LN2": "ln_2", "q": "attn.c_attn"},
-        global_modules={"emb": ["ln_f"]},
+    """BART has biases but no per-term map: registering one makes the terms work on it."""
+    model = tiny_bart()
+    bart = BiasMap(
+        layer_prefix=r"encoder\.layers\.(\d+)",
+        layer_modules={"q": "self_attn.q_proj", "m2": "fc1", "m3": "fc2"},
+        global_modules={"emb": ["encoder.layernorm_embedding"]},
     )
     try:
-        register_bias_map("gpt2", gpt2)
+        register_bias_map("bart", bart)
         with pytest.raises(ValueError, match=r"exists already; pass overwrite=True"):
-            register_bias_map("gpt2", gpt2)
+            register_bias_map("bart", bart)
         got = select_bias_parameters(model, "qm2")
-        assert got == {"q": ["transformer.h.0.attn.c_attn.bias", "transformer.h.1.attn.c_attn.bias"],
-                       "m2": ["transformer.h.0.mlp.c_fc.bias", "transformer.h.1.mlp.c_fc.bias"]}
+        assert got == {"q": ["model.encoder.layers.0.self_attn.q_proj.bias"],
+                       "m2": ["model.encoder.layers.0.fc1.bias"]}
     finally:
-        _user_maps.pop("gpt2", None)
+        _user_maps.pop("bart", None)
     # Without registering: passed explicitly.
-    assert "m3" in select_bias_parameters(model, "all", bias_map=gpt2)
+    assert "m3" in select_bias_parameters(model, "all", bias_map=bart)

@@ -202,3 +202,38 @@ def test_model_init_models_are_bitfit_too(tmp_path):
     apply_delta(fresh, str(tmp_path / "delta"))
     trainer.model = fresh
     assert trainer.evaluate()["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-7)
+
+
+def test_hyperparameter_search_every_trial_is_bias_only(tmp_path):
+    """hyperparameter_search (optuna) builds a model per trial through model_init: each trial must be
+    BitFit, with the trainable count printed per trial, and only biases + head may move."""
+    pytest.importorskip("optuna", reason="the search extra: pip install 'bitfit-tasks[search]'")
+    from transformers import TrainerCallback
+
+    base = snapshot(tiny_model("bert", seed=0))
+    selected = {n for ns in select_bias_parameters(tiny_model("bert"), ["bitfit"]).values() for n in ns}
+    allowed = selected | set(head_parameter_names(tiny_model("bert")))
+    trials = []
+
+    class Check(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            trials.append({"lr": args.learning_rate,
+                           "trainable": {n for n, p in model.named_parameters() if p.requires_grad}})
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            after = snapshot(model)
+            trials[-1]["changed"] = {n for n in base if not torch.equal(base[n], after[n])}
+
+    targs = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8,
+                              report_to=[], save_strategy="no", logging_strategy="no", eval_strategy="no",
+                              use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = BitFitTrainer(model_init=lambda: tiny_model("bert", seed=0), args=targs, train_dataset=RandomPairs(),
+                            eval_dataset=RandomPairs(n=16, seed=1), bitfit_config=BitFitConfig(), callbacks=[Check()])
+    best = trainer.hyperparameter_search(
+        hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-1, log=True)},
+        backend="optuna", n_trials=2, direction="minimize")
+    assert len(trials) == 2 and trials[0]["lr"] != trials[1]["lr"]
+    for t in trials:
+        assert t["trainable"] == allowed
+        assert t["changed"] == allowed
+    assert best.run_id is not None

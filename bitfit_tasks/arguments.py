@@ -13,6 +13,7 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 
 from .config import BitFitConfig
+from .errors import UsageError, read_utf8
 
 # The paper's grids (Appendix A.2): bias-only runs and full fine-tuning use different ranges.
 PAPER_BIAS_LRS: tuple[float, ...] = (1e-4, 4e-4, 7e-4, 1e-3)
@@ -69,7 +70,7 @@ RUNNER_DEFAULTS: dict[str, Any] = {
 
 def _read_json_args(path: str) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"argument file {path!r} does not exist.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -135,11 +136,6 @@ def finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-class UsageError(ValueError):
-    """Bad input the user can fix (a flag, a file, a value): the runners print its message as one
-    line instead of a traceback."""
 
 
 # Errors whose message is written for the user: the runners print the message alone (a traceback

@@ -22,6 +22,7 @@ from transformers import (
 from . import metrics as M
 from .arguments import ModelArguments, load_hub_dataset, parse_args
 from .config import BitFitConfig
+from .errors import UsageError, check_positive
 from .fileio import atomic_write_lines
 from .runner import ensure_pad_token, start_run, train_and_record
 from .trainer import BitFitTrainer
@@ -66,6 +67,7 @@ PAPER_BIAS_LR: dict[str, float] = {
     "rte": 1e-3, "qqp": 4e-4, "wnli": 1e-3,
 }
 
+STSB_RANGE = (0.0, 5.0)
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
@@ -97,6 +99,7 @@ class GlueArguments:
                                  "end (bias-only modes always save their small delta)."})
 
     def __post_init__(self) -> None:
+        check_positive(self, "max_seq_length", "max_train_samples", "max_eval_samples")
         self.task_name = self.task_name.lower().replace("-", "")
         if self.task_name not in GLUE_TASKS:
             raise ValueError(f"unknown GLUE task {self.task_name!r}; choose one of {list(GLUE_TASKS)}.")
@@ -152,35 +155,52 @@ def load_glue(args: GlueArguments, cache_dir: str | None = None):
     return datasets.DatasetDict(out)
 
 
-def check_and_encode_labels(ds, task: GlueTask, split: str):
-    """Validate columns and labels; map string label names to ids."""
+def check_and_encode_labels(ds, task: GlueTask, split: str, source: str | None = None):
+    """Validate columns, texts and labels row by row; map label names to ids. Every problem is one
+    line naming the file (or split), the row and the value."""
+    where = f"{split} file {source!r}" if source else f"{split} data"
     needed = [k for k in task.keys if k] + ["label"]
     missing = [c for c in needed if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{split} data lacks column(s) {missing} for this task; it has {ds.column_names}. "
+        raise UsageError(f"{where} lacks column(s) {missing} for this task; it has {ds.column_names}. "
                          f"Rename columns to the nyu-mll/glue names {needed}.")
-    if task.is_regression:
-        return ds.map(lambda ex: {"label": float(ex["label"])})
     names = {n: i for i, n in enumerate(task.labels)}
+    allowed = (f"a similarity score in {STSB_RANGE[0]:g}..{STSB_RANGE[1]:g}" if task.is_regression else
+               f"one of {list(task.labels)} or ids 0..{len(task.labels) - 1}")
+    texts = [k for k in task.keys if k]
 
-    def encode(ex):
+    def encode(ex, i):
+        for k in texts:
+            if not isinstance(ex[k], str):
+                raise UsageError(f"{where}, row {i}: column {k!r} is {ex[k]!r}, not text; every row needs "
+                                 "its sentence(s).")
         lab = ex["label"]
         if isinstance(lab, str):
-            if lab in names:
+            if not task.is_regression and lab in names:
                 return {"label": names[lab]}
-            if lab.lstrip("-").isdigit():
-                lab = int(lab)
-            else:
-                raise ValueError(f"{split}: unknown label {lab!r}; allowed: {list(task.labels)} or ids "
-                                 f"0..{len(task.labels) - 1}.")
+            try:
+                lab = float(lab)
+            except ValueError:
+                raise UsageError(f"{where}, row {i}: unknown label {ex['label']!r}; allowed: {allowed}.") from None
+        if lab is None or isinstance(lab, bool) or not isinstance(lab, int | float):
+            raise UsageError(f"{where}, row {i}: label {lab!r} is not {allowed}.")
+        if task.is_regression:
+            if not STSB_RANGE[0] <= lab <= STSB_RANGE[1]:
+                raise UsageError(f"{where}, row {i}: score {lab!r} is outside {STSB_RANGE[0]:g}..{STSB_RANGE[1]:g} "
+                                 "(STS-B similarity); fix or drop the row.")
+            return {"label": float(lab)}
+        if float(lab) != int(lab):
+            raise UsageError(f"{where}, row {i}: label {lab!r} is not a class id; allowed: {allowed} "
+                             "(a regression score belongs to --task_name stsb).")
         if not 0 <= int(lab) < len(task.labels):
             hint = " (-1 marks the unlabelled GLUE test split)" if int(lab) == -1 else ""
-            raise ValueError(f"{split}: label {lab!r} out of range 0..{len(task.labels) - 1}{hint}.")
+            raise UsageError(f"{where}, row {i}: label {lab!r} out of range 0..{len(task.labels) - 1}{hint}.")
         return {"label": int(lab)}
 
     from datasets import Value
 
-    return ds.map(encode).cast_column("label", Value("int64"))
+    out = ds.map(encode, with_indices=True)
+    return out.cast_column("label", Value("float32" if task.is_regression else "int64"))
 
 
 def sample(ds, n: int | None, seed: int):
@@ -240,13 +260,21 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
     if "train" not in raw:
         raise ValueError(f"no train split in the data; found {list(raw)}.")
     train = sample(raw["train"], data_args.max_train_samples, data_seed)
-    train = check_and_encode_labels(train, task, "train")
-    eval_sets = {s: check_and_encode_labels(sample(raw[s], data_args.max_eval_samples, data_seed), task, s)
+    files = {"train": data_args.train_file, task.eval_splits[0]: data_args.validation_file,
+             "validation_mismatched": data_args.validation_mismatched_file}
+    train = check_and_encode_labels(train, task, "train", files["train"])
+    eval_sets = {s: check_and_encode_labels(sample(raw[s], data_args.max_eval_samples, data_seed), task, s,
+                                            files.get(s))
                  for s in task.eval_splits if s in raw}
     # The rows' own ids where the data has them (nyu-mll/glue's idx), else the row number.
     raw_ids = {s: list(d["idx"]) if "idx" in d.column_names else list(range(len(d))) for s, d in eval_sets.items()}
     if not eval_sets:
         raise ValueError(f"no evaluation split {list(task.eval_splits)} in the data; found {list(raw)}.")
+    for s, d in {"train": train, **eval_sets}.items():
+        # Checked before the model is loaded: a correlation of one score crashes only after training.
+        if len(d) < (2 if task.is_regression else 1):
+            raise UsageError(f"the {s} data has {len(d)} row(s); {task.metric} needs at least "
+                             f"{2 if task.is_regression else 1}. Check the file or --max_*_samples.")
 
     config = AutoConfig.from_pretrained(
         model_args.model_name_or_path, num_labels=task.num_labels, cache_dir=model_args.cache_dir,

@@ -21,6 +21,7 @@ from transformers import (
 
 from .arguments import ModelArguments, parse_args
 from .config import BitFitConfig
+from .errors import check_positive
 from .fileio import atomic_write_lines
 from .pos_data import FORMATS, Sentence, read_file, read_token_tag_dataset, read_treebank_splits
 from .runner import ensure_pad_token, start_run, train_and_record
@@ -60,6 +61,7 @@ class PosArguments:
     save_full_model: bool = field(default=False, metadata={"help": "With --mode full, save the whole model."})
 
     def __post_init__(self) -> None:
+        check_positive(self, "max_seq_length", "max_train_samples", "max_eval_samples")
         sources = [self.treebank is not None, self.train_file is not None, self.dataset_name is not None]
         if sum(sources) != 1:
             raise ValueError("give exactly one data source: --treebank, --train_file/--validation_file, or "

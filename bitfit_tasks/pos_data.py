@@ -10,6 +10,8 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from .errors import UsageError, decode_utf8, read_utf8
+
 Sentence = dict[str, list[str]]
 
 # A preterminal: "(TAG word)" with neither part containing whitespace or parentheses.
@@ -44,13 +46,13 @@ def _mrg_members(path: Path) -> list[tuple[str, str]]:
     """(name, text) of every .mrg file in a folder (recursively) or a zip such as NLTK's treebank.zip."""
     if path.is_dir():
         files = sorted(path.rglob("*.mrg"))
-        return [(str(f.relative_to(path)), f.read_text(encoding="utf-8", errors="replace")) for f in files]
+        return [(str(f.relative_to(path)), read_utf8(f)) for f in files]
     if path.suffix == ".zip":
         with zipfile.ZipFile(path) as z:
             names = sorted(n for n in z.namelist() if n.endswith(".mrg"))
-            return [(n, z.read(n).decode("utf-8", errors="replace")) for n in names]
+            return [(n, decode_utf8(z.read(n), f"{path}::{n}")) for n in names]
     if path.suffix == ".mrg":
-        return [(path.name, path.read_text(encoding="utf-8", errors="replace"))]
+        return [(path.name, read_utf8(path))]
     raise ValueError(f"{path}: not a .mrg file, a folder of them, or a zip holding them.")
 
 
@@ -186,17 +188,24 @@ def read_file(path: str, fmt: str = "auto", *, word_column: int = 0, tag_column:
     if Path(path).suffix == ".zip":
         raise ValueError(f"{path}: name one member of the zip as {path}::member (e.g. conll2000.zip::"
                          "conll2000/train.txt).")
-    with open(path, encoding="utf-8") as f:
-        if fmt == "conllu":
-            return read_conllu(f, conllu_tag_field, source=path)
-        return read_conll_columns(f, word_column, tag_column, source=path)
+    lines = read_utf8(path).splitlines()
+    if fmt == "conllu":
+        return read_conllu(lines, conllu_tag_field, source=path)
+    return read_conll_columns(lines, word_column, tag_column, source=path)
 
 
 def read_zip_member(spec: str, fmt: str = "conll", **kw) -> list[Sentence]:
     """``archive.zip::member`` (e.g. NLTK's conll2000.zip::conll2000/train.txt)."""
     archive, member = spec.split("::", 1)
-    with zipfile.ZipFile(archive) as z:
-        lines = z.read(member).decode("utf-8").splitlines()
+    try:
+        with zipfile.ZipFile(archive) as z:
+            lines = decode_utf8(z.read(member), spec).splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"zip archive {archive!r} (from {spec!r}) does not exist.") from None
+    except zipfile.BadZipFile:
+        raise UsageError(f"{archive!r} is not a zip archive (from {spec!r}).") from None
+    except KeyError:
+        raise UsageError(f"{archive!r} has no member {member!r}; give archive.zip::path/inside/it.") from None
     if fmt == "conllu":
         return read_conllu(lines, kw.get("conllu_tag_field", "xpos"), source=spec)
     return read_conll_columns(lines, kw.get("word_column", 0), kw.get("tag_column", 1), source=spec)
@@ -210,7 +219,13 @@ def read_token_tag_dataset(path_or_name: str, split: str = "train", config: str 
     p = Path(path_or_name)
     if p.exists():
         builder = "parquet" if p.suffix == ".parquet" else "json"
-        ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+        if builder == "json":
+            read_utf8(p)  # a clear line for a non-UTF-8 file, not a pyarrow error
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+        except Exception as err:  # pyarrow / datasets raise many types for a malformed file
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UsageError(f"could not read {path_or_name!r} as {builder}: {first[:200]}") from err
     else:
         from .arguments import load_hub_dataset
 

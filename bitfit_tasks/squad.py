@@ -24,6 +24,7 @@ from transformers import (
 
 from .arguments import ModelArguments, parse_args
 from .config import BitFitConfig
+from .errors import UsageError, check_positive, read_utf8
 from .fileio import atomic_write_text
 from .runner import eval_history, start_run, train_and_record
 from .trainer import BitFitTrainer
@@ -86,22 +87,72 @@ def flatten_official(data: dict, source: str = "<json>") -> list[dict[str, Any]]
     return rows
 
 
-def read_squad_file(path: str) -> list[dict[str, Any]]:
-    """Official nested JSON, or flattened rows (jsonl / json list) with id, context, question, answers."""
+def read_squad_file(path: str, split: str = "train") -> list[dict[str, Any]]:
+    """Official nested JSON, or flattened rows (jsonl / json list) with id, context, question, answers.
+    Every row is checked (see :func:`check_squad_rows`); a problem is one line naming file, question
+    and value."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"SQuAD file {path!r} does not exist.")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        data = json.loads(text)
-        rows = flatten_official(data, path) if isinstance(data, dict) else data
-    needed = {"id", "context", "question", "answers"}
-    for r in rows[:1] + rows[-1:]:
-        if not needed <= set(r):
-            raise ValueError(f"{path}: rows need {sorted(needed)}; a row has {sorted(r)}.")
+    text = read_utf8(p)
+    try:
+        if p.suffix == ".jsonl":
+            rows = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise UsageError(f"{path}:{lineno}: not a JSON line ({err.msg}, column {err.colno}).") from None
+        else:
+            data = json.loads(text)
+            rows = flatten_official(data, path) if isinstance(data, dict) else data
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}).") from None
+    except (KeyError, TypeError, AttributeError) as err:
+        raise UsageError(f"{path}: not the official SQuAD layout (data -> paragraphs -> qas with id, question, "
+                         f"answers): {type(err).__name__} {err}.") from None
+    if not isinstance(rows, list) or not rows:
+        raise UsageError(f"{path}: holds no questions; expected the official SQuAD JSON or rows of "
+                         "{id, context, question, answers}.")
+    check_squad_rows(rows, path, split)
     return rows
+
+
+def check_squad_rows(rows: list, path: str, split: str) -> None:
+    """Fields and types of every row; every training answer must sit at its ``answer_start`` in the
+    context (a shifted offset would train on a wrong span); every question needs an answer (SQuAD
+    v1.1 has no unanswerable questions)."""
+    needed = {"id", "context", "question", "answers"}
+    problems: list[str] = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not needed <= set(r):
+            raise UsageError(f"{path}: row {i} needs {sorted(needed)}; it has "
+                             f"{sorted(r) if isinstance(r, dict) else type(r).__name__}.")
+        qid, ctx, ans = r["id"], r["context"], r["answers"]
+        if not isinstance(ctx, str) or not isinstance(r["question"], str):
+            raise UsageError(f"{path}: question {qid!r}: context and question must be text.")
+        if (not isinstance(ans, dict) or not isinstance(ans.get("text"), list)
+                or not isinstance(ans.get("answer_start"), list) or len(ans["text"]) != len(ans["answer_start"])):
+            raise UsageError(f"{path}: question {qid!r}: answers must be {{'text': [...], 'answer_start': [...]}} "
+                             f"of equal length, got {ans!r}.")
+        if not ans["text"]:
+            problems.append(f"question {qid!r} has no answer (SQuAD v1.1 questions all have one; v2.0's "
+                            "unanswerable questions are not supported)")
+            continue
+        if split != "train":
+            continue  # scoring uses the answer texts only
+        for text, start in zip(ans["text"], ans["answer_start"], strict=True):
+            if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start < len(ctx):
+                problems.append(f"question {qid!r}: answer_start {start!r} is not an offset inside its "
+                                f"{len(ctx)}-character context")
+            elif ctx[start:start + len(text)] != text:
+                problems.append(f"question {qid!r}: answer_start {start} points at "
+                                f"{ctx[start:start + len(text)]!r}, not at its answer {text!r}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UsageError(f"{split} file {path}: {problems[0]}{more}; fix the answers (answer_start is the "
+                         "character offset of the answer text in the context).")
 
 
 def sample_examples(rows: list[dict], fraction: float | None, n: int | None, seed: int) -> list[dict]:
@@ -218,6 +269,8 @@ class SquadArguments:
     save_full_model: bool = field(default=False, metadata={"help": "With --mode full, save the whole model."})
 
     def __post_init__(self) -> None:
+        check_positive(self, "max_seq_length", "doc_stride", "n_best_size", "max_answer_length",
+                       "max_train_samples", "max_eval_samples")
         if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
             raise ValueError(f"--train_fraction must be in (0, 1], got {self.train_fraction}.")
         if (self.train_file is None) != (self.validation_file is None):
@@ -229,7 +282,7 @@ class SquadArguments:
 
 def load_rows(a: SquadArguments) -> tuple[list[dict], list[dict]]:
     if a.train_file:
-        return read_squad_file(a.train_file), read_squad_file(a.validation_file)
+        return read_squad_file(a.train_file, "train"), read_squad_file(a.validation_file, "validation")
     from .arguments import load_hub_dataset
 
     ds = load_hub_dataset(a.dataset_name, local_hint="--train_file and --validation_file (the official v1.1 "

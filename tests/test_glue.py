@@ -97,7 +97,7 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['sentence1', 'sentence2'\].*has \['text', 'label'\]"):
         check_and_encode_labels(raw["train"], GLUE_TASKS["rte"], "train")
     for label, msg in [(-1, r"label -1 out of range 0..1 \(-1 marks the unlabelled GLUE test split\)"),
-                       ("maybe", r"unknown label 'maybe'; allowed: \['entailment', 'not_entailment'\]")]:
+                       ("maybe", r"unknown label 'maybe'; allowed: one of \['entailment', 'not_entailment'\]")]:
         bad.write_text(json.dumps({"sentence1": "x", "sentence2": "y", "label": label}) + "\n")
         raw = load_glue(GlueArguments(task_name="rte", train_file=str(bad), validation_file=str(bad)))
         with pytest.raises(ValueError, match=msg):

@@ -43,7 +43,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match=r"not the official SQuAD format"):
         read_squad_file(str(bad))
     bad.write_text(json.dumps([{"id": "1", "question": "q"}]))
-    with pytest.raises(ValueError, match=r"rows need \['answers', 'context', 'id', 'question'\]"):
+    with pytest.raises(ValueError, match=r"row 0 needs \['answers', 'context', 'id', 'question'\]; it has \['id', 'question'\]"):
         read_squad_file(str(bad))
     with pytest.raises(FileNotFoundError, match=r"does not exist"):
         read_squad_file(str(tmp_path / "nope.json"))

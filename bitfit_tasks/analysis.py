@@ -26,7 +26,7 @@ def bias_change(
     """term -> layer -> mean |b_0 - b_F| for the per-layer terms found in ``trained``."""
     params = dict(base.named_parameters())
     out: dict[str, dict[int, float]] = {}
-    for term, names in select_bias_parameters(base, list(LAYER_TERMS), bias_map=bias_map).items():
+    for term, names in select_bias_parameters(base, "layers", bias_map=bias_map).items():
         for name in names:
             if name not in trained:
                 continue

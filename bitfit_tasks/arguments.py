@@ -55,6 +55,16 @@ class ModelArguments:
             )
 
 
+@dataclass
+class RunArguments:
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run in --output_dir (its results.json and checkpoint-* folders). "
+                  "Without it a folder holding another run is refused: resume it with "
+                  "--resume_from_checkpoint true, or pick another --output_dir."},
+    )
+
+
 # Runner defaults that differ from TrainingArguments' own (batch 16 and AdamW as in the paper).
 RUNNER_DEFAULTS: dict[str, Any] = {
     "per_device_train_batch_size": 16,
@@ -221,7 +231,7 @@ def load_hub_dataset(path: str, name: str | None = None, *, local_hint: str, **k
 
 
 __all__ = [
-    "BitFitConfig", "ModelArguments", "UsageError", "last_complete_checkpoint", "resolve_resume",
+    "BitFitConfig", "ModelArguments", "RunArguments", "UsageError", "last_complete_checkpoint", "resolve_resume",
     "PAPER_BIAS_LRS", "PAPER_FULL_LRS", "TrainingArguments",
     "demo_model_path", "parse_args", "resolve_lr",
 ]

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from . import metrics as M
-from .arguments import ModelArguments, load_hub_dataset, parse_args
+from .arguments import ModelArguments, RunArguments, load_hub_dataset, parse_args
 from .config import BitFitConfig
 from .errors import UsageError, check_positive
 from .fileio import atomic_write_lines
@@ -236,6 +236,7 @@ def main_metric_key(task_name: str) -> str:
 DEMO_ARGS = [
     "--task_name", "sst2", "--data_dir", "packaged", "--output_dir", "outputs/glue-demo",
     "--num_train_epochs", "2", "--max_seq_length", "64", "--bias_terms", "bitfit",
+    "--overwrite_output_dir", "true",  # the demo is rerun as is
 ]
 
 
@@ -245,16 +246,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv == ["--demo"]:
         argv = list(DEMO_ARGS)
-    model_args, data_args, bitfit, training_args = parse_args(
-        (ModelArguments, GlueArguments, BitFitConfig, TrainingArguments), argv
+    model_args, data_args, bitfit, run_args, training_args = parse_args(
+        (ModelArguments, GlueArguments, BitFitConfig, RunArguments, TrainingArguments), argv
     )
-    return run(model_args, data_args, bitfit, training_args)
+    return run(model_args, data_args, bitfit, training_args, run_args)
 
 
 def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConfig,
-        training_args: TrainingArguments) -> dict[str, Any]:
+        training_args: TrainingArguments, run_args: RunArguments | None = None) -> dict[str, Any]:
     task = GLUE_TASKS[data_args.task_name]
-    data_seed = start_run(training_args, bitfit, PAPER_BIAS_LR[data_args.task_name])
+    data_seed = start_run(training_args, bitfit, PAPER_BIAS_LR[data_args.task_name], run_args)
 
     raw = load_glue(data_args, model_args.cache_dir)
     if "train" not in raw:

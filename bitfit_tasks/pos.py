@@ -19,7 +19,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from .arguments import ModelArguments, parse_args
+from .arguments import ModelArguments, RunArguments, parse_args
 from .config import BitFitConfig
 from .errors import check_positive
 from .fileio import atomic_write_lines
@@ -157,17 +157,17 @@ def _sample(sentences: list[Sentence], n: int | None, seed: int) -> list[Sentenc
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, bitfit, training_args = parse_args(
-        (ModelArguments, PosArguments, BitFitConfig, TrainingArguments), argv
+    model_args, data_args, bitfit, run_args, training_args = parse_args(
+        (ModelArguments, PosArguments, BitFitConfig, RunArguments, TrainingArguments), argv
     )
-    return run(model_args, data_args, bitfit, training_args)
+    return run(model_args, data_args, bitfit, training_args, run_args)
 
 
 def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfig,
-        training_args: TrainingArguments) -> dict[str, Any]:
+        training_args: TrainingArguments, run_args: RunArguments | None = None) -> dict[str, Any]:
     import datasets
 
-    seed = start_run(training_args, bitfit, 1e-3)  # BitFit default: the paper's largest bias rate
+    seed = start_run(training_args, bitfit, 1e-3, run_args)  # BitFit default: the paper's largest bias rate
     splits = load_splits(data_args)
     splits["train"] = _sample(splits["train"], data_args.max_train_samples, seed)
     for s in ("validation", "test"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -27,16 +28,76 @@ def setup_logging() -> None:
     logging.getLogger("bitfit_tasks").setLevel(logging.INFO)
 
 
-def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, bias_lr: float) -> int:
-    """Common prologue of every runner: logging, the checkpoint to resume from (checked before any
-    data or model is loaded), the mode's default learning rate, seeds. Returns the data seed
-    (``--data_seed``, else ``--seed``) for subset sampling."""
+LOCK_NAME = ".bitfit-run.lock"
+# Output folders this process holds a lock on (released at the end of train_and_record): a second
+# process (another runner, a second sweep) into the same folder is refused instead of interleaving.
+_claims: dict[str, Any] = {}
+
+
+def claim_output_dir(training_args: TrainingArguments, overwrite: bool = False) -> None:
+    """Lock ``--output_dir`` for this run and refuse a folder holding another run (a finished one,
+    or checkpoints of an unfinished one) unless resuming or ``--overwrite_output_dir true``."""
+    import fcntl
+    import shutil
+
+    from .errors import UsageError
+
+    out = Path(training_args.output_dir)
+    main = training_args.process_index == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        key = str(out.resolve())
+        if key not in _claims:
+            f = open(out / LOCK_NAME, "a+")  # noqa: SIM115 -- held open for the whole run
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise UsageError(f"another run ({holder}) is writing to --output_dir {out}; wait for it to "
+                                 "finish or pick another --output_dir.") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()}")
+            f.flush()
+            _claims[key] = f
+    if training_args.resume_from_checkpoint:
+        return
+    finished = (out / "results.json").exists()
+    ckpts = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
+    if not (finished or ckpts):
+        return
+    if not overwrite:
+        what = "a finished run (results.json)" if finished else f"checkpoints of an unfinished run ({ckpts[-1].name})"
+        raise UsageError(f"--output_dir {out} holds {what}; resume it with --resume_from_checkpoint true, "
+                         "replace it with --overwrite_output_dir true, or pick another --output_dir.")
+    if main:
+        for c in ckpts:
+            shutil.rmtree(c)
+        (out / "results.json").unlink(missing_ok=True)
+        logger.warning("--overwrite_output_dir: removed the previous run's results.json and %d checkpoint(s) in %s",
+                       len(ckpts), out)
+
+
+def release_output_dir(output_dir: str) -> None:
+    f = _claims.pop(str(Path(output_dir).resolve()), None)
+    if f is not None:
+        f.close()  # closing drops the flock
+
+
+def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, bias_lr: float,
+              run_args: Any = None) -> int:
+    """Common prologue of every runner: logging, the checkpoint to resume from and the output folder
+    (checked and locked before any data or model is loaded), the mode's default learning rate,
+    seeds. Returns the data seed (``--data_seed``, else ``--seed``) for subset sampling."""
     from transformers import set_seed
 
     from .arguments import resolve_lr, resolve_resume
 
     setup_logging()
     resolve_resume(training_args)
+    claim_output_dir(training_args, overwrite=bool(getattr(run_args, "overwrite_output_dir", False)))
     resolve_lr(training_args, bitfit, bias_lr)
     set_seed(training_args.seed)
     return training_args.data_seed if training_args.data_seed is not None else training_args.seed
@@ -130,6 +191,15 @@ def train_and_record(
     """Train (resuming from ``--resume_from_checkpoint`` if set), save the model first, then run
     ``after_training(trainer)`` (test scores, prediction files; it may add entries) and write
     results.json: the best and last dev score of ``metric_key`` and what was really trained."""
+    try:
+        return _train_and_record(trainer, metric_key=metric_key, info=info, bitfit=bitfit,
+                                 save_full_model=save_full_model, after_training=after_training)
+    finally:
+        release_output_dir(trainer.args.output_dir)
+
+
+def _train_and_record(trainer: BitFitTrainer, *, metric_key: str, info: dict[str, Any], bitfit: BitFitConfig,
+                      save_full_model: bool, after_training) -> dict[str, Any]:
     args = trainer.args
     start = time.time()
     resume = args.resume_from_checkpoint

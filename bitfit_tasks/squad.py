@@ -22,7 +22,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from .arguments import ModelArguments, parse_args
+from .arguments import ModelArguments, RunArguments, parse_args
 from .config import BitFitConfig
 from .errors import UsageError, check_positive, read_utf8
 from .fileio import atomic_write_text
@@ -325,18 +325,18 @@ class SquadBitFitTrainer(BitFitTrainer):
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, bitfit, training_args = parse_args(
-        (ModelArguments, SquadArguments, BitFitConfig, TrainingArguments), argv,
+    model_args, data_args, bitfit, run_args, training_args = parse_args(
+        (ModelArguments, SquadArguments, BitFitConfig, RunArguments, TrainingArguments), argv,
         defaults={"eval_strategy": "no", "per_device_train_batch_size": 16},
     )
-    return run(model_args, data_args, bitfit, training_args)
+    return run(model_args, data_args, bitfit, training_args, run_args)
 
 
 def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitConfig,
-        training_args: TrainingArguments) -> dict[str, Any]:
+        training_args: TrainingArguments, run_args: RunArguments | None = None) -> dict[str, Any]:
     import datasets
 
-    seed = start_run(training_args, bitfit, 1e-3)
+    seed = start_run(training_args, bitfit, 1e-3, run_args)
     train_rows, dev_rows = load_rows(data_args)
     train_rows = sample_examples(train_rows, data_args.train_fraction, data_args.max_train_samples, seed)
     # The dev subset depends on the data seed only, so every method is scored on the same questions.

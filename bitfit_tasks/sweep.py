@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import PAPER_BIAS_LRS, PAPER_FULL_LRS
+from .errors import UsageError
+from .fileio import atomic_write_text
 from .selection import PRESETS, resolve_terms
 
 logger = logging.getLogger("bitfit_tasks")
@@ -73,6 +76,93 @@ def run_dir(root: Path, task: str, method: str, lr: float, seed: int) -> Path:
     return root / task / method / f"lr{lr:g}" / f"seed{seed}"
 
 
+RECORD = "sweep_run.json"  # the runner arguments a cell was (or is being) trained with
+CELL_LOCK = ".sweep-cell.lock"
+# Flags the grid sets for every run: the same flag after '--' would silently override the grid.
+GRID_FLAGS = {"--task_name": "--tasks", "--mode": "--methods", "--bias_terms": "--methods",
+              "--learning_rate": "--bias_lrs/--full_lrs", "--seed": "--seeds", "--output_dir": "--output_dir"}
+
+
+def check_runner_args(extra_args: Sequence[str], task_flags: Sequence[str] = ()) -> None:
+    """Refuse runner arguments that collide with what the grid sets per run (they would override the
+    grid and fake n-seed statistics out of one setting)."""
+    for arg in extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in GRID_FLAGS:
+            raise UsageError(f"runner argument {flag} after '--' collides with the grid, which sets it for "
+                             f"every run; use the sweep's {GRID_FLAGS[flag]} instead.")
+        if flag in task_flags:
+            raise UsageError(f"runner argument {flag} after '--' collides with the grid's per-task {flag} "
+                             "(from --fractions / --fraction_epochs); drop one of them.")
+
+
+def _flags(argv: Sequence[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    key = ""
+    for a in argv:
+        if a.startswith("--"):
+            key = a
+            out[key] = []
+        else:
+            out.setdefault(key, []).append(a)
+    return out
+
+
+def cell_state(out: Path, argv: list[str]) -> str:
+    """'done' (a readable results.json from these very arguments), 'resume' (complete checkpoints of a
+    run with these arguments), or 'fresh' (nothing usable: start over). A finished cell trained with
+    other arguments is an error: a table mixing them would lie."""
+    from .arguments import last_complete_checkpoint
+
+    recorded = None
+    if (out / RECORD).exists():
+        try:
+            recorded = json.loads((out / RECORD).read_text())["argv"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            recorded = None
+    try:
+        done = isinstance(json.loads((out / "results.json").read_text()), dict)
+    except FileNotFoundError:
+        done = False
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        logger.warning("%s/results.json is unreadable (a write cut short?): running the cell again", out)
+        done = False
+    if done:
+        if recorded is None:
+            logger.warning("%s has no %s (made by an older sweep): counted as done, arguments unchecked", out, RECORD)
+        elif recorded != argv:
+            a, b = _flags(recorded), _flags(argv)
+            diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+            changes = "; ".join(f"{k}: {x} -> {y}" for k, (x, y) in diff.items())
+            raise UsageError(f"{out} was trained with other runner arguments ({changes}); "
+                             "a table mixing them would lie. Use another --output_dir, or delete that run folder.")
+        return "done"
+    if recorded == argv and last_complete_checkpoint(str(out)):
+        return "resume"
+    return "fresh"
+
+
+class _CellLock:
+    """An exclusive flock on a cell's folder, so two sweeps into one --output_dir train each cell once;
+    the kernel drops it when its process dies."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.f = open(out / CELL_LOCK, "a+")  # noqa: SIM115
+
+    def acquire(self, wait: bool) -> bool:
+        import fcntl
+
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            return True
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        self.f.close()
+
+
 def run_grid(
     main: Callable[[list[str]], Any],
     *,
@@ -87,10 +177,19 @@ def run_grid(
     shard: tuple[int, int] = (0, 1),
     task_args: Callable[[str], list[str]] | None = None,
 ) -> list[Path]:
-    """Run every missing (task, method, lr, seed) with the runner's ``main(argv)``; returns run dirs."""
+    """Run every unfinished (task, method, lr, seed) with the runner's ``main(argv)``; returns run dirs.
+
+    A cell is finished when its results.json is readable and its recorded arguments equal this
+    grid's; a cell killed after a checkpoint resumes from it. Cells another sweep is training (same
+    --output_dir, another process) are skipped, then waited for at the end, so each runs once."""
     root = Path(output_dir)
     specs = {m: method_spec(m) for m in methods}  # fail fast on a bad name, before any training
-    done: list[Path] = []
+    check_runner_args(extra_args, sorted({a for t in tasks for a in (task_args(t) if task_args else [])
+                                          if a.startswith("--")}))
+    # Several processes of one launched sweep train every cell together: no per-cell claims then.
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    writer = os.environ.get("RANK", "0") == "0"
+    cells: list[tuple[Path, list[str]]] = []
     index = -1
     # Seeds outermost: a grid cut short still has every cell, with fewer seeds.
     for seed in seeds:
@@ -101,18 +200,53 @@ def run_grid(
                     if index % shard[1] != shard[0]:  # another worker's run
                         continue
                     out = run_dir(root, task, method, lr, seed)
-                    if (out / "results.json").exists():
-                        logger.info("skip finished run %s", out)
-                        done.append(out)
-                        continue
                     argv = ["--task_name", task, "--mode", mode, "--bias_terms", *terms,
                             "--learning_rate", str(lr), "--seed", str(seed),
                             "--output_dir", str(out), *(task_args(task) if task_args else []), *extra_args]
-                    logger.info("run %s", " ".join(argv))
-                    if not dry_run:
-                        main(argv)
-                    done.append(out)
-    return done
+                    cells.append((out, argv))
+
+    def run_cell(out: Path, argv: list[str]) -> None:
+        state = cell_state(out, argv)
+        if state == "done":
+            logger.info("skip finished run %s", out)
+            return
+        flag = ["--resume_from_checkpoint", "true"] if state == "resume" else ["--overwrite_output_dir", "true"]
+        logger.info("run %s", " ".join(argv + flag))
+        if writer:
+            atomic_write_text(out / RECORD, json.dumps({"argv": argv}, indent=1))
+        main(argv + flag)
+
+    pending: list[tuple[Path, list[str], _CellLock]] = []
+    for out, argv in cells:
+        if dry_run:
+            logger.info("run %s", " ".join(argv))
+            continue
+        if multi:
+            run_cell(out, argv)
+            continue
+        lock = _CellLock(out)
+        if not lock.acquire(wait=False):
+            logger.info("another sweep is training %s; coming back to it at the end", out)
+            pending.append((out, argv, lock))
+            continue
+        try:
+            run_cell(out, argv)
+        finally:
+            lock.close()
+    for out, argv, lock in pending:
+        try:
+            lock.acquire(wait=True)  # the other sweep's run ends (or dies) first
+            run_cell(out, argv)
+        finally:
+            lock.close()
+    return [out for out, _ in cells]
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is not valid JSON ({err}); rerun the sweep to train that cell again.") from None
 
 
 def _fmt(values: list[float]) -> str:
@@ -140,7 +274,7 @@ def summarize(output_dir: str, score: str = "best", runner: str = "glue") -> dic
     runs: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     meta: dict[str, str] = {}
     for path in sorted(root.glob("*/*/lr*/seed*/results.json")):
-        r = json.loads(path.read_text())
+        r = read_results(path)
         task, method = path.parts[-5], path.parts[-4]
         runs[(task, method)][float(r["learning_rate"])].append(float(r[score]))
         meta[task] = r["metric"]
@@ -170,8 +304,8 @@ def summarize(output_dir: str, score: str = "best", runner: str = "glue") -> dic
                 cells.append(f"{c['cell']} (lr {c['best_lr']:g}, n={c['n_seeds']}){paper}")
         lines.append(f"| {method} | {' | '.join(cells)} |")
     md = "\n".join(lines) + "\n"
-    (root / "results.md").write_text(md)
-    (root / "results.json").write_text(json.dumps(table, indent=2))
+    atomic_write_text(root / "results.md", md)
+    atomic_write_text(root / "results.json", json.dumps(table, indent=2))
     return {"markdown": md, "table": table}
 
 
@@ -186,7 +320,7 @@ def plot_training_size_curve(output_dir: str) -> str:
     root = Path(output_dir)
     data: dict[str, dict[float, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for path in sorted(root.glob("frac*/*/lr*/seed*/results.json")):
-        r = json.loads(path.read_text())
+        r = read_results(path)
         frac = float(path.parts[-5].removeprefix("frac"))
         fm = r["final_metrics"]
         cell = data[path.parts[-4]][frac]
@@ -227,8 +361,8 @@ def plot_training_size_curve(output_dir: str) -> str:
     fig.savefig(root / "curve.png", dpi=120)
     plt.close(fig)
     md = "\n".join(lines) + "\n"
-    (root / "curve.md").write_text(md)
-    (root / "curve.json").write_text(json.dumps(table, indent=2))
+    atomic_write_text(root / "curve.md", md)
+    atomic_write_text(root / "curve.json", json.dumps(table, indent=2))
     return md
 
 

@@ -102,3 +102,72 @@ def test_bias_change_known_values(tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match=r"hold none of the base model's per-layer biases"):
         bias_change(model, {"x.bias": torch.zeros(1)})
+
+
+def fake_runner(tmp_path, calls):
+    def main(argv):
+        calls.append(argv)
+        out = tmp_path / argv[argv.index("--output_dir") + 1]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"learning_rate": float(argv[argv.index("--learning_rate") + 1]),
+                                                      "best": 0.5, "metric": "accuracy"}))
+    return main
+
+
+def test_rerun_with_changed_runner_args_never_mixes(tmp_path):
+    calls: list = []
+    kw = dict(tasks=["rte"], methods=["bitfit"], seeds=[1, 2], bias_lrs=[1e-3], output_dir=str(tmp_path))
+    sweep.run_grid(fake_runner(tmp_path, calls), extra_args=["--num_train_epochs", "1"], **kw)
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match=r"seed1 was trained with other runner arguments \(--num_train_epochs: "
+                                         r"\['1'\] -> \['2'\]\); a table mixing them would lie"):
+        sweep.run_grid(fake_runner(tmp_path, calls), extra_args=["--num_train_epochs", "2"], **kw)
+    assert len(calls) == 2  # nothing trained, nothing mixed
+    sweep.run_grid(fake_runner(tmp_path, calls), extra_args=["--num_train_epochs", "1"], **kw)
+    assert len(calls) == 2  # same arguments: every cell is done
+
+
+@pytest.mark.parametrize("flag, grid", [("--seed", "--seeds"), ("--learning_rate", "--bias_lrs/--full_lrs"),
+                                        ("--mode", "--methods"), ("--output_dir", "--output_dir")])
+def test_runner_args_colliding_with_the_grid_are_refused(flag, grid, tmp_path):
+    with pytest.raises(ValueError, match=rf"runner argument {flag} after '--' collides with the grid, which sets it "
+                                         rf"for every run; use the sweep's {grid} instead"):
+        sweep.run_grid(lambda argv: None, tasks=["rte"], methods=["bitfit"], seeds=[1], output_dir=str(tmp_path),
+                       extra_args=[flag, "3"])
+    with pytest.raises(ValueError, match=r"--train_fraction after '--' collides with the grid's per-task"):
+        sweep.check_runner_args(["--train_fraction=0.5"], ["--train_fraction"])
+
+
+def test_half_written_results_are_run_again_not_skipped(tmp_path):
+    calls: list = []
+    kw = dict(tasks=["rte"], methods=["bitfit"], seeds=[1], bias_lrs=[1e-3], output_dir=str(tmp_path))
+    sweep.run_grid(fake_runner(tmp_path, calls), **kw)
+    res = next(tmp_path.glob("*/*/lr*/seed*/results.json"))
+    res.write_text('{"learning_rate": 0.001, "be')  # a kill in the middle of a (non-atomic) write
+    sweep.run_grid(fake_runner(tmp_path, calls), **kw)
+    assert len(calls) == 2 and calls[1][-2:] == ["--overwrite_output_dir", "true"]
+    assert json.loads(res.read_text())["best"] == 0.5
+
+
+@pytest.mark.slow
+def test_two_sweeps_at_once_run_each_cell_once(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "bitfit_tasks.sweep", "--tasks", "rte", "mrpc", "--methods", "bitfit", "frozen",
+            "--seeds", "1", "--bias_lrs", "1e-3", "--output_dir", str(tmp_path / "grid"), "--", "--data_dir",
+            f"{FIXTURES}/glue", "--model_name_or_path", tiny_model_dir, "--num_train_epochs", "1",
+            "--disable_tqdm", "true", "--use_cpu", "true"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    ran = [line.split(" run ", 1)[1].split(" --output_dir ")[1].split()[0]
+           for _, err in outs for line in err.splitlines() if " INFO bitfit_tasks: run --task_name" in line]
+    assert len(ran) == 4 and len(set(ran)) == 4  # 4 cells, each trained by exactly one sweep
+    for out, _ in outs:  # both print the full, correct table
+        assert "| bitfit |" in out and "| frozen |" in out and "n=1" in out
+    table = json.loads((tmp_path / "grid" / "results.json").read_text())
+    assert set(table) == {"bitfit", "frozen"} and all(set(v) == {"rte", "mrpc"} for v in table.values())

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import UsageError, read_utf8
 from .fileio import atomic_write_text
 from .selection import head_parameter_names
 
@@ -93,6 +94,7 @@ def save_delta(
     # at any point leaves the previous delta or no delta (is_delta_dir needs both), never half a file.
     tmp = out / f".{DELTA_WEIGHTS}.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt", "bitfit_mode": mode})
+    meta["weights_sha256"] = _sha256(tmp)  # verified on load: a flipped byte is refused, not applied
     os.replace(tmp, out / DELTA_WEIGHTS)
     atomic_write_text(out / DELTA_CONFIG, json.dumps(meta, indent=2, default=str))
     return out
@@ -129,6 +131,18 @@ def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainab
     return "\n".join(lines)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+REQUIRED_META = {"format_version": int, "task_class": str, "mode": str, "shapes": dict, "head": list,
+                 "terms": dict, "base_fingerprint": str, "weights_sha256": str}
+
+
 @dataclass
 class Delta:
     """A loaded delta: tensors plus metadata."""
@@ -139,17 +153,54 @@ class Delta:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Delta:
+        """Read and check a delta folder: its JSON (fields and types), the checksum of its tensor
+        file, and that the tensors are the ones the JSON lists (names, shapes, float dtypes)."""
+        from safetensors import SafetensorError
+
         p = Path(path)
         if not is_delta_dir(p):
             raise FileNotFoundError(
                 f"{p} is not a BitFit delta: expected {DELTA_WEIGHTS} and {DELTA_CONFIG} in it "
                 "(written by BitFitTrainer.save_model or bitfit_tasks.save_delta)."
             )
-        meta = json.loads((p / DELTA_CONFIG).read_text())
+        try:
+            meta = json.loads(read_utf8(p / DELTA_CONFIG))
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{p / DELTA_CONFIG} is not valid JSON ({err.msg} at line {err.lineno}); the delta "
+                             "is damaged: save it again.") from None
+        if not isinstance(meta, dict):
+            raise UsageError(f"{p / DELTA_CONFIG} must hold a JSON object; the delta is damaged: save it again.")
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{p}: delta format_version {meta.get('format_version')!r} is not supported "
+            raise UsageError(f"{p}: delta format_version {meta.get('format_version')!r} is not supported "
                              f"(this library reads {FORMAT_VERSION}); upgrade bitfit-tasks.")
-        return cls(tensors=load_file(str(p / DELTA_WEIGHTS)), meta=meta, path=str(p))
+        for key, typ in REQUIRED_META.items():
+            if key not in meta:
+                raise UsageError(f"{p / DELTA_CONFIG} lacks the field {key!r} (written by an older or another "
+                                 "tool, or edited); save the delta again with bitfit-tasks.")
+            if not isinstance(meta[key], typ):
+                raise UsageError(f"{p / DELTA_CONFIG}: field {key!r} must be a {typ.__name__}, got "
+                                 f"{type(meta[key]).__name__}.")
+        got = _sha256(p / DELTA_WEIGHTS)
+        if got != meta["weights_sha256"]:
+            raise UsageError(f"{p / DELTA_WEIGHTS} does not match its checksum in {DELTA_CONFIG} (sha256 {got[:12]}… "
+                             f"vs {meta['weights_sha256'][:12]}…): the file was changed or damaged; save the delta "
+                             "again.")
+        try:
+            tensors = load_file(str(p / DELTA_WEIGHTS))
+        except SafetensorError as err:
+            raise UsageError(f"{p / DELTA_WEIGHTS} is not a readable safetensors file ({err}).") from None
+        shapes = {n: list(t.shape) for n, t in tensors.items()}
+        if set(shapes) != set(meta["shapes"]):
+            extra, missing = sorted(set(shapes) - set(meta["shapes"])), sorted(set(meta["shapes"]) - set(shapes))
+            raise UsageError(f"{p}: the tensors and the JSON field 'shapes' disagree (only in the tensors: "
+                             f"{extra[:3]}, only in the JSON: {missing[:3]}); save the delta again.")
+        for name, shape in shapes.items():
+            if meta["shapes"][name] != shape:
+                raise UsageError(f"{p}: JSON field 'shapes' gives {name} as {meta['shapes'][name]} but the tensor is "
+                                 f"{shape}; save the delta again.")
+            if not tensors[name].is_floating_point():
+                raise UsageError(f"{p}: tensor {name} has dtype {tensors[name].dtype}; a delta holds float tensors.")
+        return cls(tensors=tensors, meta=meta, path=str(p))
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -252,14 +303,32 @@ def load_task_model(base_model: str, delta_dir: str | os.PathLike, **from_pretra
 
 
 def export_merged(base_model: str, delta_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Write a full ``from_pretrained``-loadable model (base + delta merged), plus the tokenizer."""
+    """Write a full ``from_pretrained``-loadable model (base + delta merged), plus the tokenizer.
+    The folder is built under a temporary name and renamed, and an existing file or non-empty
+    folder at ``output_dir`` is refused, never overwritten."""
+    import shutil
+    import tempfile
+
     from transformers import AutoTokenizer
 
+    out = Path(output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        kind = "a file" if not out.is_dir() else "a folder that is not empty"
+        raise UsageError(f"--output {out} is {kind}; give a new or empty folder for the merged model.")
     model = load_task_model(base_model, delta_dir)
-    model.save_pretrained(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        AutoTokenizer.from_pretrained(delta_dir if (Path(delta_dir) / "tokenizer_config.json").exists()
-                                      else base_model).save_pretrained(output_dir)
-    except (OSError, ValueError):  # a base without a tokenizer: the weights are what matters
-        pass
-    return Path(output_dir)
+        model.save_pretrained(tmp)
+        try:
+            AutoTokenizer.from_pretrained(delta_dir if (Path(delta_dir) / "tokenizer_config.json").exists()
+                                          else base_model).save_pretrained(tmp)
+        except (OSError, ValueError):  # a base without a tokenizer: the weights are what matters
+            pass
+        if out.is_dir():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

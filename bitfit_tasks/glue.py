@@ -22,7 +22,7 @@ from transformers import (
 from . import metrics as M
 from .arguments import ModelArguments, RunArguments, load_hub_dataset, parse_args
 from .config import BitFitConfig
-from .errors import UsageError, check_positive
+from .errors import UsageError, check_positive, read_utf8
 from .fileio import atomic_write_lines
 from .runner import ensure_pad_token, start_run, train_and_record
 from .trainer import BitFitTrainer
@@ -144,6 +144,8 @@ def load_glue(args: GlueArguments, cache_dir: str | None = None):
     out = {}
     for split, path in files.items():
         suffix = Path(path).suffix.lower()
+        if suffix != ".parquet" and Path(path).is_file():
+            read_utf8(path)  # a clear line for a non-UTF-8 file, not a pyarrow error
         kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
         try:
             out[split] = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=path, split="train",

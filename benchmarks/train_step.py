@@ -40,7 +40,7 @@ from transformers import (
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, prepare_model
 from bitfit_tasks.arguments import demo_model_path
-from bitfit_tasks.lean import make_lean
+from bitfit_tasks.lean import cpu_bf16_capability, make_lean
 
 CONFIGS = {
     "full": BitFitConfig(mode="full"),
@@ -205,10 +205,13 @@ def main() -> None:
     held = {(r.name, r.path): r.persistent_bytes() for r in runners}
     print(f"{a.shape}, batch {a.batch} x seq {a.seq}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}; median of {a.repeats} interleaved steps after 1 warm-up")
+    caps = cpu_bf16_capability()
+    print(f"CPU bf16 matmuls: {caps} -> {'native' if any(caps.values()) else 'EMULATED (lean is >50x slower here; '}"
+          f"{'' if any(caps.values()) else 'BitFitTrainer falls back to fp32 for --lean)'}")
     print("| path | config | step s | vs full | step peak MiB | vs full | total peak MiB | vs full "
           "| saved-for-backward MiB | vs full | page faults/step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    out = {}
+    out: dict = {"cpu_bf16": caps}
     for path in a.paths:
         base: tuple = (None,) * 4
         if "full" in a.configs:

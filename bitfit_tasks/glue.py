@@ -25,6 +25,7 @@ from .config import BitFitConfig
 from .errors import UsageError, check_positive, read_utf8
 from .fileio import atomic_write_lines
 from .runner import ensure_pad_token, start_run, train_and_record
+from .sampling import EVAL_SAMPLE_SEED, sample_indices
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -206,12 +207,9 @@ def check_and_encode_labels(ds, task: GlueTask, split: str, source: str | None =
 
 
 def sample(ds, n: int | None, seed: int):
-    """A seeded random subset of ``n`` rows (all rows if n is None or >= len)."""
-    if n is None or n >= len(ds):
-        return ds
-    if n <= 0:
-        raise ValueError(f"sample size must be positive, got {n}.")
-    return ds.shuffle(seed=seed).select(range(n))
+    """A seeded random subset of ``n`` rows (all rows if n is None or >= len), in file order."""
+    idx = sample_indices(len(ds), seed, k=n)
+    return ds if idx is None else ds.select(idx)
 
 
 def compute_glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -266,7 +264,8 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
     files = {"train": data_args.train_file, task.eval_splits[0]: data_args.validation_file,
              "validation_mismatched": data_args.validation_mismatched_file}
     train = check_and_encode_labels(train, task, "train", files["train"])
-    eval_sets = {s: check_and_encode_labels(sample(raw[s], data_args.max_eval_samples, data_seed), task, s,
+    # Evaluation subsets use one fixed seed: every method and seed is scored on the same examples.
+    eval_sets = {s: check_and_encode_labels(sample(raw[s], data_args.max_eval_samples, EVAL_SAMPLE_SEED), task, s,
                                             files.get(s))
                  for s in task.eval_splits if s in raw}
     # The rows' own ids where the data has them (nyu-mll/glue's idx), else the row number.

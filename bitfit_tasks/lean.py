@@ -40,10 +40,19 @@ class BoolDropout(nn.Dropout):
         return _BoolDropoutFn.apply(x, self.p)
 
 
-def bf16_supported() -> bool:
-    if torch.cuda.is_available():
+def cpu_bf16_capability() -> dict[str, bool]:
+    """What this CPU offers bf16 matmuls (torch's own checks): AVX512-BF16 or AMX tiles run them
+    natively; without either oneDNN emulates them, >50x slower than fp32 on an AVX2-only CPU."""
+    return {"avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+            "amx": bool(torch.cpu._is_amx_tile_supported())}
+
+
+def bf16_supported(device: str = "cuda") -> bool:
+    """Whether bf16 autocast is *fast* on ``device``: a GPU that supports bf16, or a CPU with native
+    bf16 matmuls (AVX512-BF16 or AMX)."""
+    if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return True  # CPU autocast supports bf16
+    return any(cpu_bf16_capability().values())
 
 
 def _autocast_forward(model: nn.Module) -> None:

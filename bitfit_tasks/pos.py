@@ -25,6 +25,7 @@ from .errors import check_positive
 from .fileio import atomic_write_lines
 from .pos_data import FORMATS, Sentence, read_file, read_token_tag_dataset, read_treebank_splits
 from .runner import ensure_pad_token, start_run, train_and_record
+from .sampling import EVAL_SAMPLE_SEED, sample_list
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -148,13 +149,6 @@ def token_loss(outputs, labels, num_items_in_batch=None):
     return loss / n
 
 
-def _sample(sentences: list[Sentence], n: int | None, seed: int) -> list[Sentence]:
-    if n is None or n >= len(sentences):
-        return sentences
-    idx = np.random.default_rng(seed).choice(len(sentences), size=n, replace=False)
-    return [sentences[i] for i in sorted(idx)]
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, bitfit, run_args, training_args = parse_args(
@@ -169,10 +163,10 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
 
     seed = start_run(training_args, bitfit, 1e-3, run_args)  # BitFit default: the paper's largest bias rate
     splits = load_splits(data_args)
-    splits["train"] = _sample(splits["train"], data_args.max_train_samples, seed)
-    for s in ("validation", "test"):
+    splits["train"] = sample_list(splits["train"], seed, k=data_args.max_train_samples)
+    for s in ("validation", "test"):  # the same evaluation sentences for every method and seed
         if s in splits:
-            splits[s] = _sample(splits[s], data_args.max_eval_samples, seed)
+            splits[s] = sample_list(splits[s], EVAL_SAMPLE_SEED, k=data_args.max_eval_samples)
     tags = tag_set(splits["train"])
     tag2id = {t: i for i, t in enumerate(tags)}
     unseen = {s: check_tags(s, v, set(tags), data_args.unknown_tags) for s, v in splits.items() if s != "train"}

@@ -4,12 +4,14 @@ n-best span search over all windows, the official EM/F1, training-size subsets, 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import re
 import string
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from .config import BitFitConfig
 from .errors import UsageError, check_positive, read_utf8
 from .fileio import atomic_write_text
 from .runner import eval_history, start_run, train_and_record
+from .sampling import EVAL_SAMPLE_SEED, sample_list
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -157,15 +160,7 @@ def check_squad_rows(rows: list, path: str, split: str) -> None:
 
 def sample_examples(rows: list[dict], fraction: float | None, n: int | None, seed: int) -> list[dict]:
     """A seeded random sample of *examples* (questions, before windowing), never a prefix."""
-    k = len(rows)
-    if fraction is not None:
-        k = max(1, round(fraction * len(rows)))
-    if n is not None:
-        k = min(k, n)
-    if k >= len(rows):
-        return rows
-    idx = np.random.default_rng(seed).choice(len(rows), size=k, replace=False)
-    return [rows[i] for i in sorted(idx)]
+    return sample_list(rows, seed, k=n, fraction=fraction)
 
 
 # ---- windows ---------------------------------------------------------------------------------
@@ -224,27 +219,121 @@ def prepare_eval_features(rows: list[dict], tokenizer, max_len: int, stride: int
     return dict(enc), sample_map, offsets
 
 
-def postprocess(rows: list[dict], sample_map: list[int], offsets: list[list], start_logits: np.ndarray,
-                end_logits: np.ndarray, n_best: int = 20, max_answer_length: int = 30) -> dict[str, str]:
-    """Best context span per example over *all* its windows (n-best start x end search)."""
-    by_example: dict[int, list[int]] = collections.defaultdict(list)
-    for f, ex in enumerate(sample_map):
-        by_example[ex].append(f)
-    preds = {}
-    for ex, row in enumerate(rows):
-        best_score, best_text = -np.inf, ""
-        for f in by_example.get(ex, []):
-            sl, el, off = start_logits[f], end_logits[f], offsets[f]
-            n = len(off)
-            for s in np.argsort(sl[:n])[::-1][:n_best]:
-                for e in np.argsort(el[:n])[::-1][:n_best]:
-                    if off[s] is None or off[e] is None or e < s or e - s + 1 > max_answer_length:
-                        continue
-                    score = sl[s] + el[e]
-                    if score > best_score:
-                        best_score, best_text = score, row["context"][off[s][0]:off[e][1]]
-        preds[row["id"]] = best_text
-    return preds
+def offsets_array(offsets: list[list]) -> np.ndarray:
+    """Per-window offset lists (``None`` outside the context) as one ``(windows, length, 2)`` int
+    array with -1 outside the context: what the vectorised post-processing reads."""
+    length = max((len(o) for o in offsets), default=0)
+    out = np.full((len(offsets), length, 2), -1, dtype=np.int64)
+    for w, off in enumerate(offsets):
+        for k, o in enumerate(off):
+            if o is not None:
+                out[w, k] = o
+    return out
+
+
+def postprocess(rows: list[dict], sample_map, offsets, start_logits: np.ndarray, end_logits: np.ndarray,
+                n_best: int = 20, max_answer_length: int = 30) -> dict[str, str]:
+    """Best context span per example over *all* its windows (n-best start x end search).
+
+    Per window, the ``n_best`` start and end candidates are taken once and their grid scored at
+    once (as HF's ``postprocess_qa_predictions``); ties go to the higher-ranked start, then end,
+    then the earlier window. ``offsets`` is a list of per-window offset lists (``None`` outside the
+    context) or the array from :func:`offsets_array`."""
+    offs = offsets if isinstance(offsets, np.ndarray) else offsets_array(offsets)
+    n = offs.shape[1]
+    best_score = np.full(len(rows), -np.inf)
+    best_span: list[tuple[int, int] | None] = [None] * len(rows)
+    in_ctx = offs[:, :, 0] >= 0
+    for f, ex in enumerate(np.asarray(sample_map)):
+        sl, el = start_logits[f, :n], end_logits[f, :n]
+        s_idx = np.argsort(sl)[::-1][:n_best]
+        e_idx = np.argsort(el)[::-1][:n_best]
+        length = e_idx[None, :] - s_idx[:, None] + 1
+        ok = in_ctx[f, s_idx][:, None] & in_ctx[f, e_idx][None, :] & (length >= 1) & (length <= max_answer_length)
+        if not ok.any():
+            continue
+        score = np.where(ok, sl[s_idx][:, None] + el[e_idx][None, :], -np.inf)
+        i, j = np.unravel_index(np.argmax(score), score.shape)  # first maximum, row-major
+        if score[i, j] > best_score[ex]:
+            best_score[ex] = score[i, j]
+            best_span[ex] = (int(offs[f, s_idx[i], 0]), int(offs[f, e_idx[j], 1]))
+    return {row["id"]: (row["context"][span[0]:span[1]] if span else "") for row, span in zip(rows, best_span,
+                                                                                               strict=True)}
+
+
+# ---- windows as cached datasets ----------------------------------------------------------------
+
+CACHE_VERSION = 1  # bump when the window features change
+
+
+def rows_digest(rows: list[dict]) -> str:
+    """Content hash of the questions (ids, texts, answers): the cache key of their windows."""
+    h = hashlib.sha256()
+    for r in rows:
+        for part in (r["id"], r["question"], r["context"], json.dumps(r["answers"])):
+            h.update(str(part).encode())
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else repr(tokenizer)
+    return hashlib.sha256(f"{type(tokenizer).__name__}|{tokenizer.padding_side}|{spec}".encode()).hexdigest()
+
+
+def window_cache_file(kind: str, rows: list[dict], tokenizer, max_len: int, stride: int,
+                      cache_dir: str | None = None) -> str:
+    import datasets.config
+
+    key = json.dumps([CACHE_VERSION, kind, rows_digest(rows), tokenizer_digest(tokenizer), max_len, stride])
+    folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "bitfit_tasks" / "squad"
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.arrow")
+
+
+def window_dataset(kind: str, rows: list[dict], tokenizer, max_len: int, stride: int, training_args=None,
+                   cache_dir: str | None = None):
+    """The ``train`` or ``eval`` windows of ``rows`` as a memory-mapped ``datasets.Dataset``, built with
+    ``map(batched=True)`` into an Arrow file keyed by the questions' content, the tokenizer and the
+    window settings: the main process builds it (``main_process_first``), other processes and
+    later runs with the same inputs load it. Eval windows carry ``example_index`` and
+    ``offset_mapping`` (-1 outside the context) for post-processing."""
+    import datasets
+
+    cache = window_cache_file(kind, rows, tokenizer, max_len, stride, cache_dir)
+    ctx = training_args.main_process_first(desc=f"SQuAD {kind} windows") if training_args is not None else nullcontext()
+    with ctx:
+        if Path(cache).exists():
+            logger.info("SQuAD %s windows: loading the cache %s", kind, cache)
+            return datasets.Dataset.from_file(cache)
+        if kind == "train":
+            cols = {"question": [r["question"] for r in rows], "context": [r["context"] for r in rows],
+                    "answer_text": [r["answers"]["text"][0] if r["answers"]["text"] else "" for r in rows],
+                    "answer_start": [r["answers"]["answer_start"][0] if r["answers"]["text"] else -1 for r in rows]}
+        else:
+            cols = {"question": [r["question"] for r in rows], "context": [r["context"] for r in rows]}
+        source = datasets.Dataset.from_dict(cols)
+        del cols
+
+        def train_batch(batch):
+            batch_rows = [{"question": q, "context": c,
+                           "answers": {"text": [t] if s >= 0 else [], "answer_start": [s] if s >= 0 else []}}
+                          for q, c, t, s in zip(batch["question"], batch["context"], batch["answer_text"],
+                                                batch["answer_start"], strict=True)]
+            return prepare_train_features(batch_rows, tokenizer, max_len, stride)
+
+        def eval_batch(batch, indices):
+            batch_rows = [{"question": q, "context": c}
+                          for q, c in zip(batch["question"], batch["context"], strict=True)]
+            enc, sample_map, offsets = prepare_eval_features(batch_rows, tokenizer, max_len, stride)
+            enc["example_index"] = [indices[i] for i in sample_map]
+            enc["offset_mapping"] = [[o if o is not None else (-1, -1) for o in off] for off in offsets]
+            return enc
+
+        return source.map(train_batch if kind == "train" else eval_batch, batched=True, batch_size=1000,
+                          with_indices=kind != "train", remove_columns=source.column_names, cache_file_name=cache,
+                          writer_batch_size=1000, desc=f"SQuAD {kind} windows")
 
 
 # ---- runner ----------------------------------------------------------------------------------
@@ -294,9 +383,11 @@ class SquadEval:
     """Evaluate = predict start/end logits for every window (gathered over processes, no duplicates),
     then n-best post-processing over each example's windows and the official EM/F1."""
 
-    def __init__(self, rows, features, sample_map, offsets, args: SquadArguments, output_dir: str):
-        self.rows, self.features, self.sample_map, self.offsets = rows, features, sample_map, offsets
-        self.args, self.output_dir = args, output_dir
+    def __init__(self, rows, windows, args: SquadArguments, output_dir: str):
+        self.rows, self.args, self.output_dir = rows, args, output_dir
+        self.sample_map = np.asarray(windows["example_index"])
+        self.offsets = windows.with_format("numpy", columns=["offset_mapping"])["offset_mapping"]
+        self.features = windows.remove_columns(["example_index", "offset_mapping"])
 
     def __call__(self, trainer: BitFitTrainer) -> dict[str, float]:
         out = trainer.predict(self.features, metric_key_prefix="eval")
@@ -334,13 +425,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitConfig,
         training_args: TrainingArguments, run_args: RunArguments | None = None) -> dict[str, Any]:
-    import datasets
 
     seed = start_run(training_args, bitfit, 1e-3, run_args)
     train_rows, dev_rows = load_rows(data_args)
     train_rows = sample_examples(train_rows, data_args.train_fraction, data_args.max_train_samples, seed)
     # The dev subset depends on the data seed only, so every method is scored on the same questions.
-    dev_rows = sample_examples(dev_rows, None, data_args.max_eval_samples, 1234)
+    dev_rows = sample_examples(dev_rows, None, data_args.max_eval_samples, EVAL_SAMPLE_SEED)
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     if not tokenizer.is_fast:
@@ -348,16 +438,16 @@ def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitCon
                          "(offset mappings); this one is slow.")
     model = AutoModelForQuestionAnswering.from_pretrained(model_args.model_name_or_path,
                                                           cache_dir=model_args.cache_dir)
-    train_feats = prepare_train_features(train_rows, tokenizer, data_args.max_seq_length, data_args.doc_stride)
-    dev_enc, sample_map, offsets = prepare_eval_features(dev_rows, tokenizer, data_args.max_seq_length,
-                                                         data_args.doc_stride)
+    train_windows = window_dataset("train", train_rows, tokenizer, data_args.max_seq_length, data_args.doc_stride,
+                                   training_args)
+    dev_windows = window_dataset("eval", dev_rows, tokenizer, data_args.max_seq_length, data_args.doc_stride,
+                                 training_args)
     trainer = SquadBitFitTrainer(
-        model=model, args=training_args, train_dataset=datasets.Dataset.from_dict(train_feats),
+        model=model, args=training_args, train_dataset=train_windows,
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
         bitfit_config=bitfit,
     )
-    trainer.squad_eval = SquadEval(dev_rows, datasets.Dataset.from_dict(dev_enc), sample_map, offsets, data_args,
-                                   training_args.output_dir)
+    trainer.squad_eval = SquadEval(dev_rows, dev_windows, data_args, training_args.output_dir)
     if trainer.is_world_process_zero():
         out = Path(training_args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -365,7 +455,7 @@ def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitCon
     return train_and_record(
         trainer, metric_key="eval_f1", bitfit=bitfit, save_full_model=data_args.save_full_model,
         info={"task": data_args.task_name, "metric": "f1", "train_examples": len(train_rows),
-              "train_features": len(train_feats["input_ids"]), "train_fraction": data_args.train_fraction,
+              "train_features": len(train_windows), "train_fraction": data_args.train_fraction,
               "eval_examples": len(dev_rows), "model": model_args.model_name_or_path},
         after_training=final_em_f1,
     )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ from .config import BitFitConfig
 from .core import BitFitState, prepare_model
 from .delta import DELTA_CONFIG, Delta, apply_delta, fingerprint, is_delta_dir, model_card, save_delta
 from .fileio import atomic_write_text
-from .lean import bf16_supported, make_lean
+from .lean import bf16_supported, cpu_bf16_capability, make_lean
 from .selection import BiasMap
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -48,12 +50,20 @@ class BitFitTrainer(Trainer):
         **kwargs,
     ) -> None:
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
-        lean = bitfit_config is not None and bitfit_config.lean
-        if lean and targs is not None and not targs.bf16:
-            if not bf16_supported():
-                raise ValueError("lean=True needs bf16 autocast, which this GPU does not support; drop --lean.")
-            # Lean mode is bf16 autocast by definition; the accelerator reads mixed_precision.
-            targs.bf16, targs.mixed_precision = True, "bf16"
+        if bitfit_config is not None and bitfit_config.lean and targs is not None:
+            device = "cpu" if targs.use_cpu or not torch.cuda.is_available() else "cuda"
+            if not bf16_supported(device):
+                if device != "cpu":
+                    raise ValueError("lean=True needs bf16 autocast, which this GPU does not support; drop --lean.")
+                # Without native bf16 matmuls oneDNN emulates them: a lean step measured >50x slower
+                # than fp32 on an AVX2-only CPU. Train in fp32 instead and say so.
+                warnings.warn(f"--lean needs native bf16 matmuls (AVX512-BF16 or AMX); this CPU has none "
+                              f"({cpu_bf16_capability()}), where bf16 is emulated and >50x slower, so this run "
+                              "trains in fp32 (plain BitFit). Drop --lean to silence this.", UserWarning, stacklevel=2)
+                bitfit_config = dataclasses.replace(bitfit_config, lean=False)
+            elif not targs.bf16:
+                # Lean mode is bf16 autocast by definition; the accelerator reads mixed_precision.
+                targs.bf16, targs.mixed_precision = True, "bf16"
         if targs is not None and targs.ddp_find_unused_parameters is None:
             # Every selected bias and the head take part in each forward, so DDP needs no
             # per-step search for unused parameters (Trainer's default turns it on).

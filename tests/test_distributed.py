@@ -32,7 +32,8 @@ use_cpu: false
 """
 
 
-def launch(args: list[str], nproc: int, cwd: Path, launcher: str = "accelerate") -> subprocess.CompletedProcess:
+def launch(args: list[str], nproc: int, cwd: Path, launcher: str = "accelerate",
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, *args]
     elif launcher == "accelerate-config":
@@ -44,7 +45,7 @@ def launch(args: list[str], nproc: int, cwd: Path, launcher: str = "accelerate")
     else:
         cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
                "--main_process_port", "29531", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -159,8 +160,12 @@ def test_run_squad_two_processes_equals_one_process_double_batch(tiny_model_dir,
                 # the comparison about the data-parallel arithmetic.
                 "--optim", "sgd"]
 
-    launch(args(tmp_path / "one", 4), 1, tmp_path)
-    launch(args(tmp_path / "two", 2), 2, tmp_path)
+    launch(args(tmp_path / "one", 4), 1, tmp_path, env={"HF_DATASETS_CACHE": str(tmp_path / "cache1")})
+    two = launch(args(tmp_path / "two", 2), 2, tmp_path, env={"HF_DATASETS_CACHE": str(tmp_path / "cache2")})
+    # The windows are built once, by the main process, into one Arrow file per split; rank 1 loads them.
+    assert len(list((tmp_path / "cache2" / "bitfit_tasks" / "squad").glob("*.arrow"))) == 2
+    assert two.stderr.count("SQuAD train windows: loading the cache") == 1
+    assert two.stderr.count("SQuAD eval windows: loading the cache") == 1
     a = load_file(tmp_path / "one" / "bitfit_delta.safetensors")
     b = load_file(tmp_path / "two" / "bitfit_delta.safetensors")
     for k in a:

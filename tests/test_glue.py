@@ -160,3 +160,22 @@ def test_stsb_regression_smoke(tiny_model_dir, tmp_path):
                 "--output_dir", str(tmp_path), "--num_train_epochs", "1", "--use_cpu", "true",
                 "--ignore_mismatched_sizes", "true"])
     assert res["metric"] == "spearmanr" and "eval_pearson" in res["history"][0]
+
+
+def test_eval_subset_is_the_same_for_every_seed_and_method(tiny_model_dir, tmp_path):
+    """--max_eval_samples draws with one fixed seed: methods and seeds are scored on the same examples,
+    while the training subset follows the data seed."""
+    idx, train = {}, {}
+    for mode, seed in (("bitfit", "1"), ("full", "2"), ("frozen", "3")):
+        out = tmp_path / f"{mode}{seed}"
+        res = main(["--task_name", "mrpc", "--data_dir", GLUE_DIR, "--model_name_or_path", tiny_model_dir,
+                    "--output_dir", str(out), "--num_train_epochs", "1", "--max_seq_length", "32", "--use_cpu", "true",
+                    "--mode", mode, "--seed", seed, "--max_eval_samples", "6", "--max_train_samples", "8",
+                    "--disable_tqdm", "true"])
+        idx[mode] = [json.loads(x)["idx"] for x in (out / "predictions_validation.jsonl").read_text().splitlines()]
+        train[mode] = res["train_examples"]
+    assert len(idx["bitfit"]) == 6 and idx["bitfit"] == idx["full"] == idx["frozen"]
+    from bitfit_tasks.sampling import sample_indices
+
+    assert sample_indices(100, 1, k=8) != sample_indices(100, 2, k=8)  # training subsets differ by seed
+    assert sample_indices(100, 1, fraction=0.1) == sample_indices(100, 1, k=10)

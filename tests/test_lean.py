@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -62,11 +64,18 @@ def test_lean_loss_and_gradients_match_fp32_within_bf16_tolerance():
         assert cos > 0.98, (n, cos)
 
 
-def test_lean_trainer_trains_and_its_delta_fits_the_fp32_base(tmp_path):
+@pytest.fixture
+def fast_bf16_cpu():
+    """Pretend the CPU has native bf16 matmuls (AMX), so lean mode runs here (emulated, tiny model)."""
+    with mock.patch("bitfit_tasks.lean.cpu_bf16_capability", return_value={"avx512_bf16": False, "amx": True}):
+        yield
+
+
+def test_lean_trainer_trains_and_its_delta_fits_the_fp32_base(tmp_path, fast_bf16_cpu):
     model = tiny_model("bert")
     args = make_args(tmp_path, max_steps=3)
     trainer = BitFitTrainer(model=model, args=args, train_dataset=RandomPairs(), bitfit_config=BitFitConfig(lean=True))
-    assert args.bf16 and args.mixed_precision == "bf16"
+    assert args.bf16 and args.mixed_precision == "bf16" and trainer.bitfit_config.lean
     before = model.bert.encoder.layer[0].intermediate.dense.bias.detach().clone()
     trainer.train()
     assert not torch.equal(before, model.bert.encoder.layer[0].intermediate.dense.bias)
@@ -121,3 +130,25 @@ def test_bf16_mixed_precision_keeps_trainable_biases_fp32(tmp_path):
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+
+
+def test_lean_on_a_cpu_without_native_bf16_falls_back_to_fp32_with_a_warning(tmp_path):
+    """AVX2-only CPU (this machine's kind): lean would emulate bf16 (>50x slower), so it trains fp32."""
+    with mock.patch("bitfit_tasks.lean.cpu_bf16_capability", return_value={"avx512_bf16": False, "amx": False}):
+        model = tiny_model("bert")
+        args = make_args(tmp_path, max_steps=1)
+        with pytest.warns(UserWarning, match=r"--lean needs native bf16 matmuls \(AVX512-BF16 or AMX\); this CPU has "
+                                             r"none .* so this run trains in fp32 \(plain BitFit\)"):
+            trainer = BitFitTrainer(model=model, args=args, train_dataset=RandomPairs(),
+                                    bitfit_config=BitFitConfig(lean=True))
+    assert not trainer.bitfit_config.lean and not args.bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    trainer.train()
+
+
+def test_capability_check_reads_torch_cpu_flags():
+    from bitfit_tasks.lean import bf16_supported, cpu_bf16_capability
+
+    caps = cpu_bf16_capability()
+    assert caps == {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx": torch.cpu._is_amx_tile_supported()}
+    assert bf16_supported("cpu") == any(caps.values())

@@ -165,3 +165,14 @@ def test_token_loss_is_global_token_mean():
     n = (labels != IGNORE).sum()
     halves = sum(token_loss({"logits": logits[i:i + 2]}, labels[i:i + 2], num_items_in_batch=n) for i in (0, 2))
     assert torch.allclose(halves, mean)
+
+
+def test_pos_eval_subset_is_fixed_across_seeds(tiny_model_dir, tmp_path):
+    words = []
+    for seed in ("1", "2"):
+        out = tmp_path / seed
+        main(["--train_file", f"{POS}/ewt.conllu", "--validation_file", f"{POS}/ewt.conllu", "--model_name_or_path",
+              tiny_model_dir, "--output_dir", str(out), "--num_train_epochs", "1", "--use_cpu", "true",
+              "--ignore_mismatched_sizes", "true", "--seed", seed, "--max_eval_samples", "2", "--disable_tqdm", "true"])
+        words.append([json.loads(x)["tokens"] for x in (out / "predictions_validation.jsonl").read_text().splitlines()])
+    assert len(words[0]) == 2 and words[0] == words[1]

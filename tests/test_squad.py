@@ -171,3 +171,64 @@ def test_fraction_epochs_give_each_fraction_its_own_epochs():
         fraction_task_args([0.01], [10], ["--num_train_epochs", "2"])
     with pytest.raises(ValueError, match=r"--fraction_epochs and --num_train_epochs both set"):
         fraction_task_args([0.01], [10], ["--num_train_epochs=2"])
+
+
+def reference_postprocess(rows, sample_map, offsets, start_logits, end_logits, n_best=20, max_answer_length=30):
+    """The loop post-processing this package used before the vectorised one: the oracle."""
+    import collections
+
+    by_example = collections.defaultdict(list)
+    for f, ex in enumerate(sample_map):
+        by_example[ex].append(f)
+    preds = {}
+    for ex, row in enumerate(rows):
+        best_score, best_text = -np.inf, ""
+        for f in by_example.get(ex, []):
+            sl, el, off = start_logits[f], end_logits[f], offsets[f]
+            n = len(off)
+            for s in np.argsort(sl[:n])[::-1][:n_best]:
+                for e in np.argsort(el[:n])[::-1][:n_best]:
+                    if off[s] is None or off[e] is None or e < s or e - s + 1 > max_answer_length:
+                        continue
+                    score = sl[s] + el[e]
+                    if score > best_score:
+                        best_score, best_text = score, row["context"][off[s][0]:off[e][1]]
+        preds[row["id"]] = best_text
+    return preds
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_postprocess_equals_the_loop(tok, seed):
+    rows = read_squad_file(f"{SQ}/official.json")
+    enc, sample_map, offsets = prepare_eval_features(rows, tok, 40, 16)
+    rng = np.random.default_rng(seed)
+    shape = (len(sample_map), max(len(o) for o in offsets))
+    # Coarse logits (ties everywhere) and a short max answer length exercise the tie-breaking and limits.
+    start = rng.integers(-3, 3, shape).astype(np.float32)
+    end = rng.integers(-3, 3, shape).astype(np.float32)
+    for n_best, max_len in ((20, 30), (3, 2), (1, 1)):
+        want = reference_postprocess(rows, sample_map, offsets, start, end, n_best, max_len)
+        assert postprocess(rows, sample_map, offsets, start, end, n_best, max_len) == want
+
+
+def test_cached_and_uncached_windows_are_identical(tok, tmp_path):
+    from bitfit_tasks.squad import offsets_array, window_dataset
+
+    rows = read_squad_file(f"{SQ}/official.json")
+    want_train = prepare_train_features(rows, tok, 40, 16)
+    want_eval, sample_map, offsets = prepare_eval_features(rows, tok, 40, 16)
+    for attempt in ("cold", "warm"):
+        train = window_dataset("train", rows, tok, 40, 16, cache_dir=str(tmp_path))
+        ev = window_dataset("eval", rows, tok, 40, 16, cache_dir=str(tmp_path))
+        for k, v in want_train.items():
+            assert train[k] == v, (attempt, k)
+        for k in ("input_ids", "attention_mask", "token_type_ids"):
+            assert ev[k] == want_eval[k], (attempt, k)
+        assert ev["example_index"] == list(sample_map)
+        assert np.array_equal(ev.with_format("numpy")["offset_mapping"], offsets_array(offsets))
+    files = sorted(p.name for p in (tmp_path / "bitfit_tasks" / "squad").glob("*.arrow"))
+    assert len(files) == 2 and files[0].startswith("eval-") and files[1].startswith("train-")
+    # Other settings or other questions: another cache file, never a stale one.
+    window_dataset("train", rows[:3], tok, 40, 16, cache_dir=str(tmp_path))
+    window_dataset("train", rows, tok, 48, 16, cache_dir=str(tmp_path))
+    assert len(list((tmp_path / "bitfit_tasks" / "squad").glob("train-*.arrow"))) == 3

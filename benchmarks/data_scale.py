@@ -41,7 +41,8 @@ def worker(a: argparse.Namespace) -> None:
     from bitfit_tasks.arguments import demo_model_path
     from bitfit_tasks.squad import SquadBitFitTrainer, postprocess, read_squad_file, window_dataset
 
-    args = TrainingArguments(output_dir=a.out, max_steps=5, per_device_train_batch_size=16, report_to=[],
+    args = TrainingArguments(output_dir=a.out, max_steps=5, per_device_train_batch_size=a.batch,
+                             gradient_accumulation_steps=a.accumulate, report_to=[],
                              save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
                              learning_rate=1e-3)
     rank = args.process_index
@@ -68,15 +69,16 @@ def worker(a: argparse.Namespace) -> None:
     trainer = SquadBitFitTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                                  data_collator=DataCollatorWithPadding(tok), bitfit_config=BitFitConfig(),
                                  callbacks=[FirstStep()])
+    rss_before_train = rss_mib()
     trainer.train()
     out = {"rank": rank, "world_size": args.world_size, "train_questions": len(train_rows),
            "train_windows": len(train), "dev_questions": len(dev_rows), "dev_windows": len(dev),
            "read_and_check_s": round(t_read, 1), "windows_s": round(t_windows, 1),
            "to_first_step_s": round(first_step["s"], 1), "peak_rss_after_preprocessing_mib": round(rss_pre),
-           "peak_rss_after_5_steps_mib": round(rss_mib())}
+           "peak_rss_before_training_mib": round(rss_before_train), "peak_rss_after_5_steps_mib": round(rss_mib())}
     if a.postprocess and rank == 0:
         rng = np.random.default_rng(0)
-        offsets = dev.with_format("numpy", columns=["offset_mapping"])["offset_mapping"]
+        offsets = dev.with_format("numpy", columns=["offset_mapping"])[:]["offset_mapping"]
         start = rng.standard_normal(offsets.shape[:2]).astype(np.float32)
         end = rng.standard_normal(offsets.shape[:2]).astype(np.float32)
         t = time.time()
@@ -89,8 +91,11 @@ def worker(a: argparse.Namespace) -> None:
 
 def measure(a: argparse.Namespace, nproc: int, cache: str, label: str, postprocess: bool = False) -> dict:
     out = tempfile.mkdtemp(prefix=f"data-scale-{label}-")
+    # The runners' global batch of 16 as per-device batch x accumulation x processes: seq-384 activations
+    # of a batch of 16 alone take ~3 GB on the CPU, whatever the data pipeline does.
     cmd = [str(Path(__file__)), "--worker", "--train_file", a.train_file, "--validation_file", a.validation_file,
-           "--out", out] + (["--postprocess"] if postprocess else [])
+           "--out", out, "--batch", str(a.batch), "--accumulate", str(16 // (a.batch * nproc))]
+    cmd += ["--postprocess"] if postprocess else []
     if nproc == 1:
         cmd = [sys.executable, *cmd]
     else:
@@ -113,6 +118,8 @@ def main() -> None:
     ap.add_argument("--train_file", required=True)
     ap.add_argument("--validation_file", required=True)
     ap.add_argument("--json", help="write every measurement here")
+    ap.add_argument("--batch", type=int, default=4, help="per-device train batch (accumulated to a global 16)")
+    ap.add_argument("--accumulate", type=int, default=4, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--postprocess", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)

@@ -159,7 +159,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfig,
         training_args: TrainingArguments, run_args: RunArguments | None = None) -> dict[str, Any]:
-    import datasets
 
     seed = start_run(training_args, bitfit, 1e-3, run_args)  # BitFit default: the paper's largest bias rate
     splits = load_splits(data_args)
@@ -188,25 +187,22 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
 
     truncated: dict[str, int] = {}
     word_ids: dict[str, list[list[int | None]]] = {}
-
-    def encode(name: str, sentences: list[Sentence]):
-        enc = tokenizer([s["tokens"] for s in sentences], is_split_into_words=True, truncation=True,
-                        max_length=data_args.max_seq_length)
-        labels, lost = [], 0
-        for i, s in enumerate(sentences):
-            word_labels = [tag2id.get(t, IGNORE) for t in s["tags"]]
-            row = align_labels(enc.word_ids(i), word_labels)
-            labels.append(row)
-            lost += len(s["tokens"]) - len({w for w in enc.word_ids(i) if w is not None})
-        truncated[name] = lost
-        if lost:
-            logger.warning("%s: %d words lie past --max_seq_length %d; they count as errors.", name, lost,
-                           data_args.max_seq_length)
-        word_ids[name] = [enc.word_ids(i) for i in range(len(sentences))]  # for the prediction files
-        return datasets.Dataset.from_dict({**enc, "labels": labels})
-
-    train = encode("train", splits["train"])
-    evals = {s: encode(s, splits[s]) for s in ("validation", "test") if s in splits}
+    evals = {}
+    with training_args.main_process_first(desc="POS features"):
+        for name in ("train", "validation", "test"):
+            if name not in splits:
+                continue
+            ds = encode_sentences(splits[name], tokenizer, tag2id, data_args.max_seq_length)
+            truncated[name] = int(sum(ds["n_lost"]))
+            if truncated[name]:
+                logger.warning("%s: %d words lie past --max_seq_length %d; they count as errors.", name,
+                               truncated[name], data_args.max_seq_length)
+            word_ids[name] = [[None if w < 0 else w for w in row] for row in ds["word_ids"]]
+            ds = ds.remove_columns(["n_lost", "word_ids"])
+            if name == "train":
+                train = ds
+            else:
+                evals[name] = ds
     id2tag = dict(enumerate(tags))
 
     def metrics_for(split: str):
@@ -248,6 +244,40 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
               "n_tags": len(tags), "model": model_args.model_name_or_path, "truncated_words": truncated},
         after_training=score_and_predict,
     )
+
+
+POS_CACHE_VERSION = 1
+
+
+def encode_sentences(sentences: list[Sentence], tokenizer, tag2id: dict[str, int], max_len: int):
+    """Sub-token features of ``sentences`` (first sub-token of each word labelled, the rest -100) as a
+    memory-mapped ``datasets.Dataset`` built by ``map(batched=True)`` into a content-keyed Arrow
+    file, plus per sentence the words lost to truncation (``n_lost``) and the ``word_ids`` (-1 for
+    special tokens) that the prediction files read."""
+    import datasets
+
+    from .cache import cache_file, content_digest, tokenizer_digest
+
+    key = [POS_CACHE_VERSION, content_digest(sentences, ("tokens", "tags")), tokenizer_digest(tokenizer),
+           sorted(tag2id.items()), max_len]
+    path = cache_file("pos", "features", key)
+    if Path(path).exists():
+        return datasets.Dataset.from_file(path)
+
+    def encode(batch):
+        enc = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_len)
+        labels, lost, wids = [], [], []
+        for i, (words, tags) in enumerate(zip(batch["tokens"], batch["tags"], strict=True)):
+            ids = enc.word_ids(i)
+            labels.append(align_labels(ids, [tag2id.get(t, IGNORE) for t in tags]))
+            lost.append(len(words) - len({w for w in ids if w is not None}))
+            wids.append([-1 if w is None else w for w in ids])
+        return {**enc, "labels": labels, "n_lost": lost, "word_ids": wids}
+
+    source = datasets.Dataset.from_dict({"tokens": [s["tokens"] for s in sentences],
+                                         "tags": [s["tags"] for s in sentences]})
+    return source.map(encode, batched=True, batch_size=1000, remove_columns=source.column_names,
+                      cache_file_name=path, desc="POS features")
 
 
 def word_predictions(sentences: list[Sentence], word_ids: list[list[int | None]], pred_ids: np.ndarray,

@@ -4,7 +4,6 @@ n-best span search over all windows, the official EM/F1, training-size subsets, 
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import re
@@ -25,6 +24,7 @@ from transformers import (
 )
 
 from .arguments import ModelArguments, RunArguments, parse_args
+from .cache import cache_file, content_digest, tokenizer_digest
 from .config import BitFitConfig
 from .errors import UsageError, check_positive, read_utf8
 from .fileio import atomic_write_text
@@ -266,30 +266,11 @@ def postprocess(rows: list[dict], sample_map, offsets, start_logits: np.ndarray,
 CACHE_VERSION = 1  # bump when the window features change
 
 
-def rows_digest(rows: list[dict]) -> str:
-    """Content hash of the questions (ids, texts, answers): the cache key of their windows."""
-    h = hashlib.sha256()
-    for r in rows:
-        for part in (r["id"], r["question"], r["context"], json.dumps(r["answers"])):
-            h.update(str(part).encode())
-            h.update(b"\0")
-    return h.hexdigest()
-
-
-def tokenizer_digest(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else repr(tokenizer)
-    return hashlib.sha256(f"{type(tokenizer).__name__}|{tokenizer.padding_side}|{spec}".encode()).hexdigest()
-
-
 def window_cache_file(kind: str, rows: list[dict], tokenizer, max_len: int, stride: int,
                       cache_dir: str | None = None) -> str:
-    import datasets.config
-
-    key = json.dumps([CACHE_VERSION, kind, rows_digest(rows), tokenizer_digest(tokenizer), max_len, stride])
-    folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "bitfit_tasks" / "squad"
-    folder.mkdir(parents=True, exist_ok=True)
-    return str(folder / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.arrow")
+    key = [CACHE_VERSION, kind, content_digest(rows, ("id", "question", "context", "answers")),
+           tokenizer_digest(tokenizer), max_len, stride]
+    return cache_file("squad", kind, key, cache_dir)
 
 
 def window_dataset(kind: str, rows: list[dict], tokenizer, max_len: int, stride: int, training_args=None,
@@ -386,7 +367,7 @@ class SquadEval:
     def __init__(self, rows, windows, args: SquadArguments, output_dir: str):
         self.rows, self.args, self.output_dir = rows, args, output_dir
         self.sample_map = np.asarray(windows["example_index"])
-        self.offsets = windows.with_format("numpy", columns=["offset_mapping"])["offset_mapping"]
+        self.offsets = windows.with_format("numpy", columns=["offset_mapping"])[:]["offset_mapping"]
         self.features = windows.remove_columns(["example_index", "offset_mapping"])
 
     def __call__(self, trainer: BitFitTrainer) -> dict[str, float]:

@@ -176,3 +176,26 @@ def test_pos_eval_subset_is_fixed_across_seeds(tiny_model_dir, tmp_path):
               "--ignore_mismatched_sizes", "true", "--seed", seed, "--max_eval_samples", "2", "--disable_tqdm", "true"])
         words.append([json.loads(x)["tokens"] for x in (out / "predictions_validation.jsonl").read_text().splitlines()])
     assert len(words[0]) == 2 and words[0] == words[1]
+
+
+def test_pos_features_cached_equal_uncached(tiny_model_dir, tmp_path, monkeypatch):
+    import datasets.config
+    from transformers import AutoTokenizer
+
+    from bitfit_tasks.pos import IGNORE, align_labels, encode_sentences
+    from bitfit_tasks.pos_data import read_conllu
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    sents = read_conllu(open(f"{POS}/ewt.conllu").read().splitlines())
+    tag2id = {t: i for i, t in enumerate(sorted({t for s in sents for t in s["tags"]}))}
+    cold = encode_sentences(sents, tok, tag2id, 8)  # short: some words are cut off
+    warm = encode_sentences(sents, tok, tag2id, 8)
+    assert len(list((tmp_path / "bitfit_tasks" / "pos").glob("*.arrow"))) == 1
+    enc = tok([s["tokens"] for s in sents], is_split_into_words=True, truncation=True, max_length=8)
+    for ds in (cold, warm):
+        assert ds["input_ids"] == enc["input_ids"]
+        assert ds["labels"] == [align_labels(enc.word_ids(i), [tag2id.get(t, IGNORE) for t in s["tags"]])
+                                for i, s in enumerate(sents)]
+        assert sum(ds["n_lost"]) == sum(len(s["tokens"]) - len({w for w in enc.word_ids(i) if w is not None})
+                                        for i, s in enumerate(sents)) > 0

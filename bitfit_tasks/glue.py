@@ -24,7 +24,7 @@ from .arguments import ModelArguments, RunArguments, load_hub_dataset, parse_arg
 from .config import BitFitConfig
 from .errors import UsageError, check_positive, read_utf8
 from .fileio import atomic_write_lines
-from .runner import ensure_pad_token, start_run, train_and_record
+from .runner import ensure_pad_token, release_output_dir, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_indices
 from .trainer import BitFitTrainer
 
@@ -249,7 +249,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, bitfit, run_args, training_args = parse_args(
         (ModelArguments, GlueArguments, BitFitConfig, RunArguments, TrainingArguments), argv
     )
-    return run(model_args, data_args, bitfit, training_args, run_args)
+    try:
+        return run(model_args, data_args, bitfit, training_args, run_args)
+    finally:  # an error before training must not leave the folder locked for this process's lifetime
+        release_output_dir(training_args.output_dir)
 
 
 def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConfig,

@@ -24,7 +24,7 @@ from .config import BitFitConfig
 from .errors import check_positive
 from .fileio import atomic_write_lines
 from .pos_data import FORMATS, Sentence, read_file, read_token_tag_dataset, read_treebank_splits
-from .runner import ensure_pad_token, start_run, train_and_record
+from .runner import ensure_pad_token, release_output_dir, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_list
 from .trainer import BitFitTrainer
 
@@ -154,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, bitfit, run_args, training_args = parse_args(
         (ModelArguments, PosArguments, BitFitConfig, RunArguments, TrainingArguments), argv
     )
-    return run(model_args, data_args, bitfit, training_args, run_args)
+    try:
+        return run(model_args, data_args, bitfit, training_args, run_args)
+    finally:  # an error before training must not leave the folder locked for this process's lifetime
+        release_output_dir(training_args.output_dir)
 
 
 def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfig,

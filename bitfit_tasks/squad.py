@@ -28,7 +28,7 @@ from .cache import cache_file, content_digest, tokenizer_digest
 from .config import BitFitConfig
 from .errors import UsageError, check_positive, read_utf8
 from .fileio import atomic_write_text
-from .runner import eval_history, start_run, train_and_record
+from .runner import eval_history, release_output_dir, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_list
 from .trainer import BitFitTrainer
 
@@ -401,7 +401,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         (ModelArguments, SquadArguments, BitFitConfig, RunArguments, TrainingArguments), argv,
         defaults={"eval_strategy": "no", "per_device_train_batch_size": 16},
     )
-    return run(model_args, data_args, bitfit, training_args, run_args)
+    try:
+        return run(model_args, data_args, bitfit, training_args, run_args)
+    finally:  # an error before training must not leave the folder locked for this process's lifetime
+        release_output_dir(training_args.output_dir)
 
 
 def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitConfig,

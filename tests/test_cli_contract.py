@@ -42,31 +42,78 @@ ENTRY_POINTS = {
 }
 
 
+def bitfit_delta_exe() -> str:
+    exe = shutil.which("bitfit-delta", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.fail("the bitfit-delta console script is not installed next to this python (pip install -e .)")
+    return exe
+
+
+# Commands a user types, run as subprocesses, all started at once (each pays the transformers
+# import): name -> (argv, extra environment).
+HUB_OFFLINE = {
+    "run_glue.py": (["--task_name", "rte"], "--data_dir"),
+    "run_squad.py": (["--train_fraction", "0.1"], "--train_file and --validation_file"),
+    "run_pos.py": (["--dataset_name", "batterydata/pos_tagging"], "--treebank"),
+}
+
+
 @pytest.fixture(scope="module")
-def help_outputs():
-    """Start every ``--help`` at once (each pays the transformers import), then collect."""
-    procs = {name: subprocess.Popen([sys.executable, *cmd, "--help"], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, env=OFFLINE, cwd=ROOT)
-             for name, (cmd, _) in ENTRY_POINTS.items()}
-    return {name: (p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for name, p in procs.items()}
+def user_commands(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    cmds: dict[str, tuple[list[str], dict[str, str]]] = {
+        f"help {name}": ([sys.executable, *cmd, "--help"], {}) for name, (cmd, _) in ENTRY_POINTS.items()}
+    cmds["console help"] = ([bitfit_delta_exe(), "--help"], {})
+    cmds["console bad path"] = ([bitfit_delta_exe(), "info", str(tmp / "nope")], {})
+    for script, (args, _) in HUB_OFFLINE.items():
+        cmds[f"hub {script}"] = ([sys.executable, str(ROOT / script), *args, "--output_dir", str(tmp / script)], {})
+    cmds["debug"] = ([sys.executable, str(ROOT / "run_glue.py"), "--task_name", "nope"], {"BITFIT_DEBUG": "1"})
+    procs = {name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**OFFLINE, **env}, cwd=tmp)
+             for name, (argv, env) in cmds.items()}
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=600)
+        out[name] = (p.returncode, stdout, stderr)
+    return out
 
 
 @pytest.mark.parametrize("name", list(ENTRY_POINTS))
-def test_help_exits_zero(name, help_outputs):
-    rc, out, err = help_outputs[name]
+def test_help_exits_zero(name, user_commands):
+    rc, out, err = user_commands[f"help {name}"]
     assert rc == 0, err[-2000:]
     assert ENTRY_POINTS[name][1] in out
     assert "Traceback" not in err
     if name.startswith("run_"):  # the shared options, resume included, are documented
         assert "--resume_from_checkpoint" in out and "--mode" in out and "--lean" in out
+        assert "--overwrite_output_dir" in out
 
 
-def test_bitfit_delta_console_script_help():
-    exe = shutil.which("bitfit-delta", path=str(Path(sys.executable).parent))
-    if exe is None:
-        pytest.fail("the bitfit-delta console script is not installed next to this python (pip install -e .)")
-    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, env=OFFLINE, timeout=120)
-    assert proc.returncode == 0 and "info" in proc.stdout and "export" in proc.stdout
+def test_bitfit_delta_console_script_help(user_commands):
+    rc, out, _ = user_commands["console help"]
+    assert rc == 0 and "info" in out and "export" in out
+
+
+def test_bitfit_delta_bad_path_is_one_line(user_commands):
+    rc, _, err = user_commands["console bad path"]
+    assert rc == 1 and "Traceback" not in err
+    assert re.fullmatch(r"bitfit-delta: error: .*nope is not a BitFit delta: expected bitfit_delta.safetensors and "
+                        r"bitfit_delta.json in it .*\n", err)
+
+
+@pytest.mark.parametrize("script", list(HUB_OFFLINE))
+def test_hub_default_offline_is_one_line(script, user_commands):
+    rc, _, err = user_commands[f"hub {script}"]
+    assert rc == 1
+    assert "Traceback" not in err
+    errors = [x for x in err.splitlines() if f"{script}: error:" in x]
+    assert len(errors) == 1, err[-3000:]
+    assert "could not load the hub dataset" in errors[0] and HUB_OFFLINE[script][1] in errors[0]
+
+
+def test_debug_switch_shows_the_traceback(user_commands):
+    rc, _, err = user_commands["debug"]
+    assert rc != 0 and "Traceback" in err and "unknown GLUE task 'nope'" in err
 
 
 # ---- JSON argument files ----------------------------------------------------------------------
@@ -226,28 +273,7 @@ def test_squad_records_em_and_f1_and_prints_both(tiny_model_dir, tmp_path, capsy
     assert re.search(r"exact_match \d+\.\d{4}, f1 \d+\.\d{4}, n_examples 5", line)
 
 
-# ---- offline hub defaults, optional dependencies ---------------------------------------------
-
-@pytest.mark.parametrize("script, args, flags", [
-    ("run_glue.py", ["--task_name", "rte"], "--data_dir"),
-    ("run_squad.py", ["--train_fraction", "0.1"], "--train_file and --validation_file"),
-    ("run_pos.py", ["--dataset_name", "batterydata/pos_tagging"], "--treebank"),
-])
-def test_hub_default_offline_is_one_line(script, args, flags, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args, "--output_dir", str(tmp_path)],
-                          capture_output=True, text=True, env=OFFLINE, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr
-    errors = [x for x in proc.stderr.splitlines() if f"{script}: error:" in x]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    assert "could not load the hub dataset" in errors[0] and flags in errors[0]
-
-
-def test_debug_switch_shows_the_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "run_glue.py"), "--task_name", "nope"],
-                          capture_output=True, text=True, env={**OFFLINE, "BITFIT_DEBUG": "1"}, timeout=300)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "unknown GLUE task 'nope'" in proc.stderr
-
+# ---- optional dependencies -------------------------------------------------------------------
 
 def test_squad_sweep_checks_matplotlib_before_training(tmp_path, capsys):
     from bitfit_tasks import sweep
@@ -277,11 +303,3 @@ def test_trainable_table_printed_without_any_logging_setup(tmp_path, capsys):
     assert sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) == n
     assert isinstance(trainer.model.bert.encoder.layer[0].attention.self.query.bias, torch.nn.Parameter)
 
-
-def test_bitfit_delta_bad_path_is_one_line(tmp_path):
-    exe = shutil.which("bitfit-delta", path=str(Path(sys.executable).parent))
-    proc = subprocess.run([exe, "info", str(tmp_path / "nope")], capture_output=True, text=True, env=OFFLINE,
-                          timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert re.fullmatch(r"bitfit-delta: error: .*nope is not a BitFit delta: expected bitfit_delta.safetensors and "
-                        r"bitfit_delta.json in it .*\n", proc.stderr)

@@ -63,8 +63,10 @@ def test_sigkill_during_checkpoint_save_then_resume(tiny_model_dir, tmp_path):
     assert not (out / "results.json").exists()
     assert last_complete_checkpoint(str(out)) == str(out / f"checkpoint-{steps[0]}")
     # Rerunning without saying what to do is refused (the folder holds an unfinished run) ...
-    again = run([str(ROOT / "run_glue.py"), *glue(tiny_model_dir, out)])
-    assert again.returncode == 1 and "holds checkpoints of an unfinished run" in again.stderr
+    from bitfit_tasks.glue import main as glue_main
+
+    with pytest.raises(ValueError, match=r"holds checkpoints of an unfinished run \(checkpoint-"):
+        glue_main(glue(tiny_model_dir, out))
     # ... and resuming picks the last complete checkpoint, not the half-written one.
     resumed = run([str(ROOT / "run_glue.py"), *glue(tiny_model_dir, out, "--resume_from_checkpoint", "true")])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -93,3 +95,17 @@ def test_two_runners_into_one_folder_second_is_refused(tiny_model_dir, tmp_path)
     assert second.returncode == 1
     assert "run_glue.py: error: another run (pid 4242) is writing to --output_dir" in second.stderr
     assert "Traceback" not in second.stderr and not (out / "results.json").exists()
+
+
+def test_a_refused_run_releases_its_folder(tiny_model_dir, tmp_path):
+    """A run refused (or failing) before training leaves no lock behind in a long-lived process."""
+    import fcntl
+
+    from bitfit_tasks.glue import main as glue_main
+
+    out = tmp_path / "run"
+    (out / "checkpoint-4").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds checkpoints of an unfinished run"):
+        glue_main(glue(tiny_model_dir, out))
+    with open(out / ".bitfit-run.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise BlockingIOError if still held

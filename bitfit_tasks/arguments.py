@@ -202,8 +202,9 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
 
 
 def last_complete_checkpoint(output_dir: str | None) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that holds ``trainer_state.json`` (Trainer writes
-    it after the weights and optimizer state, so a save killed half-way has none and is skipped)."""
+    """The newest ``checkpoint-N`` in ``output_dir`` that holds a readable ``trainer_state.json``
+    (Trainer writes it after the weights and optimizer state, so a save killed half-way has none, or
+    a cut-short one, and is skipped)."""
     import re
 
     if not output_dir or not Path(output_dir).is_dir():
@@ -211,9 +212,18 @@ def last_complete_checkpoint(output_dir: str | None) -> str | None:
     found = []
     for p in Path(output_dir).iterdir():
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+        if m and p.is_dir() and _readable_json(p / "trainer_state.json"):
             found.append((int(m.group(1)), p))
     return str(max(found)[1]) if found else None
+
+
+def _readable_json(path: Path) -> bool:
+    """Trainer writes trainer_state.json last, and not atomically: a kill can leave it cut short."""
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def load_hub_dataset(path: str, name: str | None = None, *, local_hint: str, **kwargs):

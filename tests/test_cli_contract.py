@@ -183,6 +183,8 @@ def test_resume_through_runner_equals_uninterrupted_run(mode, tiny_model_dir, tm
     # A newer checkpoint killed mid-save (no trainer_state.json) must be skipped by 'true'.
     (resumed / "checkpoint-999").mkdir()
     (resumed / "checkpoint-999" / "bitfit_delta.json").write_text("")
+    (resumed / "checkpoint-1000").mkdir()  # killed while writing its trainer_state.json
+    (resumed / "checkpoint-1000" / "trainer_state.json").write_text('{"global_step": 10')
     assert last_complete_checkpoint(str(resumed)) == str(resumed / ckpts[0].name)
     res = glue_main(glue_argv(tiny_model_dir, resumed, mode, "--resume_from_checkpoint", "true"))
     assert res["resumed_from"] == str(resumed / ckpts[0].name)

@@ -94,7 +94,8 @@ class GlueArguments:
         default=None, metadata={"help": "Train on a seeded random subset of this many examples "
                                 "(seed: --data_seed or --seed), not the first N rows."})
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Evaluate on a seeded random subset of this size."})
+        default=None, metadata={"help": "Evaluate on a random subset of this size, drawn with the fixed seed "
+                                "1234: the same examples for every method and seed."})
     save_full_model: bool = field(
         default=False, metadata={"help": "With --mode full, also save the whole fine-tuned model at the "
                                  "end (bias-only modes always save their small delta)."})

@@ -58,7 +58,8 @@ class PosArguments:
                                    "choices": ["error", "count_wrong"]})
     max_seq_length: int = field(default=256, metadata={"help": "Sub-token limit; words past it count as errors."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Seeded random subset of sentences."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Seeded random subset of sentences."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Random subset of evaluation sentences, "
+                                         "drawn with the fixed seed 1234 (the same for every method and seed)."})
     save_full_model: bool = field(default=False, metadata={"help": "With --mode full, save the whole model."})
 
     def __post_init__(self) -> None:

@@ -335,7 +335,8 @@ class SquadArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "At most this many training questions "
                                           "(seeded random, after --train_fraction)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a seeded random subset of "
-                                         "this many dev questions (fixed by --data_seed/--seed)."})
+                                         "this many dev questions, drawn with the fixed seed 1234 (the same for every "
+                                         "method and seed)."})
     save_full_model: bool = field(default=False, metadata={"help": "With --mode full, save the whole model."})
 
     def __post_init__(self) -> None:

@@ -20,11 +20,11 @@ from transformers import (
 )
 
 from . import metrics as M
-from .arguments import ModelArguments, RunArguments, load_hub_dataset, parse_args
+from .arguments import ModelArguments, RunArguments, load_hub_dataset
 from .config import BitFitConfig
 from .errors import UsageError, check_positive, read_utf8
 from .fileio import atomic_write_lines
-from .runner import ensure_pad_token, release_output_dir, start_run, train_and_record
+from .runner import ensure_pad_token, parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_indices
 from .trainer import BitFitTrainer
 
@@ -247,13 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv == ["--demo"]:
         argv = list(DEMO_ARGS)
-    model_args, data_args, bitfit, run_args, training_args = parse_args(
-        (ModelArguments, GlueArguments, BitFitConfig, RunArguments, TrainingArguments), argv
-    )
-    try:
-        return run(model_args, data_args, bitfit, training_args, run_args)
-    finally:  # an error before training must not leave the folder locked for this process's lifetime
-        release_output_dir(training_args.output_dir)
+    return parse_and_run(run, GlueArguments, argv)
 
 
 def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConfig,

@@ -19,12 +19,12 @@ from transformers import (
     TrainingArguments,
 )
 
-from .arguments import ModelArguments, RunArguments, parse_args
+from .arguments import ModelArguments, RunArguments
 from .config import BitFitConfig
 from .errors import check_positive
 from .fileio import atomic_write_lines
 from .pos_data import FORMATS, Sentence, read_file, read_token_tag_dataset, read_treebank_splits
-from .runner import ensure_pad_token, release_output_dir, start_run, train_and_record
+from .runner import ensure_pad_token, parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_list
 from .trainer import BitFitTrainer
 
@@ -152,13 +152,7 @@ def token_loss(outputs, labels, num_items_in_batch=None):
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, bitfit, run_args, training_args = parse_args(
-        (ModelArguments, PosArguments, BitFitConfig, RunArguments, TrainingArguments), argv
-    )
-    try:
-        return run(model_args, data_args, bitfit, training_args, run_args)
-    finally:  # an error before training must not leave the folder locked for this process's lifetime
-        release_output_dir(training_args.output_dir)
+    return parse_and_run(run, PosArguments, argv)
 
 
 def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfig,

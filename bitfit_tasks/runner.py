@@ -179,6 +179,20 @@ BIAS_MODES = ("bitfit", "rand_uniform", "rand_row_col")  # modes whose selection
 _TIMING_KEYS = ("runtime", "samples_per_second", "steps_per_second")
 
 
+def parse_and_run(run: Callable[..., dict[str, Any]], task_args: type, argv: list[str],
+                  defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A runner's ``main``: parse the shared dataclasses plus the task's, call ``run``, and release the
+    output-folder lock on any exit (an error before training must not keep it for the process's life)."""
+    from .arguments import ModelArguments, RunArguments, parse_args
+
+    model_args, data_args, bitfit, run_args, training_args = parse_args(
+        (ModelArguments, task_args, BitFitConfig, RunArguments, TrainingArguments), argv, defaults)
+    try:
+        return run(model_args, data_args, bitfit, training_args, run_args)
+    finally:
+        release_output_dir(training_args.output_dir)
+
+
 def train_and_record(
     trainer: BitFitTrainer,
     *,
@@ -191,15 +205,6 @@ def train_and_record(
     """Train (resuming from ``--resume_from_checkpoint`` if set), save the model first, then run
     ``after_training(trainer)`` (test scores, prediction files; it may add entries) and write
     results.json: the best and last dev score of ``metric_key`` and what was really trained."""
-    try:
-        return _train_and_record(trainer, metric_key=metric_key, info=info, bitfit=bitfit,
-                                 save_full_model=save_full_model, after_training=after_training)
-    finally:
-        release_output_dir(trainer.args.output_dir)
-
-
-def _train_and_record(trainer: BitFitTrainer, *, metric_key: str, info: dict[str, Any], bitfit: BitFitConfig,
-                      save_full_model: bool, after_training) -> dict[str, Any]:
     args = trainer.args
     start = time.time()
     resume = args.resume_from_checkpoint

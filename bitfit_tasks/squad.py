@@ -23,12 +23,12 @@ from transformers import (
     TrainingArguments,
 )
 
-from .arguments import ModelArguments, RunArguments, parse_args
+from .arguments import ModelArguments, RunArguments
 from .cache import cache_file, content_digest, tokenizer_digest
 from .config import BitFitConfig
 from .errors import UsageError, check_positive, read_utf8
 from .fileio import atomic_write_text
-from .runner import eval_history, release_output_dir, start_run, train_and_record
+from .runner import eval_history, parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_list
 from .trainer import BitFitTrainer
 
@@ -398,14 +398,8 @@ class SquadBitFitTrainer(BitFitTrainer):
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, bitfit, run_args, training_args = parse_args(
-        (ModelArguments, SquadArguments, BitFitConfig, RunArguments, TrainingArguments), argv,
-        defaults={"eval_strategy": "no", "per_device_train_batch_size": 16},
-    )
-    try:
-        return run(model_args, data_args, bitfit, training_args, run_args)
-    finally:  # an error before training must not leave the folder locked for this process's lifetime
-        release_output_dir(training_args.output_dir)
+    return parse_and_run(run, SquadArguments, argv,
+                         defaults={"eval_strategy": "no", "per_device_train_batch_size": 16})
 
 
 def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitConfig,

@@ -1,4 +1,5 @@
-"""Penn Treebank POS tagging: data, first-sub-token alignment, word-level metrics, run_pos main."""
+"""Token tagging (run_pos.py): POS tagging, chunking and BIO NER. Data, first-sub-token alignment,
+word accuracy for POS tags, seqeval span precision/recall/F1 for BIO tag sets."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from datasets import ClassLabel
 from transformers import (
     AutoConfig,
     AutoModelForTokenClassification,
@@ -23,6 +25,7 @@ from .arguments import ModelArguments, RunArguments
 from .config import BitFitConfig
 from .errors import check_positive
 from .fileio import atomic_write_lines
+from .metrics import is_bio_tag_set, seqeval_metrics
 from .pos_data import FORMATS, Sentence, read_file, read_token_tag_dataset, read_treebank_splits
 from .runner import ensure_pad_token, parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_list
@@ -44,12 +47,20 @@ class PosArguments:
                                    "archive.zip::member."})
     validation_file: str | None = field(default=None, metadata={"help": "Validation data (any format above)."})
     test_file: str | None = field(default=None, metadata={"help": "Optional test data, scored at the end."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset with tokens + pos_tags "
-                                     "(e.g. batterydata/pos_tagging, conll2003)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset with tokens + a tag column "
+                                     "(e.g. batterydata/pos_tagging, conll2003 with --tag_field ner_tags)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config."})
     data_format: str = field(default="auto", metadata={"help": f"One of {list(FORMATS)}.", "choices": list(FORMATS)})
     word_column: int = field(default=0, metadata={"help": "CoNLL column of the word (0-based)."})
-    tag_column: int = field(default=1, metadata={"help": "CoNLL column of the POS tag (CoNLL-2000: 1)."})
+    tag_column: int = field(default=1, metadata={"help": "CoNLL column of the tag (0-based). CoNLL-2000: 1 = POS, "
+                            "2 = chunk (B-NP/I-NP/...); CoNLL-2003: 3 = NER."})
+    tag_field: str = field(default="pos_tags", metadata={"help": "jsonl/parquet/hub column of the tags: pos_tags, "
+                           "chunk_tags, ner_tags..."})
+    tag_scheme: str = field(
+        default="auto", metadata={"help": "How tags are scored. 'pos': word accuracy; 'bio': span precision/recall/F1 "
+                                  "(seqeval, per type and overall; headline F1) plus word accuracy; 'auto': 'bio' when "
+                                  "every training tag is O or B-/I-/E-/S-TYPE, else 'pos'.",
+                                  "choices": ["auto", "pos", "bio"]})
     conllu_tag_field: str = field(default="xpos", metadata={"help": "CoNLL-U tag: xpos (PTB tags) or upos.",
                                                             "choices": ["xpos", "upos"]})
     unknown_tags: str = field(
@@ -76,9 +87,11 @@ def load_splits(a: PosArguments) -> dict[str, list[Sentence]]:
     if a.treebank:
         splits = read_treebank_splits(a.treebank)
     elif a.dataset_name:
-        splits = {s: read_token_tag_dataset(a.dataset_name, s, a.dataset_config_name) for s in ("train", "validation")}
+        splits = {s: read_token_tag_dataset(a.dataset_name, s, a.dataset_config_name, a.tag_field)
+                  for s in ("train", "validation")}
     else:
-        kw = dict(word_column=a.word_column, tag_column=a.tag_column, conllu_tag_field=a.conllu_tag_field)
+        kw = dict(word_column=a.word_column, tag_column=a.tag_column, conllu_tag_field=a.conllu_tag_field,
+                  tag_field=a.tag_field)
         splits = {"train": read_file(a.train_file, a.data_format, **kw),
                   "validation": read_file(a.validation_file, a.data_format, **kw)}
         if a.test_file:
@@ -164,8 +177,11 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
     for s in ("validation", "test"):  # the same evaluation sentences for every method and seed
         if s in splits:
             splits[s] = sample_list(splits[s], EVAL_SAMPLE_SEED, k=data_args.max_eval_samples)
-    tags = tag_set(splits["train"])
-    tag2id = {t: i for i, t in enumerate(tags)}
+    # The label map is a datasets ClassLabel over the training tags (sorted: the same ids every run).
+    tag_feature = ClassLabel(names=tag_set(splits["train"]))
+    tags = tag_feature.names
+    tag2id = {t: tag_feature.str2int(t) for t in tags}
+    scheme = resolve_tag_scheme(data_args.tag_scheme, tags)
     unseen = {s: check_tags(s, v, set(tags), data_args.unknown_tags) for s, v in splits.items() if s != "train"}
 
     base_type = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir).model_type
@@ -201,15 +217,20 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
                 train = ds
             else:
                 evals[name] = ds
-    id2tag = dict(enumerate(tags))
+    id2tag = {i: tag_feature.int2str(i) for i in range(tag_feature.num_classes)}
 
     def metrics_for(split: str):
         def compute(p):
-            m = word_accuracy_metrics(np.argmax(p.predictions, -1), p.label_ids, id2tag,
+            pred_ids = np.argmax(p.predictions, -1)
+            m = word_accuracy_metrics(pred_ids, p.label_ids, id2tag,
                                       extra_wrong=truncated.get(split, 0) + unseen.get(split, 0))
             logger.info("%s confusions (gold->pred): %s", split, ", ".join(m["confusions"]))
-            return {"accuracy": m["accuracy"], "n_words": m["n_words"],
-                    "per_tag": m["per_tag"], "confusions": m["confusions"]}
+            out = {"accuracy": m["accuracy"], "n_words": m["n_words"],
+                   "per_tag": m["per_tag"], "confusions": m["confusions"]}
+            if scheme == "bio":  # spans scored on the words, as conlleval does
+                pred = word_level_predictions(splits[split], word_ids[split], pred_ids, id2tag)
+                out.update(seqeval_metrics([s["tags"] for s in splits[split]], pred))
+            return out
         return compute
 
     trainer = BitFitTrainer(
@@ -226,8 +247,10 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
             trainer.compute_metrics = metrics_for(split)
             out = trainer.predict(ds, metric_key_prefix=split if split == "test" else "predict")
             if split == "test":
-                extra.update({k: out.metrics[k] for k in ("test_accuracy", "test_n_words")})
-                logger.info("test word accuracy %.4f", out.metrics["test_accuracy"])
+                keys = ("accuracy", "n_words") + (("precision", "recall", "f1", "per_type") if scheme == "bio" else ())
+                extra.update({f"test_{k}": out.metrics[f"test_{k}"] for k in keys})
+                logger.info("test %s %.4f", "span F1" if scheme == "bio" else "word accuracy",
+                            out.metrics["test_f1" if scheme == "bio" else "test_accuracy"])
             if trainer.is_world_process_zero():
                 path = Path(training_args.output_dir) / f"predictions_{split}.jsonl"
                 pred_ids = np.argmax(out.predictions, -1)
@@ -237,8 +260,10 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
         return extra
 
     return train_and_record(
-        trainer, metric_key="eval_accuracy", bitfit=bitfit, save_full_model=data_args.save_full_model,
-        info={"task": data_args.task_name, "metric": "word accuracy", "train_examples": len(train),
+        trainer, metric_key="eval_f1" if scheme == "bio" else "eval_accuracy", bitfit=bitfit,
+        save_full_model=data_args.save_full_model,
+        info={"task": data_args.task_name, "metric": "span F1 (seqeval)" if scheme == "bio" else "word accuracy",
+              "tag_scheme": scheme, "train_examples": len(train),
               "n_tags": len(tags), "model": model_args.model_name_or_path, "truncated_words": truncated},
         after_training=score_and_predict,
     )
@@ -278,12 +303,11 @@ def encode_sentences(sentences: list[Sentence], tokenizer, tag2id: dict[str, int
                       cache_file_name=path, desc="POS features")
 
 
-def word_predictions(sentences: list[Sentence], word_ids: list[list[int | None]], pred_ids: np.ndarray,
-                     id2tag: dict[int, str]):
-    """One JSON line per sentence: ``{"tokens", "gold", "predicted"}``; a word's prediction is its
-    first sub-token's, ``null`` for words cut off by --max_seq_length."""
-    import json
-
+def word_level_predictions(sentences: list[Sentence], word_ids: list[list[int | None]], pred_ids: np.ndarray,
+                           id2tag: dict[int, str]) -> list[list[str | None]]:
+    """Per sentence, each word's predicted tag: its first sub-token's, ``None`` for words cut off by
+    --max_seq_length."""
+    out = []
     for i, s in enumerate(sentences):
         pred: list[str | None] = [None] * len(s["tokens"])
         prev = None
@@ -291,4 +315,27 @@ def word_predictions(sentences: list[Sentence], word_ids: list[list[int | None]]
             if wid is not None and wid != prev and pos < pred_ids.shape[1]:
                 pred[wid] = id2tag[int(pred_ids[i, pos])]
             prev = wid if wid is not None else prev
+        out.append(pred)
+    return out
+
+
+def resolve_tag_scheme(requested: str, tags: list[str]) -> str:
+    """--tag_scheme auto -> 'bio' for span tag sets (O, B-X, I-X...), else 'pos'; 'bio' on tags that
+    are not BIO is refused (seqeval would silently score nonsense)."""
+    if requested == "bio" and not is_bio_tag_set(tags):
+        odd = [t for t in tags if not is_bio_tag_set([t, "B-X"])][:5]
+        raise ValueError(f"--tag_scheme bio: the training tags are not BIO (e.g. {odd}); BIO tags are O or "
+                         "B-/I-/E-/S-TYPE. Pick the chunk/NER column with --tag_column/--tag_field, or use "
+                         "--tag_scheme pos (word accuracy).")
+    if requested == "auto":
+        return "bio" if is_bio_tag_set(tags) else "pos"
+    return requested
+
+
+def word_predictions(sentences: list[Sentence], word_ids: list[list[int | None]], pred_ids: np.ndarray,
+                     id2tag: dict[int, str]):
+    """One JSON line per sentence: ``{"tokens", "gold", "predicted"}`` (``null`` for a truncated word)."""
+    import json
+
+    for s, pred in zip(sentences, word_level_predictions(sentences, word_ids, pred_ids, id2tag), strict=True):
         yield json.dumps({"tokens": s["tokens"], "gold": s["tags"], "predicted": pred})

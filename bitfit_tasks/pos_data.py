@@ -1,6 +1,6 @@
-"""Part-of-speech data in the formats a Penn Treebank user has: bracketed trees, CoNLL columns,
-CoNLL-U, and datasets with ``tokens`` + ``pos_tags`` columns. Every reader returns a list of
-``{"tokens": [...], "tags": [...]}`` sentences.
+"""Tagging data (POS, chunks, NER) in the formats its users have: bracketed treebank trees, CoNLL
+columns, CoNLL-U, and datasets with ``tokens`` + a tag column (``pos_tags``, ``chunk_tags``,
+``ner_tags``). Every reader returns a list of ``{"tokens": [...], "tags": [...]}`` sentences.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def detect_format(path: str) -> str:
 
 
 def read_file(path: str, fmt: str = "auto", *, word_column: int = 0, tag_column: int = 1,
-              conllu_tag_field: str = "xpos") -> list[Sentence]:
+              conllu_tag_field: str = "xpos", tag_field: str = "pos_tags") -> list[Sentence]:
     """One file (or folder/zip for trees) in any supported format, as sentences."""
     if "::" in path:
         member = path.split("::", 1)[1]
@@ -184,7 +184,7 @@ def read_file(path: str, fmt: str = "auto", *, word_column: int = 0, tag_column:
     if fmt == "ptb":
         return [s for name, text in _mrg_members(Path(path)) for s in parse_ptb_trees(text, name)]
     if fmt == "json":
-        return read_token_tag_dataset(path)
+        return read_token_tag_dataset(path, tag_field=tag_field)
     if Path(path).suffix == ".zip":
         raise ValueError(f"{path}: name one member of the zip as {path}::member (e.g. conll2000.zip::"
                          "conll2000/train.txt).")
@@ -211,9 +211,11 @@ def read_zip_member(spec: str, fmt: str = "conll", **kw) -> list[Sentence]:
     return read_conll_columns(lines, kw.get("word_column", 0), kw.get("tag_column", 1), source=spec)
 
 
-def read_token_tag_dataset(path_or_name: str, split: str = "train", config: str | None = None) -> list[Sentence]:
-    """A local json/jsonl/parquet file or a hub dataset with ``tokens`` and ``pos_tags`` columns
-    (string tags or ClassLabel ids, which are mapped back to their names)."""
+def read_token_tag_dataset(path_or_name: str, split: str = "train", config: str | None = None,
+                           tag_field: str = "pos_tags") -> list[Sentence]:
+    """A local json/jsonl/parquet file or a hub dataset with a ``tokens`` column and a tag column
+    (``tag_field``: ``pos_tags``, ``chunk_tags``, ``ner_tags``...; string tags or ``ClassLabel`` ids,
+    which are mapped back to their names with the feature's ``int2str``)."""
     import datasets
 
     p = Path(path_or_name)
@@ -232,15 +234,14 @@ def read_token_tag_dataset(path_or_name: str, split: str = "train", config: str 
         ds = load_hub_dataset(path_or_name, config, split=split,
                               local_hint="--treebank (a WSJ .mrg folder or zip, e.g. ../shared/data/pos/nltk_data/"
                               "corpora/treebank.zip) or --train_file/--validation_file")
-    missing = [c for c in ("tokens", "pos_tags") if c not in ds.column_names]
+    missing = [c for c in ("tokens", tag_field) if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{path_or_name}: needs columns tokens and pos_tags; missing {missing}, "
-                         f"has {ds.column_names}.")
-    feature = ds.features["pos_tags"]
-    inner = getattr(feature, "feature", None)
-    names = getattr(inner, "names", None)
-    out = []
-    for ex in ds:
-        tags = [names[t] for t in ex["pos_tags"]] if names else [str(t) for t in ex["pos_tags"]]
-        out.append({"tokens": list(ex["tokens"]), "tags": tags})
-    return out
+        tag_like = [c for c in ds.column_names if c.endswith("tags")]
+        raise ValueError(f"{path_or_name}: needs columns tokens and {tag_field}; missing {missing}, has "
+                         f"{ds.column_names}" + (f" (pick the tag column with --tag_field, e.g. {tag_like[0]})"
+                                                 if tag_like and "tokens" not in missing else "") + ".")
+    from datasets import ClassLabel
+
+    inner = getattr(ds.features[tag_field], "feature", None)
+    to_name = inner.int2str if isinstance(inner, ClassLabel) else str
+    return [{"tokens": list(ex["tokens"]), "tags": [to_name(t) for t in ex[tag_field]]} for ex in ds]

@@ -1,7 +1,8 @@
 """``bitfit-delta``: inspect a bias-only checkpoint, or merge it into a full model.
 
     bitfit-delta info runs/rte
-    bitfit-delta export runs/rte --base sentence-transformers/all-MiniLM-L6-v2 --output merged-rte
+    bitfit-delta export runs/rte --output merged-rte
+    bitfit-delta info user/minilm-rte-bitfit --revision main      (a delta on the Hugging Face Hub)
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     info = sub.add_parser("info", help="list a delta's tensors, terms, sizes and base model")
-    info.add_argument("delta_dir")
+    info.add_argument("delta_dir", help="delta folder or Hub repository id")
+    info.add_argument("--revision", help="Hub revision (branch, tag or commit) of a Hub delta")
     info.add_argument("--tensors", action="store_true", help="also list every tensor with its shape")
     exp = sub.add_parser("export", help="apply the delta to its base and save a full (merged) model")
-    exp.add_argument("delta_dir")
+    exp.add_argument("delta_dir", help="delta folder or Hub repository id")
+    exp.add_argument("--revision", help="Hub revision (branch, tag or commit) of a Hub delta")
     exp.add_argument("--base", help="base model id/folder (default: the one recorded in the delta)")
     exp.add_argument("--output", required=True, help="folder for the merged from_pretrained model")
     a = p.parse_args(argv)
-    delta = Delta.load(a.delta_dir)
+    delta = Delta.from_pretrained(a.delta_dir, revision=a.revision)
     if a.cmd == "info":
         print(delta.describe())
         if a.tensors:
@@ -34,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = a.base or delta.meta.get("base_model")
     if not base:
         p.error("the delta records no base model; pass --base")
-    out = export_merged(base, a.delta_dir, a.output)
+    out = export_merged(base, delta.path, a.output)
     print(f"merged model written to {out}")
     return 0
 

@@ -1,5 +1,11 @@
 """Bias-only checkpoints ("deltas"): save the trained tensors only, apply them onto a base, undo them.
 
+Deltas load from a local folder or a Hugging Face Hub id, as PEFT adapters do::
+
+    model = load_task_model("sentence-transformers/all-MiniLM-L6-v2", "user/minilm-rte-bitfit")
+    delta = Delta.from_pretrained("user/minilm-rte-bitfit", revision="main")
+    delta.save_pretrained("deltas/rte")
+
 A delta folder holds
 
 * ``bitfit_delta.safetensors``: the trained tensors (selected biases + head; for the random
@@ -71,7 +77,6 @@ def save_delta(
 ) -> Path:
     """Write the trained tensors of ``model`` (``names``, default: those with requires_grad)."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     names = names if names is not None else delta_tensor_names(model)
     if not names:
         raise ValueError("nothing to save: the model has no trainable tensors; pass names= explicitly.")
@@ -88,16 +93,54 @@ def save_delta(
         "terms": terms or {},
         "head": [n for n in head_parameter_names(model) if n in tensors],
         "shapes": {n: list(t.shape) for n, t in tensors.items()},
+        "n_params": sum(p.numel() for p in model.parameters()),
         "base_fingerprint": base_fingerprint or fingerprint(model, exclude=set(names)),
     }
-    # Tensors first, the JSON last, each under a temporary name renamed into place: a save killed
-    # at any point leaves the previous delta or no delta (is_delta_dir needs both), never half a file.
+    return write_delta_files(out, tensors, meta)
+
+
+def write_delta_files(out: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Tensors first, the JSON last, each under a temporary name renamed into place: a save killed
+    at any point leaves the previous delta or no delta (is_delta_dir needs both), never half a file."""
+    out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{DELTA_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "bitfit_mode": mode})
-    meta["weights_sha256"] = _sha256(tmp)  # verified on load: a flipped byte is refused, not applied
+    save_file(tensors, str(tmp), metadata={"format": "pt", "bitfit_mode": str(meta.get("mode"))})
+    meta = {**meta, "weights_sha256": _sha256(tmp)}  # verified on load: a flipped byte is refused
     os.replace(tmp, out / DELTA_WEIGHTS)
     atomic_write_text(out / DELTA_CONFIG, json.dumps(meta, indent=2, default=str))
     return out
+
+
+# What a delta repository on the Hub holds besides the two delta files: its card and tokenizer.
+HUB_PATTERNS = [DELTA_WEIGHTS, DELTA_CONFIG, "README.md", "tokenizer*", "vocab*", "merges.txt",
+                "special_tokens_map.json", "*.model"]
+
+
+def resolve_delta_dir(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                      cache_dir: str | None = None, token: str | bool | None = None,
+                      local_files_only: bool = False) -> Path:
+    """A local delta folder as is, otherwise a Hub repository id fetched with
+    ``huggingface_hub.snapshot_download`` (the delta files, card and tokenizer only), which honours
+    ``HF_HUB_OFFLINE``, the Hub cache and ``HF_TOKEN`` like every ``from_pretrained``."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo_id=str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
+            local_files_only=local_files_only, allow_patterns=HUB_PATTERNS)
+    except HFValidationError:
+        raise UsageError(f"delta {str(name_or_path)!r} is neither a local folder nor a Hub repository id "
+                         "(user/name); check the path.") from None
+    except (OSError, huggingface_hub.errors.HfHubHTTPError) as err:  # offline, unknown repo, no access
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"delta {str(name_or_path)!r}: not a local folder, and the Hub download failed "
+                         f"({first[:160]}); pass a local delta folder, or check the id, --revision, HF_TOKEN "
+                         "and the connection.") from None
+    return Path(folder)
 
 
 def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainable: int, n_total: int,
@@ -105,7 +148,8 @@ def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainab
     """``README.md`` of a delta folder: what it is (bias-only, not a full model), its base and that
     base's fingerprint, the trained terms and counts, the last evaluation, and the lines that load it."""
     base = meta.get("base_model") or "BASE_MODEL"
-    labels = (meta.get("task_config") or {}).get("id2label")
+    task_config = meta.get("task_config") or {}
+    labels = task_config.get("id2label")
     scores = {k: v for k, v in (metrics or {}).items()
               if isinstance(v, int | float) and not k.endswith(("runtime", "per_second"))}
     lines = [
@@ -115,6 +159,7 @@ def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainab
         f"`{DELTA_WEIGHTS}` holds only the trained tensors, to be applied onto the base model `{base}`. "
         "It is refused on any other base (sha256 fingerprint of the frozen base weights: "
         f"`{meta.get('base_fingerprint')}`).", "",
+        f"- task: {task_config.get('finetuning_task') or meta.get('task_class')}",
         f"- mode: `{meta.get('mode')}`; bias terms: {', '.join(meta.get('terms') or {}) or '-'}",
         f"- trainable params: {n_trainable:,d} of {n_total:,d} ({100.0 * n_trainable / max(n_total, 1):.4f}%)",
     ]
@@ -127,7 +172,9 @@ def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainab
               "",
               f"model = load_task_model({base!r}, {str(output_dir)!r})",
               "```", "",
-              f"or merge it into a full model: `bitfit-delta export {output_dir} --output merged/`.", ""]
+              "After uploading this folder to the Hub (`huggingface_hub.upload_folder`), pass its repository "
+              "id instead of the folder.",
+              f"Merge it into a full model: `bitfit-delta export {output_dir} --output merged/`.", ""]
     return "\n".join(lines)
 
 
@@ -150,6 +197,21 @@ class Delta:
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
     path: str = ""
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs) -> Delta:
+        """Load (and check) a delta from a local folder or a Hub id; ``hub_kwargs``: ``revision``,
+        ``cache_dir``, ``token``, ``local_files_only`` (see :func:`resolve_delta_dir`)."""
+        return cls.load(resolve_delta_dir(name_or_path, **hub_kwargs))
+
+    def save_pretrained(self, output_dir: str | os.PathLike) -> Path:
+        """Write this delta (tensors, checked JSON, model card) into ``output_dir``, e.g. to upload it
+        with ``huggingface_hub.upload_folder``; it loads back with :meth:`from_pretrained`."""
+        out = write_delta_files(Path(output_dir), self.tensors, self.meta)
+        n = sum(t.numel() for t in self.tensors.values())
+        atomic_write_text(out / "README.md", model_card(out, self.meta, n_trainable=n,
+                                                        n_total=self.meta.get("n_params") or n))
+        return out
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Delta:
@@ -270,10 +332,11 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
 
 @torch.no_grad()
 def apply_delta(
-    model: nn.Module, delta: Delta | str | os.PathLike, *, verify_fingerprint: bool = True
+    model: nn.Module, delta: Delta | str | os.PathLike, *, verify_fingerprint: bool = True, **hub_kwargs
 ) -> AppliedDelta:
-    """Copy a delta's tensors into ``model`` in place; keep the replaced values for ``remove()``."""
-    delta = delta if isinstance(delta, Delta) else Delta.load(delta)
+    """Copy a delta's tensors (a :class:`Delta`, a local folder or a Hub id) into ``model`` in place;
+    keep the replaced values for ``remove()``."""
+    delta = delta if isinstance(delta, Delta) else Delta.from_pretrained(delta, **hub_kwargs)
     check_compatible(model, delta, verify_fingerprint=verify_fingerprint)
     params = dict(model.named_parameters())
     handle = AppliedDelta(model)
@@ -284,11 +347,16 @@ def apply_delta(
     return handle
 
 
-def load_task_model(base_model: str, delta_dir: str | os.PathLike, **from_pretrained_kwargs):
-    """Base model + delta -> the fine-tuned task model (the task class and config come from the delta)."""
+def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revision: str | None = None,
+                    **from_pretrained_kwargs):
+    """Base model + delta (a local folder or a Hub id; ``revision`` picks the delta's) -> the
+    fine-tuned task model: the task class and config come from the delta; ``from_pretrained_kwargs``
+    go to the base model's ``from_pretrained``."""
     import transformers
 
-    delta = Delta.load(delta_dir)
+    if not isinstance(delta, Delta):
+        delta = Delta.from_pretrained(delta, revision=revision, cache_dir=from_pretrained_kwargs.get("cache_dir"),
+                                      token=from_pretrained_kwargs.get("token"))
     cls = getattr(transformers, delta.meta["task_class"])
     config = transformers.AutoConfig.from_pretrained(base_model)
     task_cfg = delta.meta.get("task_config") or {}

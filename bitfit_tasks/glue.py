@@ -168,7 +168,11 @@ def check_and_encode_labels(ds, task: GlueTask, split: str, source: str | None =
     if missing:
         raise UsageError(f"{where} lacks column(s) {missing} for this task; it has {ds.column_names}. "
                          f"Rename columns to the nyu-mll/glue names {needed}.")
-    names = {n: i for i, n in enumerate(task.labels)}
+    from datasets import ClassLabel, Value
+
+    # The label column becomes a datasets ClassLabel over the nyu-mll/glue names (as the hub's glue
+    # has it), so names and ids convert through one object.
+    feature = Value("float32") if task.is_regression else ClassLabel(names=list(task.labels))
     allowed = (f"a similarity score in {STSB_RANGE[0]:g}..{STSB_RANGE[1]:g}" if task.is_regression else
                f"one of {list(task.labels)} or ids 0..{len(task.labels) - 1}")
     texts = [k for k in task.keys if k]
@@ -180,8 +184,8 @@ def check_and_encode_labels(ds, task: GlueTask, split: str, source: str | None =
                                  "its sentence(s).")
         lab = ex["label"]
         if isinstance(lab, str):
-            if not task.is_regression and lab in names:
-                return {"label": names[lab]}
+            if not task.is_regression and lab in task.labels:
+                return {"label": feature.str2int(lab)}
             try:
                 lab = float(lab)
             except ValueError:
@@ -201,10 +205,7 @@ def check_and_encode_labels(ds, task: GlueTask, split: str, source: str | None =
             raise UsageError(f"{where}, row {i}: label {lab!r} out of range 0..{len(task.labels) - 1}{hint}.")
         return {"label": int(lab)}
 
-    from datasets import Value
-
-    out = ds.map(encode, with_indices=True)
-    return out.cast_column("label", Value("float32" if task.is_regression else "int64"))
+    return ds.map(encode, with_indices=True).cast_column("label", feature)
 
 
 def sample(ds, n: int | None, seed: int):

@@ -48,10 +48,14 @@ def cpu_bf16_capability() -> dict[str, bool]:
 
 
 def bf16_supported(device: str = "cuda") -> bool:
-    """Whether bf16 autocast is *fast* on ``device``: a GPU that supports bf16, or a CPU with native
-    bf16 matmuls (AVX512-BF16 or AMX)."""
-    if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+    """Whether bf16 autocast is *fast* on ``device``. An accelerator: accelerate's own check
+    (``is_bf16_available``, the one Trainer's ``--bf16`` goes through). A CPU: accelerate answers
+    True for every CPU, since bf16 *runs* everywhere, so torch's checks for native bf16 matmuls
+    (AVX512-BF16 or AMX) decide."""
+    if device != "cpu":
+        from accelerate.utils import is_bf16_available
+
+        return bool(is_bf16_available(ignore_tpu=True))
     return any(cpu_bf16_capability().values())
 
 

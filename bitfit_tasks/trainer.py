@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import BitFitConfig
 from .core import BitFitState, prepare_model
@@ -20,18 +20,28 @@ from .fileio import atomic_write_text
 from .lean import bf16_supported, cpu_bf16_capability, make_lean
 from .selection import BiasMap
 
-TRAINING_ARGS_NAME = "training_args.bin"
-
 logger = logging.getLogger("bitfit_tasks")
 
+# Task heads BitFit trains. Their losses are per-process means (a ``CrossEntropyLoss()`` or a
+# loss_utils function that ignores ``num_items_in_batch``), unlike the LM heads' token sums.
+TASK_HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                      "ForMultipleChoice")
 
-def _loss_uses_num_items(model) -> bool:
-    """Whether the model's forward normalises its loss by Trainer's ``num_items_in_batch``."""
-    try:
-        src = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return True  # unknown: keep Trainer's behaviour
-    return "loss_function" in src or "num_items_in_batch" in src
+
+def loss_takes_num_items(model) -> bool:
+    """What ``model.accepts_loss_kwargs`` should say, the attribute Trainer reads to decide whether
+    the model divides its loss by the batch's item count itself. A class that declares it is
+    trusted; an undeclared task head is a per-process mean (Trainer would otherwise guess True from
+    its ``**kwargs`` and rescale the loss: x2 gradients on 2 processes, no division by accumulation
+    steps); anything else keeps Trainer's own reading of the forward signature."""
+    if hasattr(model, "accepts_loss_kwargs"):
+        return bool(model.accepts_loss_kwargs)
+    if type(model).__name__.endswith(TASK_HEAD_SUFFIXES):
+        return False
+    import inspect
+
+    params = inspect.signature(model.forward).parameters.values()
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 class BitFitTrainer(Trainer):
@@ -74,11 +84,7 @@ class BitFitTrainer(Trainer):
         # With model_init, Trainer builds the model inside __init__ (and again in every train() /
         # hyperparameter-search trial) through call_model_init, which applies BitFit below.
         super().__init__(*args, **kwargs)
-        if self.model_accepts_loss_kwargs and not _loss_uses_num_items(self.model):
-            # Encoder task heads (sequence/token classification, QA) take **kwargs but compute a
-            # per-process mean loss; Trainer would still multiply it by the process count (and skip
-            # dividing by gradient-accumulation steps), doubling gradients on 2 processes.
-            self.model_accepts_loss_kwargs = False
+        self.model_accepts_loss_kwargs = loss_takes_num_items(self.model)
         if self._bitfit_model is not self.model:
             self._apply_bitfit(self.model)
 

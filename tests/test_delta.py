@@ -242,3 +242,85 @@ def test_save_model_writes_a_model_card_whose_snippet_runs(tiny_model_dir, tmp_p
     scope["model"].eval()
     with torch.no_grad():
         assert torch.allclose(scope["model"](**batch).logits, model(**batch).logits, atol=1e-6)
+
+
+def _trained_delta(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    trainer = BitFitTrainer(model=model, args=make_args(tmp_path / "run", max_steps=3),
+                            train_dataset=RandomPairs(), eval_dataset=RandomPairs(n=16, seed=5),
+                            bitfit_config=BitFitConfig())
+    trainer.train()
+    want = trainer.evaluate()
+    trainer.save_model(str(tmp_path / "delta"))
+    return tmp_path / "delta", want
+
+
+def _eval_loss(model, tmp_path):
+    from transformers import Trainer
+
+    return Trainer(model=model, args=make_args(tmp_path / "eval"), eval_dataset=RandomPairs(n=16, seed=5)).evaluate()
+
+
+def _hub_cache(tmp_path, delta_dir, repo="user/tiny-delta", commit="0" * 40):
+    """A Hugging Face Hub cache holding ``repo`` at ``commit`` (the layout snapshot_download writes)."""
+    import shutil
+
+    root = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
+    shutil.copytree(delta_dir, root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    return tmp_path / "hub"
+
+
+def test_from_pretrained_folder_hub_cache_and_mocked_download_reproduce_eval(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    from bitfit_tasks import load_task_model
+
+    delta_dir, want = _trained_delta(tiny_model_dir, tmp_path)
+    # 1. a local folder
+    got = _eval_loss(load_task_model(tiny_model_dir, delta_dir), tmp_path)
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-6)
+    # 2. a Hub id served by huggingface_hub's own code from its cache, offline
+    cache = _hub_cache(tmp_path, delta_dir)
+    delta = Delta.from_pretrained("user/tiny-delta", cache_dir=str(cache), local_files_only=True)
+    assert set(delta.tensors) == set(Delta.load(delta_dir).tensors)
+    # 3. a Hub id through a mocked download (what snapshot_download returns: a snapshot folder)
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        calls.append((repo_id, revision, allow_patterns))
+        out = tmp_path / "download" / repo_id.replace("/", "--")
+        shutil.copytree(delta_dir, out, dirs_exist_ok=True)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    got = _eval_loss(load_task_model(tiny_model_dir, "user/tiny-delta", revision="v1"), tmp_path)
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-6)
+    assert calls[0][:2] == ("user/tiny-delta", "v1") and "bitfit_delta.safetensors" in calls[0][2]
+
+
+def test_hub_delta_errors_are_one_line(tmp_path):
+    from bitfit_tasks.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"not a local folder, and the Hub download failed .* check the id"):
+        Delta.from_pretrained("user/no-such-delta", cache_dir=str(tmp_path), local_files_only=True)
+    with pytest.raises(UsageError, match=r"neither a local folder nor a Hub repository id"):
+        Delta.from_pretrained("no/such/deep/path", cache_dir=str(tmp_path), local_files_only=True)
+
+
+def test_delta_save_pretrained_round_trip_and_card(tiny_model_dir, tmp_path):
+    delta_dir, _ = _trained_delta(tiny_model_dir, tmp_path)
+    delta = Delta.from_pretrained(delta_dir)
+    out = delta.save_pretrained(tmp_path / "copy")
+    again = Delta.from_pretrained(out)
+    assert all(torch.equal(again.tensors[n], t) for n, t in delta.tensors.items())
+    assert {k: v for k, v in again.meta.items() if k != "weights_sha256"} == \
+        {k: v for k, v in delta.meta.items() if k != "weights_sha256"}
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tiny_model_dir}" in card and delta.meta["base_fingerprint"] in card
+    assert "labels:" in card and "load_task_model(" in card

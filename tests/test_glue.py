@@ -77,7 +77,9 @@ def test_string_labels_are_mapped(tmp_path):
     f = tmp_path / "t.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows))
     raw = load_glue(GlueArguments(task_name="rte", train_file=str(f), validation_file=str(f)))
-    assert check_and_encode_labels(raw["train"], GLUE_TASKS["rte"], "train")["label"] == [1, 0]
+    encoded = check_and_encode_labels(raw["train"], GLUE_TASKS["rte"], "train")
+    assert encoded["label"] == [1, 0]
+    assert encoded.features["label"].names == ["entailment", "not_entailment"]  # a datasets ClassLabel
 
 
 def test_errors(tmp_path):

@@ -237,3 +237,20 @@ def test_hyperparameter_search_every_trial_is_bias_only(tmp_path):
         assert t["trainable"] == allowed
         assert t["changed"] == allowed
     assert best.run_id is not None
+
+
+def test_accepts_loss_kwargs_for_task_heads_and_declared_models(tmp_path):
+    """Trainer reads ``model.accepts_loss_kwargs`` to decide whether the model's loss is already a
+    sum over the global item count; encoder task heads compute per-process means."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bitfit_tasks.trainer import loss_takes_num_items
+
+    cls_model = tiny_model("bert")
+    assert loss_takes_num_items(cls_model) is False  # takes **kwargs, but its loss is a mean
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert loss_takes_num_items(lm) is True  # loss_function sums and divides by num_items_in_batch
+    lm.accepts_loss_kwargs = False  # a model's own declaration wins
+    assert loss_takes_num_items(lm) is False
+    trainer = train(tiny_model("bert"), BitFitConfig(), tmp_path, steps=1)
+    assert trainer.model_accepts_loss_kwargs is False

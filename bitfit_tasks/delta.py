@@ -125,6 +125,10 @@ def resolve_delta_dir(name_or_path: str | os.PathLike, *, revision: str | None =
     p = Path(name_or_path)
     if p.exists():
         return p
+    text = str(name_or_path)
+    if p.is_absolute() or text.startswith(".") or text.count("/") > 1 or text.endswith("/"):
+        raise FileNotFoundError(f"delta folder {text!r} does not exist (and it is not a Hub id, which looks like "
+                                "user/name); check the path.")
     import huggingface_hub
     from huggingface_hub.errors import HFValidationError
 

@@ -24,7 +24,7 @@ from .arguments import ModelArguments, RunArguments, load_hub_dataset
 from .config import BitFitConfig
 from .errors import UsageError, check_positive, read_utf8
 from .fileio import atomic_write_lines
-from .runner import ensure_pad_token, parse_and_run, start_run, train_and_record
+from .runner import add_train_sample_eval, ensure_pad_token, parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_indices
 from .trainer import BitFitTrainer
 
@@ -63,10 +63,6 @@ GLUE_TASKS: dict[str, GlueTask] = {
 }
 
 # The paper's BERT-base bias learning rates (Table 6), the default for bias-only modes.
-PAPER_BIAS_LR: dict[str, float] = {
-    "qnli": 1e-4, "sst2": 4e-4, "mnli": 1e-4, "cola": 7e-4, "mrpc": 7e-4, "stsb": 1e-4,
-    "rte": 1e-3, "qqp": 4e-4, "wnli": 1e-3,
-}
 
 STSB_RANGE = (0.0, 5.0)
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -254,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConfig,
         training_args: TrainingArguments, run_args: RunArguments | None = None) -> dict[str, Any]:
     task = GLUE_TASKS[data_args.task_name]
-    data_seed = start_run(training_args, bitfit, PAPER_BIAS_LR[data_args.task_name], run_args)
+    data_seed = start_run(training_args, bitfit, run_args, task=data_args.task_name)
 
     raw = load_glue(data_args, model_args.cache_dir)
     if "train" not in raw:
@@ -314,6 +310,7 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
                                    "n_examples": len(p.label_ids)},
         bitfit_config=bitfit,
     )
+    add_train_sample_eval(trainer, train, run_args)
     return train_and_record(
         trainer, metric_key=main_metric_key(data_args.task_name), bitfit=bitfit,
         save_full_model=data_args.save_full_model,

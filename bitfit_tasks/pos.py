@@ -27,7 +27,7 @@ from .errors import check_positive
 from .fileio import atomic_write_lines
 from .metrics import is_bio_tag_set, seqeval_metrics
 from .pos_data import FORMATS, Sentence, read_file, read_token_tag_dataset, read_treebank_splits
-from .runner import ensure_pad_token, parse_and_run, start_run, train_and_record
+from .runner import add_train_sample_eval, ensure_pad_token, parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_list
 from .trainer import BitFitTrainer
 
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfig,
         training_args: TrainingArguments, run_args: RunArguments | None = None) -> dict[str, Any]:
 
-    seed = start_run(training_args, bitfit, 1e-3, run_args)  # BitFit default: the paper's largest bias rate
+    seed = start_run(training_args, bitfit, run_args, task=data_args.task_name)
     splits = load_splits(data_args)
     splits["train"] = sample_list(splits["train"], seed, k=data_args.max_train_samples)
     for s in ("validation", "test"):  # the same evaluation sentences for every method and seed
@@ -239,6 +239,10 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
         compute_metrics=metrics_for("validation"), bitfit_config=bitfit,
         compute_loss_func=token_loss,
     )
+
+    # The training sample is scored by word accuracy (the fit diagnostic), for POS and BIO tags alike.
+    add_train_sample_eval(trainer, train, run_args, compute_metrics=lambda p: {
+        "accuracy": word_accuracy_metrics(np.argmax(p.predictions, -1), p.label_ids, id2tag)["accuracy"]})
 
     def score_and_predict(trainer: BitFitTrainer) -> dict[str, Any]:
         """Score the test split (if any) and write per-word predictions for every eval split."""

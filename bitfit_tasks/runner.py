@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from .config import BitFitConfig
 from .fileio import atomic_write_text
@@ -21,6 +21,7 @@ from .selection import bias_parameter_ids, head_parameter_names
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
+_TIMING_KEYS = ("runtime", "samples_per_second", "steps_per_second")
 
 
 def setup_logging() -> None:
@@ -86,19 +87,25 @@ def release_output_dir(output_dir: str) -> None:
         f.close()  # closing drops the flock
 
 
-def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, bias_lr: float,
-              run_args: Any = None) -> int:
+def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, run_args: Any = None,
+              task: str | None = None) -> int:
     """Common prologue of every runner: logging, the checkpoint to resume from and the output folder
-    (checked and locked before any data or model is loaded), the mode's default learning rate,
-    seeds. Returns the data seed (``--data_seed``, else ``--seed``) for subset sampling."""
+    (checked and locked before any data or model is loaded), the recipe's defaults for this mode and
+    task (recipes.py), seeds. Returns the data seed (``--data_seed``, else ``--seed``) for subset
+    sampling."""
     from transformers import set_seed
 
-    from .arguments import resolve_lr, resolve_resume
+    from .arguments import resolve_resume
+    from .recipes import apply_recipe
 
     setup_logging()
     resolve_resume(training_args)
     claim_output_dir(training_args, overwrite=bool(getattr(run_args, "overwrite_output_dir", False)))
-    resolve_lr(training_args, bitfit, bias_lr)
+    decided = apply_recipe(training_args, bitfit.mode, getattr(run_args, "recipe", "auto"), task,
+                           getattr(run_args, "explicit_args", None))
+    training_args._bitfit_recipe = decided  # recorded in results.json by train_and_record
+    if decided["recipe_applied"]:
+        logger.info("recipe %r: %s", decided["recipe"], decided["recipe_applied"])
     set_seed(training_args.seed)
     return training_args.data_seed if training_args.data_seed is not None else training_args.seed
 
@@ -119,13 +126,57 @@ def ensure_pad_token(tokenizer, config) -> None:
         config.pad_token_id = tokenizer.pad_token_id
 
 
+TRAIN_SAMPLE_PREFIX = "train_sample"
+
+
+class TrainSampleEval(TrainerCallback):
+    """After each dev evaluation, score a fixed sample of the *training* set the same way and add
+    ``train_sample_*`` (loss and metrics) to that evaluation's log entry: with the dev scores beside
+    them, under-fitting (both poor) and over-fitting (train far above dev) are told apart."""
+
+    def __init__(self, trainer: BitFitTrainer, dataset, compute_metrics: Callable | None = None) -> None:
+        self.trainer, self.dataset, self.compute_metrics = trainer, dataset, compute_metrics
+        self._last_step: int | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self._last_step == state.global_step:  # several dev sets (MNLI) evaluate at one step
+            return
+        self._last_step = state.global_step
+        trainer, saved = self.trainer, self.trainer.compute_metrics
+        if self.compute_metrics is not None:
+            trainer.compute_metrics = self.compute_metrics
+        try:  # predict(): no logging and no on_evaluate, so no recursion and no best-model effect
+            out = trainer.predict(self.dataset, metric_key_prefix=TRAIN_SAMPLE_PREFIX)
+        finally:
+            trainer.compute_metrics = saved
+        scores = {k: v for k, v in out.metrics.items()
+                  if isinstance(v, int | float) and not k.endswith(_TIMING_KEYS)}
+        if state.log_history and any(k.startswith("eval_") for k in state.log_history[-1]):
+            state.log_history[-1].update(scores)
+
+
+def add_train_sample_eval(trainer: BitFitTrainer, train_dataset, run_args: Any,
+                          compute_metrics: Callable | None = None) -> None:
+    """``--train_eval_samples N``: the fixed sample (seed 1234) of the training set that every
+    evaluation also scores (see :class:`TrainSampleEval`)."""
+    from .sampling import EVAL_SAMPLE_SEED, sample_indices
+
+    n = getattr(run_args, "train_eval_samples", 0) if run_args is not None else 0
+    if not n:
+        return
+    idx = sample_indices(len(train_dataset), EVAL_SAMPLE_SEED, k=n)
+    sample = train_dataset if idx is None else train_dataset.select(idx)
+    trainer.add_callback(TrainSampleEval(trainer, sample, compute_metrics))
+
+
 def eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every evaluation of the run, from Trainer's ``state.log_history`` (restored on resume, so a
     resumed run reports the epochs before the checkpoint too). Several eval sets evaluated at the
-    same step (MNLI matched/mismatched) are merged into one entry."""
+    same step (MNLI matched/mismatched) are merged into one entry; the training-sample scores of
+    ``--train_eval_samples`` ride along (``train_sample_*``)."""
     out: list[dict[str, Any]] = []
     for entry in log_history:
-        evals = {k: v for k, v in entry.items() if k.startswith("eval_")}
+        evals = {k: v for k, v in entry.items() if k.startswith(("eval_", TRAIN_SAMPLE_PREFIX + "_"))}
         if not evals:
             continue
         if out and out[-1]["step"] == entry.get("step"):
@@ -143,7 +194,7 @@ def train_loss_record(log_history: list[dict[str, Any]], run_loss: float, global
     the steps before the checkpoint come from the logged intervals (each log holds the mean since
     the previous one). Steps between the checkpoint's last log and the checkpoint itself were
     never logged and are left out; ``train_loss_steps`` says how many steps the mean covers."""
-    logged = [{"epoch": e.get("epoch"), "step": e["step"], "loss": e["loss"]}
+    logged = [{"epoch": e.get("epoch"), "step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate")}
               for e in log_history if "loss" in e and "step" in e]
     total, covered = run_loss * (global_step - resumed_step), global_step - resumed_step
     prev = 0
@@ -176,7 +227,6 @@ def save_biases_and_head(model, path: Path) -> None:
 
 
 BIAS_MODES = ("bitfit", "rand_uniform", "rand_row_col")  # modes whose selection is given by --bias_terms
-_TIMING_KEYS = ("runtime", "samples_per_second", "steps_per_second")
 
 
 def parse_and_run(run: Callable[..., dict[str, Any]], task_args: type, argv: list[str],
@@ -239,6 +289,7 @@ def train_and_record(
         "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
         * max(args.world_size, 1),
         "resumed_from": resume,
+        **getattr(args, "_bitfit_recipe", {}),
         "trainable_params": trainer.bitfit_state.n_trainable,
         "all_params": trainer.bitfit_state.n_total,
         "best": best[metric_key] if best else float("nan"),

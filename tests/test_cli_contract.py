@@ -97,8 +97,8 @@ def test_bitfit_delta_console_script_help(user_commands):
 def test_bitfit_delta_bad_path_is_one_line(user_commands):
     rc, _, err = user_commands["console bad path"]
     assert rc == 1 and "Traceback" not in err
-    assert re.fullmatch(r"bitfit-delta: error: .*nope is not a BitFit delta: expected bitfit_delta.safetensors and "
-                        r"bitfit_delta.json in it .*\n", err)
+    assert re.fullmatch(r"bitfit-delta: error: delta folder '.*nope' does not exist \(and it is not a Hub id, which "
+                        r"looks like user/name\); check the path. .*\n", err)
 
 
 @pytest.mark.parametrize("script", list(HUB_OFFLINE))

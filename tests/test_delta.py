@@ -310,7 +310,13 @@ def test_hub_delta_errors_are_one_line(tmp_path):
     with pytest.raises(UsageError, match=r"not a local folder, and the Hub download failed .* check the id"):
         Delta.from_pretrained("user/no-such-delta", cache_dir=str(tmp_path), local_files_only=True)
     with pytest.raises(UsageError, match=r"neither a local folder nor a Hub repository id"):
-        Delta.from_pretrained("no/such/deep/path", cache_dir=str(tmp_path), local_files_only=True)
+        Delta.from_pretrained("not a hub id!", cache_dir=str(tmp_path), local_files_only=True)
+    with pytest.raises(FileNotFoundError, match=r"delta folder '.*/missing' does not exist"):
+        Delta.from_pretrained(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"is not a BitFit delta: expected bitfit_delta.safetensors"):
+        Delta.from_pretrained(empty)
 
 
 def test_delta_save_pretrained_round_trip_and_card(tiny_model_dir, tmp_path):

@@ -1,0 +1,87 @@
+"""Training recipes: the one place that decides a run's default learning rate, schedule, batch size
+and epochs for each mode and task. A flag the user passes always wins over the recipe.
+
+* ``linear``: linear decay to zero, batch 16, 3 epochs (the HF examples' schedule; what every
+  runner used before recipes existed). Full fine-tuning's recipe.
+* ``official``: the BitFit authors' code (github.com/benzakenelad/BitFit): a *constant* learning
+  rate, batch 8, up to 20 epochs, the best epoch's dev score reported. A bias-only run has few
+  parameters to move and moves them slowly; decaying the rate to zero over a few epochs starves it.
+
+``--recipe auto`` (the default) gives bias-only modes :data:`BIAS_DEFAULT_RECIPE` and full
+fine-tuning ``linear``; see benchmarks/RESULTS.md ("BitFit's recipe") for the evidence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+# The paper's grids (Appendix A.2): bias-only runs and full fine-tuning use different ranges.
+PAPER_BIAS_LRS: tuple[float, ...] = (1e-4, 4e-4, 7e-4, 1e-3)
+PAPER_FULL_LRS: tuple[float, ...] = (1e-5, 2e-5, 3e-5, 5e-5)
+# Under a constant rate BitFit tolerates (and on a small encoder needs) larger rates.
+OFFICIAL_BIAS_LRS: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+DEFAULT_FULL_LR = 2e-5
+# The paper's per-task BitFit rates (Table 7) for the linear recipe; 1e-3 for tasks it lacks.
+PAPER_BIAS_LR: dict[str, float] = {
+    "qnli": 1e-4, "sst2": 4e-4, "mnli": 1e-4, "cola": 7e-4, "mrpc": 7e-4, "stsb": 1e-4,
+    "rte": 1e-3, "qqp": 4e-4, "wnli": 1e-3,
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    lr_scheduler_type: str
+    per_device_train_batch_size: int
+    num_train_epochs: float
+    bias_lr: float  # default learning rate of bias-only modes (per-task rates below win)
+    per_task_bias_lr: dict[str, float] | None = None
+
+
+RECIPES: dict[str, Recipe] = {
+    "linear": Recipe("linear", "linear", 16, 3.0, 1e-3, PAPER_BIAS_LR),
+    "official": Recipe("official", "constant", 8, 20.0, 1e-3),
+}
+RECIPE_CHOICES = ("auto", *RECIPES)
+BIAS_DEFAULT_RECIPE = "linear"
+FULL_RECIPE = "linear"
+
+
+def recipe_for(requested: str, mode: str) -> Recipe:
+    if requested == "auto":
+        return RECIPES[FULL_RECIPE if mode == "full" else BIAS_DEFAULT_RECIPE]
+    if requested not in RECIPES:
+        raise ValueError(f"unknown --recipe {requested!r}; choose one of {list(RECIPE_CHOICES)}.")
+    return RECIPES[requested]
+
+
+def default_learning_rate(recipe: Recipe, mode: str, task: str | None = None) -> float:
+    if mode == "full":
+        return DEFAULT_FULL_LR
+    return (recipe.per_task_bias_lr or {}).get(task or "", recipe.bias_lr)
+
+
+def apply_recipe(training_args: Any, mode: str, requested: str = "auto", task: str | None = None,
+                 explicit: Collection[str] | None = None) -> dict[str, Any]:
+    """Fill the recipe's values into ``training_args`` wherever the user did not set them.
+
+    ``explicit``: the argument names the user passed (command line or JSON file). ``None`` means
+    unknown (arguments built in Python): then only an unset (NaN) learning rate is filled, and the
+    batch size, schedule and epochs are left as given. Returns what was decided, for results.json."""
+    recipe = recipe_for(requested, mode)
+    applied: dict[str, Any] = {}
+    if math.isnan(training_args.learning_rate) or (explicit is not None and "learning_rate" not in explicit):
+        training_args.learning_rate = applied["learning_rate"] = default_learning_rate(recipe, mode, task)
+    if explicit is not None:
+        for name in ("lr_scheduler_type", "per_device_train_batch_size", "num_train_epochs"):
+            if name not in explicit:
+                setattr(training_args, name, getattr(recipe, name))
+                applied[name] = getattr(recipe, name)
+        if "lr_scheduler_type" in applied:
+            from transformers.trainer_utils import SchedulerType
+
+            training_args.lr_scheduler_type = SchedulerType(recipe.lr_scheduler_type)
+    return {"recipe": recipe.name, "recipe_applied": applied}

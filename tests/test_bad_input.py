@@ -251,6 +251,16 @@ case("pos-zip-member", "`archive.zip::member` naming no member", r"has no member
 case("pos-seq", "`--max_seq_length 0` for POS", r"--max_seq_length must be a positive whole number, got 0")(
     lambda d: pos(d, "--treebank", f"{POS}/treebank", "--max_seq_length", "0"))
 
+case("tag-scheme-bio", "`--tag_scheme bio` on POS tags", r"--tag_scheme bio: the training tags are not BIO \(e\.g\. "
+     r"\[.*\]\); BIO tags are O or B-/I-/E-/S-TYPE")(
+    lambda d: pos(d, "--train_file", f"{POS}/chunk_train.txt", "--validation_file", f"{POS}/chunk_test.txt",
+                  "--tag_scheme", "bio", "--unknown_tags", "count_wrong"))
+case("tag-field", "a jsonl without the `--tag_field` column", r"ner\.jsonl: needs columns tokens and pos_tags; missing "
+     r"\['pos_tags'\], has \['tokens', 'ner_tags'\] \(pick the tag column with --tag_field, e\.g\. ner_tags\)")(
+    lambda d: pos(d, "--train_file", f"{POS}/ner.jsonl", "--validation_file", f"{POS}/ner.jsonl"))
+case("train-eval-samples", "`--train_eval_samples -1`", r"--train_eval_samples must be >= 0 \(0 turns it off\), got -1")(
+    lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--train_eval_samples", "-1"))
+
 # ---- deltas and bitfit-delta ------------------------------------------------------------------
 
 
@@ -292,6 +302,12 @@ case("delta-shapes", "a delta JSON whose `shapes` disagree with the tensors",
     __import__("bitfit_tasks").Delta.load(d / "delta"))
 case("delta-json", "a delta JSON that is not JSON", r"bitfit_delta\.json is not valid JSON .* the delta is damaged")(
     lambda d: (saved_delta(d) / "bitfit_delta.json").write_text("{") and __import__("bitfit_tasks").Delta.load(d / "delta"))
+case("delta-missing", "a delta path that does not exist", r"delta folder '.*/nope' does not exist \(and it is not a "
+     r"Hub id, which looks like user/name\)")(lambda d: __import__("bitfit_tasks").Delta.from_pretrained(d / "nope"))
+case("delta-hub-offline", "a Hub delta id that cannot be fetched", r"delta 'user/no-such-delta': not a local folder, "
+     r"and the Hub download failed .*; pass a local delta folder, or check the id, --revision, HF_TOKEN")(
+    lambda d: __import__("bitfit_tasks").Delta.from_pretrained("user/no-such-delta", cache_dir=str(d),
+                                                               local_files_only=True))
 case("delta-dir", "a folder that is not a delta", r"is not a BitFit delta: expected bitfit_delta\.safetensors and "
      r"bitfit_delta\.json in it")(lambda d: __import__("bitfit_tasks").Delta.load(d))
 case("delta-base", "a delta applied to another base", r"was trained on a different base model \(fingerprint")(

@@ -398,8 +398,9 @@ class SquadBitFitTrainer(BitFitTrainer):
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    return parse_and_run(run, SquadArguments, argv,
-                         defaults={"eval_strategy": "no", "per_device_train_batch_size": 16})
+    # Dev scoring (window post-processing) is costly: once at the end unless --eval_strategy says
+    # otherwise. Learning rate, schedule, batch size and epochs come from the recipe (recipes.py).
+    return parse_and_run(run, SquadArguments, argv, defaults={"eval_strategy": "no"})
 
 
 def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitConfig,

@@ -170,7 +170,8 @@ def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainab
     if labels:
         lines.append(f"- labels: {json.dumps(labels)}")
     if scores:
-        lines.append("- last evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        lines.append("- last evaluation: " + ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}"
+                                                    for k, v in scores.items()))
     lines += ["", "Load it (base + delta = the fine-tuned model):", "", "```python",
               "from bitfit_tasks import load_task_model",
               "",

@@ -181,6 +181,7 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
     tag_feature = ClassLabel(names=tag_set(splits["train"]))
     tags = tag_feature.names
     tag2id = {t: tag_feature.str2int(t) for t in tags}
+    id2tag = {i: tag_feature.int2str(i) for i in range(tag_feature.num_classes)}
     scheme = resolve_tag_scheme(data_args.tag_scheme, tags)
     unseen = {s: check_tags(s, v, set(tags), data_args.unknown_tags) for s, v in splits.items() if s != "train"}
 
@@ -192,8 +193,9 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
     if not tokenizer.is_fast:
         raise ValueError(f"{model_args.model_name_or_path}: POS tagging needs a fast tokenizer (word_ids for "
                          "sub-token alignment); this one is slow. Use a model with tokenizer.json.")
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, num_labels=len(tags),
-                                        id2label=dict(enumerate(tags)), label2id=tag2id, cache_dir=model_args.cache_dir)
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, num_labels=len(tags), id2label=id2tag,
+                                        label2id=tag2id, finetuning_task=data_args.task_name,
+                                        cache_dir=model_args.cache_dir)
     ensure_pad_token(tokenizer, config)
     model = AutoModelForTokenClassification.from_pretrained(
         model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
@@ -217,7 +219,6 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
                 train = ds
             else:
                 evals[name] = ds
-    id2tag = {i: tag_feature.int2str(i) for i in range(tag_feature.num_classes)}
 
     def metrics_for(split: str):
         def compute(p):

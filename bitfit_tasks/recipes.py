@@ -1,14 +1,18 @@
 """Training recipes: the one place that decides a run's default learning rate, schedule, batch size
 and epochs for each mode and task. A flag the user passes always wins over the recipe.
 
-* ``linear``: linear decay to zero, batch 16, 3 epochs (the HF examples' schedule; what every
-  runner used before recipes existed). Full fine-tuning's recipe.
+* ``linear``: linear decay to zero, batch 16, 3 epochs (the HF examples' schedule), bias rate 1e-3
+  for every task. Full fine-tuning's recipe, with 2e-5.
 * ``official``: the BitFit authors' code (github.com/benzakenelad/BitFit): a *constant* learning
   rate, batch 8, up to 20 epochs, the best epoch's dev score reported. A bias-only run has few
   parameters to move and moves them slowly; decaying the rate to zero over a few epochs starves it.
 
 ``--recipe auto`` (the default) gives bias-only modes :data:`BIAS_DEFAULT_RECIPE` and full
-fine-tuning ``linear``; see benchmarks/RESULTS.md ("BitFit's recipe") for the evidence.
+fine-tuning ``linear``; see benchmarks/RESULTS.md ("BitFit's recipe") for the evidence. The bias
+rate is 1e-3 for every task, not the paper's per-task BERT-base rates (Table 6: 1e-4 for STS-B,
+MNLI, QNLI; 4e-4 SST-2, QQP; 7e-4 MRPC, CoLA): on all-MiniLM-L6-v2, 1e-3 scored best of
+{1e-4, 4e-4, 1e-3} on MRPC, STS-B and CoLA over 3 seeds (STS-B 72.3 at 1e-4 against 84.3 at
+1e-3; CoLA MCC 0 below 1e-3), and tied on RTE.
 """
 
 from __future__ import annotations
@@ -24,11 +28,7 @@ PAPER_FULL_LRS: tuple[float, ...] = (1e-5, 2e-5, 3e-5, 5e-5)
 # Under a constant rate BitFit tolerates (and on a small encoder needs) larger rates.
 OFFICIAL_BIAS_LRS: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
 DEFAULT_FULL_LR = 2e-5
-# The paper's per-task BitFit rates (Table 7) for the linear recipe; 1e-3 for tasks it lacks.
-PAPER_BIAS_LR: dict[str, float] = {
-    "qnli": 1e-4, "sst2": 4e-4, "mnli": 1e-4, "cola": 7e-4, "mrpc": 7e-4, "stsb": 1e-4,
-    "rte": 1e-3, "qqp": 4e-4, "wnli": 1e-3,
-}
+DEFAULT_BIAS_LR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,12 @@ class Recipe:
     lr_scheduler_type: str
     per_device_train_batch_size: int
     num_train_epochs: float
-    bias_lr: float  # default learning rate of bias-only modes (per-task rates below win)
-    per_task_bias_lr: dict[str, float] | None = None
+    bias_lr: float  # default learning rate of bias-only modes
 
 
 RECIPES: dict[str, Recipe] = {
-    "linear": Recipe("linear", "linear", 16, 3.0, 1e-3, PAPER_BIAS_LR),
-    "official": Recipe("official", "constant", 8, 20.0, 1e-3),
+    "linear": Recipe("linear", "linear", 16, 3.0, DEFAULT_BIAS_LR),
+    "official": Recipe("official", "constant", 8, 20.0, DEFAULT_BIAS_LR),
 }
 RECIPE_CHOICES = ("auto", *RECIPES)
 BIAS_DEFAULT_RECIPE = "linear"
@@ -59,9 +58,9 @@ def recipe_for(requested: str, mode: str) -> Recipe:
 
 
 def default_learning_rate(recipe: Recipe, mode: str, task: str | None = None) -> float:
-    if mode == "full":
-        return DEFAULT_FULL_LR
-    return (recipe.per_task_bias_lr or {}).get(task or "", recipe.bias_lr)
+    """The recipe's rate for ``mode``; ``task`` is where a per-task default would go (none differ
+    today: the evidence above found one bias rate best across tasks)."""
+    return DEFAULT_FULL_LR if mode == "full" else recipe.bias_lr
 
 
 def apply_recipe(training_args: Any, mode: str, requested: str = "auto", task: str | None = None,

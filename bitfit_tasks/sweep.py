@@ -260,9 +260,9 @@ def _fmt(values: list[float]) -> str:
 PAPER_POS = {"full": "97.2", "bitfit": "97.2"}
 
 
-def paper_reference(runner: str, method: str, task: str) -> str | None:
-    if runner == "pos":
-        return PAPER_POS.get(method)
+def paper_reference(runner: str, method: str, task: str, metric: str = "word accuracy") -> str | None:
+    if runner == "pos":  # the paper tags POS only: no reference for chunking/NER span F1
+        return PAPER_POS.get(method) if metric == "word accuracy" else None
     if runner == "squad":
         return None  # the paper gives Figure 2 only, no numbers
     return PAPER_GLUE.get(method, {}).get(task)
@@ -286,7 +286,7 @@ def summarize(output_dir: str, score: str = "best", runner: str = "glue") -> dic
             "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "n_seeds": len(vals), "best_lr": best_lr, "scores": vals, "cell": _fmt(vals),
             "all_lrs": {str(lr): _fmt(v) for lr, v in sorted(by_lr.items())},
-            "paper": paper_reference(runner, method, task),
+            "paper": paper_reference(runner, method, task, meta[task]),
         }
     tasks = sorted(meta)
     lines = [

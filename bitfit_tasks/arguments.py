@@ -13,7 +13,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .config import BitFitConfig
 from .errors import UsageError, read_utf8
-from .recipes import DEFAULT_FULL_LR, PAPER_BIAS_LRS, PAPER_FULL_LRS, RECIPE_CHOICES  # noqa: F401 (re-exported)
+from .recipes import DEFAULT_FULL_LR, PAPER_BIAS_LRS, PAPER_FULL_LRS, RECIPE_CHOICES, RECIPES  # noqa: F401
 
 
 def demo_model_path() -> str | None:
@@ -81,15 +81,16 @@ class RunArguments:
             raise ValueError(f"--train_eval_samples must be >= 0 (0 turns it off), got {self.train_eval_samples}.")
 
 
-# Runner defaults that differ from TrainingArguments' own (batch 16 and AdamW as in the paper).
+# Runner defaults that differ from TrainingArguments' own. Batch size and epochs are the default
+# recipe's (what --help shows); the recipe sets them per mode at run time (recipes.py).
 RUNNER_DEFAULTS: dict[str, Any] = {
-    "per_device_train_batch_size": 16,
+    "per_device_train_batch_size": RECIPES["linear"].per_device_train_batch_size,
     "per_device_eval_batch_size": 64,
     "eval_strategy": "epoch",
     "save_strategy": "no",
     "logging_strategy": "epoch",
     "report_to": "none",
-    "num_train_epochs": 3.0,
+    "num_train_epochs": RECIPES["linear"].num_train_epochs,
     "learning_rate": float("nan"),  # resolved per mode/task by the recipe, see recipes.py
 }
 

@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConfig,
         training_args: TrainingArguments, run_args: RunArguments | None = None) -> dict[str, Any]:
     task = GLUE_TASKS[data_args.task_name]
-    data_seed = start_run(training_args, bitfit, run_args, task=data_args.task_name)
+    data_seed = start_run(training_args, bitfit, run_args)
 
     raw = load_glue(data_args, model_args.cache_dir)
     if "train" not in raw:

@@ -57,30 +57,21 @@ def recipe_for(requested: str, mode: str) -> Recipe:
     return RECIPES[requested]
 
 
-def default_learning_rate(recipe: Recipe, mode: str, task: str | None = None) -> float:
-    """The recipe's rate for ``mode``; ``task`` is where a per-task default would go (none differ
-    today: the evidence above found one bias rate best across tasks)."""
-    return DEFAULT_FULL_LR if mode == "full" else recipe.bias_lr
-
-
-def apply_recipe(training_args: Any, mode: str, requested: str = "auto", task: str | None = None,
+def apply_recipe(training_args: Any, mode: str, requested: str = "auto",
                  explicit: Collection[str] | None = None) -> dict[str, Any]:
     """Fill the recipe's values into ``training_args`` wherever the user did not set them.
 
     ``explicit``: the argument names the user passed (command line or JSON file). ``None`` means
     unknown (arguments built in Python): then only an unset (NaN) learning rate is filled, and the
     batch size, schedule and epochs are left as given. Returns what was decided, for results.json."""
+    from transformers.trainer_utils import SchedulerType
+
     recipe = recipe_for(requested, mode)
     applied: dict[str, Any] = {}
-    if math.isnan(training_args.learning_rate) or (explicit is not None and "learning_rate" not in explicit):
-        training_args.learning_rate = applied["learning_rate"] = default_learning_rate(recipe, mode, task)
-    if explicit is not None:
-        for name in ("lr_scheduler_type", "per_device_train_batch_size", "num_train_epochs"):
-            if name not in explicit:
-                setattr(training_args, name, getattr(recipe, name))
-                applied[name] = getattr(recipe, name)
-        if "lr_scheduler_type" in applied:
-            from transformers.trainer_utils import SchedulerType
-
-            training_args.lr_scheduler_type = SchedulerType(recipe.lr_scheduler_type)
+    if math.isnan(training_args.learning_rate):  # the runners' "not given" value
+        training_args.learning_rate = applied["learning_rate"] = DEFAULT_FULL_LR if mode == "full" else recipe.bias_lr
+    for name in ("lr_scheduler_type", "per_device_train_batch_size", "num_train_epochs"):
+        if explicit is not None and name not in explicit:
+            applied[name] = getattr(recipe, name)
+            setattr(training_args, name, SchedulerType(applied[name]) if name == "lr_scheduler_type" else applied[name])
     return {"recipe": recipe.name, "recipe_applied": applied}

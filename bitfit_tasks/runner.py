@@ -87,11 +87,10 @@ def release_output_dir(output_dir: str) -> None:
         f.close()  # closing drops the flock
 
 
-def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, run_args: Any = None,
-              task: str | None = None) -> int:
+def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, run_args: Any = None) -> int:
     """Common prologue of every runner: logging, the checkpoint to resume from and the output folder
-    (checked and locked before any data or model is loaded), the recipe's defaults for this mode and
-    task (recipes.py), seeds. Returns the data seed (``--data_seed``, else ``--seed``) for subset
+    (checked and locked before any data or model is loaded), the recipe's defaults for this mode
+    (recipes.py), seeds. Returns the data seed (``--data_seed``, else ``--seed``) for subset
     sampling."""
     from transformers import set_seed
 
@@ -101,7 +100,7 @@ def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, run_args: 
     setup_logging()
     resolve_resume(training_args)
     claim_output_dir(training_args, overwrite=bool(getattr(run_args, "overwrite_output_dir", False)))
-    decided = apply_recipe(training_args, bitfit.mode, getattr(run_args, "recipe", "auto"), task,
+    decided = apply_recipe(training_args, bitfit.mode, getattr(run_args, "recipe", "auto"),
                            getattr(run_args, "explicit_args", None))
     training_args._bitfit_recipe = decided  # recorded in results.json by train_and_record
     if decided["recipe_applied"]:

@@ -22,9 +22,9 @@ def _parse(argv):
     return bitfit, run_args, targs
 
 
-def _decide(argv, task="mrpc"):
+def _decide(argv):
     bitfit, run_args, targs = _parse(argv)
-    decided = apply_recipe(targs, bitfit.mode, run_args.recipe, task, run_args.explicit_args)
+    decided = apply_recipe(targs, bitfit.mode, run_args.recipe, run_args.explicit_args)
     return targs, decided
 
 
@@ -45,7 +45,7 @@ def test_json_argument_file_counts_as_explicit(tmp_path):
     f = tmp_path / "args.json"
     f.write_text('{"model_name_or_path": "x", "output_dir": "o", "recipe": "official", "num_train_epochs": 5}')
     _, _, bitfit, run_args, targs = parse_args(TYPES, [str(f)])
-    apply_recipe(targs, bitfit.mode, run_args.recipe, "mrpc", run_args.explicit_args)
+    apply_recipe(targs, bitfit.mode, run_args.recipe, run_args.explicit_args)
     assert targs.num_train_epochs == 5.0 and targs.per_device_train_batch_size == 8
 
 
@@ -60,7 +60,7 @@ def test_auto_gives_full_fine_tuning_its_own_recipe():
 
 def test_arguments_built_in_python_only_get_a_learning_rate():
     targs = TrainingArguments(output_dir="o", learning_rate=float("nan"), per_device_train_batch_size=3)
-    apply_recipe(targs, "bitfit", "official", "mrpc", explicit=None)
+    apply_recipe(targs, "bitfit", "official", explicit=None)
     assert not math.isnan(targs.learning_rate) and targs.per_device_train_batch_size == 3
     assert targs.lr_scheduler_type.value == "linear"
 

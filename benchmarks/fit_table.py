@@ -21,7 +21,7 @@ def rows(path: Path) -> list[str]:
     out = []
     for h in r["history"]:
         ep = round(h["epoch"])
-        sample = h.get("train_sample_accuracy")
+        sample = h.get(f"train_sample_{r['metric']}", h.get("train_sample_accuracy"))
         out.append(f"| {label} | {ep} | {losses.get(ep, float('nan')):.3f} | "
                    f"{'–' if sample is None else f'{100 * sample:.1f}'} | {h.get('eval_loss', float('nan')):.3f} | "
                    f"{100 * h[key]:.1f} |")
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", type=Path)
     a = p.parse_args(argv)
-    print("| run | epoch | train loss (epoch mean) | train-sample accuracy | dev loss | dev score |")
+    print("| run | epoch | train loss (epoch mean) | train-sample score | dev loss | dev score |")
     print("|---|---|---|---|---|---|")
     for f in a.results:
         print("\n".join(rows(f)))

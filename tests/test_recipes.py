@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import FIXTURES
 from transformers import TrainingArguments
 
@@ -79,3 +83,34 @@ def test_official_recipe_runs_a_constant_rate_for_the_configured_epochs(tiny_mod
     for h in res["history"]:  # the fixed training sample is scored at every evaluation
         assert {"train_sample_loss", "train_sample_accuracy"} <= set(h)
     assert res["best_epoch"] in (1.0, 2.0, 3.0)
+
+
+def _load_probe():
+    spec = importlib.util.spec_from_file_location("cls_probe", Path(__file__).parents[1] / "benchmarks" / "cls_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    return probe
+
+
+def test_cls_probe_reads_a_trained_delta_and_sees_a_collapsed_layer(tiny_model_dir, tmp_path, bert):
+    probe = _load_probe()
+    run = tmp_path / "run"
+    main(["--task_name", "rte", "--data_dir", GLUE_DIR, "--model_name_or_path", tiny_model_dir,
+          "--output_dir", str(run), "--num_train_epochs", "1", "--learning_rate", "1e-2", "--use_cpu", "true",
+          "--ignore_mismatched_sizes", "true", "--disable_tqdm", "true"])
+    out = tmp_path / "probe.json"
+    rec = probe.main([str(run), "--task", "rte", "--data_dir", GLUE_DIR, "--base_model", tiny_model_dir,
+                      "--n_examples", "8", "--output", str(out)])
+    assert json.loads(out.read_text()) == rec and [r["run"] for r in rec["runs"]] == ["base model", str(run)]
+    n_hidden = bert.config.num_hidden_layers + 1  # embeddings + each layer
+    assert all(len(r["cls_input_dependence"]) == n_hidden for r in rec["runs"])
+    moves = rec["runs"][1]["largest_bias_moves"]
+    assert moves and all(m["name"].endswith("bias") and m["delta_norm"] > 0 for m in moves)
+    # a last layer whose output ignores the input reads 0; the untouched model does not
+    enc = {"input_ids": torch.randint(5, 50, (6, 7))}
+    assert probe.cls_input_dependence(bert.eval(), enc)[-1] > 0.01
+    with torch.no_grad():
+        norm = bert.bert.encoder.layer[-1].output.LayerNorm
+        norm.weight.zero_()
+        norm.bias.copy_(torch.randn_like(norm.bias))  # the output is this bias, whatever the input
+    assert probe.cls_input_dependence(bert, enc)[-1] == 0.0

@@ -25,12 +25,14 @@ from bitfit_tasks.delta import load_task_model
 from bitfit_tasks.glue import GLUE_TASKS
 
 
+@torch.no_grad()
 def cls_input_dependence(model: torch.nn.Module, enc: dict) -> list[float]:
     """Per hidden state (embeddings, then each layer): across-example std of [CLS] / its overall std."""
     hidden = model.base_model(**enc, output_hidden_states=True).hidden_states
     return [round((h[:, 0].std(0).mean() / h[:, 0].std()).item(), 4) for h in hidden]
 
 
+@torch.no_grad()
 def bias_moves(model: torch.nn.Module, base: torch.nn.Module, top: int) -> list[dict]:
     """The ``top`` backbone biases with the largest L2 change, with their initial norm."""
     ref = dict(base.base_model.named_parameters())
@@ -60,17 +62,20 @@ def main(argv: list[str] | None = None) -> dict:
     tok = AutoTokenizer.from_pretrained(a.base_model)
     texts = [[r[k] for r in rows] for k in keys if k]
     enc = dict(tok(*texts, padding=True, truncation=True, max_length=128, return_tensors="pt"))
-    torch.set_grad_enabled(False)
+    verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the fresh classifier's load report is expected here
-    base = AutoModelForSequenceClassification.from_pretrained(a.base_model).eval()
-    record = {"task": a.task, "base_model": a.base_model, "n_examples": len(rows),
-              "runs": [{"run": "base model", "cls_input_dependence": cls_input_dependence(base, enc)}]}
-    for d in a.deltas:
-        model = load_task_model(a.base_model, d).eval()
-        lr = json.loads((d / "results.json").read_text()).get("learning_rate")
-        record["runs"].append({"run": str(d), "learning_rate": lr,
-                               "cls_input_dependence": cls_input_dependence(model, enc),
-                               "largest_bias_moves": bias_moves(model, base, a.top)})
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(a.base_model).eval()
+        record = {"task": a.task, "base_model": a.base_model, "n_examples": len(rows),
+                  "runs": [{"run": "base model", "cls_input_dependence": cls_input_dependence(base, enc)}]}
+        for d in a.deltas:
+            model = load_task_model(a.base_model, d).eval()
+            lr = json.loads((d / "results.json").read_text()).get("learning_rate")
+            record["runs"].append({"run": str(d), "learning_rate": lr,
+                                   "cls_input_dependence": cls_input_dependence(model, enc),
+                                   "largest_bias_moves": bias_moves(model, base, a.top)})
+    finally:
+        hf_logging.set_verbosity(verbosity)
     print("| run | [CLS] input dependence: embeddings, layer 1 ... last |")
     print("|---|---|")
     for r in record["runs"]:

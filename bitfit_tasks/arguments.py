@@ -62,8 +62,9 @@ class RunArguments:
         default="auto",
         metadata={"help": "Defaults for the learning rate, --lr_scheduler_type, --per_device_train_batch_size "
                   "and --num_train_epochs (a flag you pass wins). 'linear': linear decay, batch 16, 3 epochs; "
-                  "'official': the BitFit authors' code, constant rate, batch 8, 20 epochs; 'auto': bias-only "
-                  "modes get the recipe benchmarks/RESULTS.md found best, full fine-tuning 'linear'.",
+                  "'official': the BitFit authors' code, constant rate, batch 8, 20 epochs, best epoch; 'auto': "
+                  "bias-only modes get the recipe benchmarks/RESULTS.md found best ('official' for GLUE and "
+                  "tagging, 'linear' for SQuAD), full fine-tuning 'linear'.",
                   "choices": list(RECIPE_CHOICES)},
     )
     train_eval_samples: int = field(
@@ -81,8 +82,8 @@ class RunArguments:
             raise ValueError(f"--train_eval_samples must be >= 0 (0 turns it off), got {self.train_eval_samples}.")
 
 
-# Runner defaults that differ from TrainingArguments' own. Batch size and epochs are the default
-# recipe's (what --help shows); the recipe sets them per mode at run time (recipes.py).
+# Runner defaults that differ from TrainingArguments' own. Batch size and epochs are full
+# fine-tuning's recipe (what --help shows); the recipe sets them per mode at run time (recipes.py).
 RUNNER_DEFAULTS: dict[str, Any] = {
     "per_device_train_batch_size": RECIPES["linear"].per_device_train_batch_size,
     "per_device_eval_batch_size": 64,

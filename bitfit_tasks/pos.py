@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfig,
         training_args: TrainingArguments, run_args: RunArguments | None = None) -> dict[str, Any]:
 
-    seed = start_run(training_args, bitfit, run_args)
+    seed = start_run(training_args, bitfit, run_args, runner="pos")
     splits = load_splits(data_args)
     splits["train"] = sample_list(splits["train"], seed, k=data_args.max_train_samples)
     for s in ("validation", "test"):  # the same evaluation sentences for every method and seed

@@ -87,11 +87,12 @@ def release_output_dir(output_dir: str) -> None:
         f.close()  # closing drops the flock
 
 
-def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, run_args: Any = None) -> int:
+def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, run_args: Any = None,
+              runner: str = "glue") -> int:
     """Common prologue of every runner: logging, the checkpoint to resume from and the output folder
     (checked and locked before any data or model is loaded), the recipe's defaults for this mode
-    (recipes.py), seeds. Returns the data seed (``--data_seed``, else ``--seed``) for subset
-    sampling."""
+    (recipes.py; ``runner`` picks what ``--recipe auto`` means), seeds. Returns the data seed
+    (``--data_seed``, else ``--seed``) for subset sampling."""
     from transformers import set_seed
 
     from .arguments import resolve_resume
@@ -101,7 +102,7 @@ def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, run_args: 
     resolve_resume(training_args)
     claim_output_dir(training_args, overwrite=bool(getattr(run_args, "overwrite_output_dir", False)))
     decided = apply_recipe(training_args, bitfit.mode, getattr(run_args, "recipe", "auto"),
-                           getattr(run_args, "explicit_args", None))
+                           getattr(run_args, "explicit_args", None), runner)
     training_args._bitfit_recipe = decided  # recorded in results.json by train_and_record
     if decided["recipe_applied"]:
         logger.info("recipe %r: %s", decided["recipe"], decided["recipe_applied"])

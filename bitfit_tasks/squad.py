@@ -406,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitConfig,
         training_args: TrainingArguments, run_args: RunArguments | None = None) -> dict[str, Any]:
 
-    seed = start_run(training_args, bitfit, run_args)
+    seed = start_run(training_args, bitfit, run_args, runner="squad")
     train_rows, dev_rows = load_rows(data_args)
     train_rows = sample_examples(train_rows, data_args.train_fraction, data_args.max_train_samples, seed)
     # The dev subset depends on the data seed only, so every method is scored on the same questions.

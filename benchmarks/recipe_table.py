@@ -1,0 +1,92 @@
+"""BitFit's old recipe vs the authors' constant-rate recipe vs full fine-tuning, per task, from the
+committed run records: mean ± std over seeds of the best epoch's dev score (and of the best epoch
+within the first ``epochs`` when a row caps it), the last epoch's training loss and its fixed
+training-sample score.
+
+    python benchmarks/recipe_table.py --json benchmarks/results/recipe-table.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+R = Path(__file__).parent / "results"
+# (task, row label, record glob, epoch cap or None)
+ROWS: list[tuple[str, str, str, int | None]] = [
+    ("mrpc", "BitFit, linear (batch 16, 5 ep.)", "glue-main/mrpc/bitfit/lr0.001/seed*", None),
+    ("mrpc", "BitFit, official (constant, batch 8, 5 ep.)", "recipe-long/mrpc/bitfit/lr0.001/seed*", 5),
+    ("mrpc", "full FT, linear (batch 16, 5 ep.)", "glue-main/mrpc/full/lr5e-05/seed*", None),
+    ("stsb", "BitFit, linear (batch 16, 5 ep.)", "glue-main/stsb/bitfit/lr0.001/seed*", None),
+    ("stsb", "BitFit, official (constant, batch 8, 3 ep.)", "recipe-pilot-stsb/stsb/bitfit/lr0.001/seed*", None),
+    ("stsb", "full FT, linear (batch 16, 5 ep.)", "glue-main/stsb/full/lr5e-05/seed*", None),
+    ("cola", "BitFit, linear (batch 16, 5 ep.)", "glue-main/cola/bitfit/lr0.001/seed*", None),
+    ("cola", "BitFit, official (constant, batch 8, 3 ep.)", "recipe-official/cola/bitfit/lr0.001/seed*", None),
+    ("cola", "BitFit, official (constant, batch 8, 10 ep.)", "recipe-long/cola/bitfit/lr0.001/seed*", None),
+    ("cola", "full FT, linear (batch 16, 5 ep.)", "glue-main/cola/full/lr5e-05/seed*", None),
+    ("rte", "BitFit, linear (batch 16, 5 ep.)", "glue-main/rte/bitfit/lr0.001/seed*", None),
+    ("rte", "BitFit, official (constant, batch 8, 3 ep.)", "recipe-official/rte/bitfit/lr0.001/seed*", None),
+    ("rte", "full FT, linear (batch 16, 5 ep.)", "glue-main/rte/full/lr2e-05/seed*", None),
+    ("wsj", "BitFit, linear (batch 16, 3 ep.)", "pos/wsj/bitfit/lr0.001/seed*", None),
+    ("wsj", "BitFit, official (constant, batch 8, 3 ep.)", "recipe-official/wsj/bitfit/lr*/seed*", None),
+    ("wsj", "full FT, linear (batch 16, 3 ep.)", "pos/wsj/full/lr5e-05/seed*", None),
+]
+
+
+def score_key(r: dict) -> str:
+    return next(k for k in (f"eval_{r['metric']}", "eval_accuracy") if k in r["history"][0])
+
+
+def summarise(records: list[dict], cap: int | None) -> dict:
+    bests, losses, run_losses, samples = [], [], [], []
+    for r in records:
+        hist = [h for h in r["history"] if cap is None or h["epoch"] <= cap + 1e-9]
+        bests.append(100 * max(h[score_key(r)] for h in hist))
+        last = hist[-1]
+        epoch_losses = {round(e["epoch"]): e["loss"] for e in r.get("train_loss_history", [])}
+        losses.append(epoch_losses.get(round(last["epoch"])))
+        # whole-run mean loss (older records hold only this); epochs are equally long
+        kept = [v for e, v in epoch_losses.items() if cap is None or e <= cap]
+        run_losses.append(statistics.mean(kept) if kept else r.get("train_loss"))
+        samples.append(last.get(f"train_sample_{r['metric']}", last.get("train_sample_accuracy")))
+
+    def ms(xs: list) -> str | None:
+        xs = [x for x in xs if x is not None]
+        if not xs:
+            return None
+        return f"{statistics.mean(xs):.1f}" + (f"±{statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
+
+    return {"n": len(records), "dev": ms(bests), "dev_per_seed": [round(b, 2) for b in bests],
+            "run_mean_train_loss": ms([None if x is None else x * 100 for x in run_losses]),
+            "last_train_loss": ms([None if x is None else x * 100 for x in losses]),
+            "last_train_sample": ms([None if x is None else 100 * x for x in samples])}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, help="write the table's rows here")
+    a = p.parse_args(argv)
+    out = []
+    print("| task | recipe (lr 1e-3 for BitFit) | n | dev (best epoch) | per seed | last-epoch train loss ×100 |"
+          " last-epoch train-sample score | run-mean train loss ×100 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for task, label, pattern, cap in ROWS:
+        files = sorted(R.glob(pattern + "/results.json"))
+        if not files:
+            continue
+        s = summarise([json.loads(f.read_text()) for f in files], cap)
+        out.append({"task": task, "recipe": label, "records": [str(f.relative_to(R)) for f in files], **s})
+        print(f"| {task} | {label} | {s['n']} | {s['dev']} | {' / '.join(map(str, s['dev_per_seed']))} | "
+              f"{s['last_train_loss'] or 'n/r'} | {s['last_train_sample'] or 'n/r'} | {s['run_mean_train_loss']} |")
+    if a.json:
+        tmp = a.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        os.replace(tmp, a.json)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import UsageError
 from .fileio import atomic_write_text
-from .recipes import OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS, PAPER_FULL_LRS
+from .recipes import OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS, PAPER_FULL_LRS, RECIPE_CHOICES, recipe_for
 from .selection import PRESETS, resolve_terms
 
 logger = logging.getLogger("bitfit_tasks")
@@ -410,7 +410,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--bias_lrs", nargs="+", type=float,
                         help=f"bias-only learning rates; default: the paper's {list(PAPER_BIAS_LRS)}, or "
-                        f"{list(OFFICIAL_BIAS_LRS)} when the runner arguments say --recipe official")
+                        f"{list(OFFICIAL_BIAS_LRS)} when the runs' recipe is 'official' (the default for GLUE and "
+                        "tagging)")
     parser.add_argument("--full_lrs", nargs="+", type=float, default=list(PAPER_FULL_LRS))
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--score", default="best", choices=["best", "final"],
@@ -423,9 +424,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="after '--': arguments passed to every run")
     args = parser.parse_args(argv)
     extra = args.runner_args[1:] if args.runner_args[:1] == ["--"] else args.runner_args
-    if args.bias_lrs is None:  # a constant rate needs (and tolerates) a grid reaching 1e-2
-        official = any(a == "--recipe=official" or (a == "--recipe" and extra[i + 1:i + 2] == ["official"])
-                       for i, a in enumerate(extra))
+    if args.bias_lrs is None:  # the issue's grid reaching 1e-2 goes with a constant rate
+        requested = "auto"
+        for i, a in enumerate(extra):
+            if a.startswith("--recipe="):
+                requested = a.split("=", 1)[1]
+            elif a == "--recipe" and i + 1 < len(extra):
+                requested = extra[i + 1]
+        official = requested in RECIPE_CHOICES and recipe_for(requested, "bitfit", args.runner).name == "official"
         args.bias_lrs = list(OFFICIAL_BIAS_LRS if official else PAPER_BIAS_LRS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     task_args = None

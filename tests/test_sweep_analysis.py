@@ -171,3 +171,17 @@ def test_two_sweeps_at_once_run_each_cell_once(tiny_model_dir, tmp_path):
         assert "| bitfit |" in out and "| frozen |" in out and "n=1" in out
     table = json.loads((tmp_path / "grid" / "results.json").read_text())
     assert set(table) == {"bitfit", "frozen"} and all(set(v) == {"rte", "mrpc"} for v in table.values())
+
+
+@pytest.mark.parametrize("runner, extra, grid", [
+    ("glue", [], "official"), ("pos", ["--recipe", "auto"], "official"), ("glue", ["--recipe=linear"], "paper"),
+    ("glue", ["--recipe", "official"], "official"), ("squad", [], "paper")])
+def test_default_bias_grid_follows_the_runs_recipe(monkeypatch, tmp_path, runner, extra, grid):
+    from bitfit_tasks.recipes import OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS
+
+    seen = {}
+    monkeypatch.setattr(sweep, "run_grid", lambda *a, **kw: seen.update(kw))
+    fractions = ["--fractions", "0.01"] if runner == "squad" else ["--tasks", "x"]
+    sweep.main(["--runner", runner, *fractions, "--methods", "bitfit", "--output_dir", str(tmp_path), "--dry_run",
+                "--", *extra])
+    assert seen["bias_lrs"] == list(OFFICIAL_BIAS_LRS if grid == "official" else PAPER_BIAS_LRS)

@@ -31,9 +31,40 @@ ROWS: list[tuple[str, str, str, int | None]] = [
     ("rte", "BitFit, official (constant, batch 8, 3 ep.)", "recipe-official/rte/bitfit/lr0.001/seed*", None),
     ("rte", "full FT, linear (batch 16, 5 ep.)", "glue-main/rte/full/lr2e-05/seed*", None),
     ("wsj", "BitFit, linear (batch 16, 3 ep.)", "pos/wsj/bitfit/lr0.001/seed*", None),
-    ("wsj", "BitFit, official (constant, batch 8, 3 ep.)", "recipe-official/wsj/bitfit/lr*/seed*", None),
+    ("wsj", "BitFit, official (constant, batch 8, 3 ep.), lr 3e-3", "recipe-official/wsj/bitfit/lr0.003/seed*", None),
     ("wsj", "full FT, linear (batch 16, 3 ep.)", "pos/wsj/full/lr5e-05/seed*", None),
 ]
+
+
+# The rate scan: seed 1, constant rate, batch 8, 3 epochs. (task, grid folder, probe record or None)
+SCAN: list[tuple[str, str, str | None]] = [
+    ("mrpc", "recipe-pilot/mrpc/bitfit", "recipe-probe/mrpc.json"),
+    ("stsb", "recipe-pilot-stsb/stsb/bitfit", "recipe-probe/stsb.json"),
+    ("cola", "recipe-official/cola/bitfit", "recipe-probe/cola.json"),
+    ("wsj", "recipe-official/wsj/bitfit", None),
+]
+
+
+def scan_rows() -> list[dict]:
+    """Per task and rate: best dev score, last-epoch training loss, last-layer [CLS] input dependence."""
+    out = []
+    for task, grid, probe in SCAN:
+        probed = {}
+        if probe and (R / probe).exists():
+            for run in json.loads((R / probe).read_text())["runs"]:
+                probed[Path(run["run"]).parent.name] = run["cls_input_dependence"][-1]
+                if run["run"] == "base model":
+                    probed["base"] = run["cls_input_dependence"][-1]
+        for f in sorted((R / grid).glob("lr*/seed1/results.json"), key=lambda f: float(f.parts[-3][2:])):
+            r = json.loads(f.read_text())
+            losses = r.get("train_loss_history") or [{}]
+            out.append({"task": task, "lr": r["learning_rate"], "record": str(f.relative_to(R)),
+                        "epochs": [round(h["epoch"]) for h in r["history"]][-1],
+                        "dev_best": round(100 * max(h[score_key(r)] for h in r["history"]), 2),
+                        "last_train_loss": losses[-1].get("loss"),
+                        "cls_input_dependence_last_layer": probed.get(f.parts[-3]),
+                        "base_cls_input_dependence_last_layer": probed.get("base")})
+    return out
 
 
 def score_key(r: dict) -> str:
@@ -69,6 +100,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, help="write the table's rows here")
     a = p.parse_args(argv)
+    scan = scan_rows()
+    print("| task | lr | dev (best of 3 epochs) | last-epoch train loss | last-layer [CLS] input dependence "
+          "(base model) |")
+    print("|---|---|---|---|---|")
+    for row in scan:
+        dep, base, loss = (row["cls_input_dependence_last_layer"], row["base_cls_input_dependence_last_layer"],
+                           row["last_train_loss"])
+        print(f"| {row['task']} | {row['lr']:g} | {row['dev_best']:.1f} | {'n/r' if loss is None else f'{loss:.3f}'} | "
+              f"{'–' if dep is None else f'{dep:.3f} ({base:.3f})'} |")
+    print()
     out = []
     print("| task | recipe (lr 1e-3 for BitFit) | n | dev (best epoch) | per seed | last-epoch train loss ×100 |"
           " last-epoch train-sample score | run-mean train loss ×100 |")
@@ -83,7 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{s['last_train_loss'] or 'n/r'} | {s['last_train_sample'] or 'n/r'} | {s['run_mean_train_loss']} |")
     if a.json:
         tmp = a.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        tmp.write_text(json.dumps({"scan": scan, "comparison": out}, indent=1) + "\n")
         os.replace(tmp, a.json)
     return out
 

@@ -73,6 +73,14 @@ class RunArguments:
                   "1234): train_sample_* in results.json, to tell under- from over-fitting. 0 turns it off. "
                   "GLUE and tagging runners."},
     )
+    keep: str = field(
+        default="best",
+        metadata={"help": "Which evaluation's model the run saves (delta, biases_and_head.safetensors), writes "
+                  "prediction files with and scores on a test set: 'best' (the best dev score of the task's "
+                  "metric, the number the headline reports; kept in memory, and in each checkpoint for resume) "
+                  "or 'last' (the model as training ended).",
+                  "choices": ["best", "last"]},
+    )
     # The argument names given on the command line or in the JSON file (set by parse_args; None when
     # the arguments were built in Python): a recipe only fills in what the user did not set.
     explicit_args: frozenset[str] | None = field(default=None, init=False, repr=False)

@@ -150,7 +150,7 @@ def resolve_delta_dir(name_or_path: str | os.PathLike, *, revision: str | None =
 def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainable: int, n_total: int,
                metrics: dict[str, Any] | None = None) -> str:
     """``README.md`` of a delta folder: what it is (bias-only, not a full model), its base and that
-    base's fingerprint, the trained terms and counts, the last evaluation, and the lines that load it."""
+    base's fingerprint, the trained terms and counts, the evaluation of these tensors, and the lines that load it."""
     base = meta.get("base_model") or "BASE_MODEL"
     task_config = meta.get("task_config") or {}
     labels = task_config.get("id2label")
@@ -170,8 +170,8 @@ def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainab
     if labels:
         lines.append(f"- labels: {json.dumps(labels)}")
     if scores:
-        lines.append("- last evaluation: " + ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}"
-                                                    for k, v in scores.items()))
+        lines.append("- evaluation of these tensors: " + ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}"
+                                                              for k, v in scores.items()))
     lines += ["", "Load it (base + delta = the fine-tuned model):", "", "```python",
               "from bitfit_tasks import load_task_model",
               "",

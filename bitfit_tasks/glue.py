@@ -319,6 +319,7 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
               "eval_examples": {s: len(d) for s, d in eval_sets.items()},
               "model": model_args.model_name_or_path},
         after_training=lambda tr: write_predictions(tr, task, eval_sets, raw_ids, training_args.output_dir),
+        keep=getattr(run_args, "keep", "best"),
     )
 
 

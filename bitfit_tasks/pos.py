@@ -271,6 +271,7 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
               "tag_scheme": scheme, "train_examples": len(train),
               "n_tags": len(tags), "model": model_args.model_name_or_path, "truncated_words": truncated},
         after_training=score_and_predict,
+        keep=getattr(run_args, "keep", "best"),
     )
 
 

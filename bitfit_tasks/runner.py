@@ -99,6 +99,11 @@ def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, run_args: 
     from .recipes import apply_recipe
 
     setup_logging()
+    if getattr(run_args, "keep", "best") == "last" and training_args.load_best_model_at_end:
+        from .errors import UsageError
+
+        raise UsageError("--keep last contradicts --load_best_model_at_end true (which loads the best checkpoint); "
+                         "drop one of them (--keep best keeps the best evaluation without checkpoints).")
     resolve_resume(training_args)
     claim_output_dir(training_args, overwrite=bool(getattr(run_args, "overwrite_output_dir", False)))
     decided = apply_recipe(training_args, bitfit.mode, getattr(run_args, "recipe", "auto"),
@@ -251,29 +256,47 @@ def train_and_record(
     bitfit: BitFitConfig,
     save_full_model: bool = False,
     after_training: Callable[[BitFitTrainer], dict[str, Any]] | None = None,
+    keep: str = "best",
 ) -> dict[str, Any]:
-    """Train (resuming from ``--resume_from_checkpoint`` if set), save the model first, then run
-    ``after_training(trainer)`` (test scores, prediction files; it may add entries) and write
-    results.json: the best and last dev score of ``metric_key`` and what was really trained."""
+    """Train (resuming from ``--resume_from_checkpoint`` if set), put the kept epoch's tensors in the
+    model (``keep``: ``best`` dev score of ``metric_key``, or ``last``), save the model first, then run
+    ``after_training(trainer)`` (test scores, prediction files -- of the saved model; it may add
+    entries) and write results.json: the best and last dev score and what was really trained."""
+    from .best import BestEpochKeeper
+
     args = trainer.args
     start = time.time()
     resume = args.resume_from_checkpoint
     resumed_step = 0
+    keeper = BestEpochKeeper(trainer, metric_key) if keep == "best" else None
+    if keeper is not None:
+        trainer.add_callback(keeper)
     if resume:
         resumed_step = int(json.loads((Path(resume) / "trainer_state.json").read_text()).get("global_step", 0))
         logger.info("resuming from %s (step %d)", resume, resumed_step)
+        if keeper is not None:
+            keeper.load(resume)
     train_result = trainer.train(resume_from_checkpoint=resume)
     history = eval_history(trainer.state.log_history)
     if args.eval_strategy == "no" or not history:
         trainer.evaluate()
         history = eval_history(trainer.state.log_history)
+    final = history[-1]
+    scored = [h for h in history if metric_key in h and not math.isnan(h[metric_key])]
+    best = max(scored, key=lambda h: h[metric_key]) if scored else None
+    saved = final
+    restored = keeper is not None and keeper.restore()
+    if restored:
+        saved = next((h for h in history if h["step"] == keeper.step),
+                     {"epoch": keeper.epoch, "step": keeper.step, metric_key: keeper.score})
+        if saved is not final:
+            logger.info("keeping the best evaluation (step %s, epoch %s, %s %.4f), not the last (step %s)",
+                        keeper.step, saved.get("epoch"), metric_key, keeper.score, final["step"])
+    trainer.saved_metrics = saved  # the model card and after_training describe the saved model
     # Save before anything else can fail (scoring a test set, writing predictions): the trained
     # model is never lost to an error after training.
     if bitfit.mode != "full" or save_full_model:
         trainer.save_model(args.output_dir)  # every rank calls it; only the main one writes
-    final = history[-1]
-    scored = [h for h in history if metric_key in h and not math.isnan(h[metric_key])]
-    best = max(scored, key=lambda h: h[metric_key]) if scored else None
     state = trainer.state
     results = {
         **info,
@@ -295,7 +318,13 @@ def train_and_record(
         "best": best[metric_key] if best else float("nan"),
         "best_epoch": best["epoch"] if best else None,
         "final": scored[-1][metric_key] if scored else float("nan"),
-        "final_metrics": {k: v for k, v in final.items() if isinstance(v, float | int)},
+        "best_metrics": _numbers(best) if best else None,
+        "final_metrics": _numbers(final),
+        # Which evaluation's model was saved (and wrote the prediction files and any test score).
+        "saved": "best" if restored else "last",
+        "saved_epoch": saved.get("epoch"),
+        "saved_step": saved.get("step"),
+        "saved_metrics": _numbers(saved),
         "history": history,
         **train_loss_record(state.log_history, train_result.training_loss, state.global_step, resumed_step),
         "train_seconds": round(time.time() - start, 1),
@@ -311,10 +340,15 @@ def train_and_record(
         atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
         # print, not logging: the headline must show whatever the user's logging setup is.
         print(f"{info.get('task')} ({bitfit.mode}): best {metric_key.removeprefix('eval_')} {results['best']:.4f} "
-              f"(epoch {results['best_epoch']}), final {results['final']:.4f} | last eval: "
-              f"{headline_metrics(results['final_metrics'])} | {results['optimizer_steps']} steps, "
+              f"(epoch {results['best_epoch']}), final {results['final']:.4f} | saved: {results['saved']} "
+              f"(epoch {results['saved_epoch']}): {headline_metrics(results['saved_metrics'])} | "
+              f"{results['optimizer_steps']} steps, "
               f"{results['epochs']} epochs -> {out / 'results.json'}", flush=True)
     return results
+
+
+def _numbers(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if isinstance(v, float | int)}
 
 
 def headline_metrics(metrics: dict[str, Any]) -> str:

@@ -371,7 +371,8 @@ class SquadEval:
         self.offsets = windows.with_format("numpy", columns=["offset_mapping"])[:]["offset_mapping"]
         self.features = windows.remove_columns(["example_index", "offset_mapping"])
 
-    def __call__(self, trainer: BitFitTrainer) -> dict[str, float]:
+    def score(self, trainer: BitFitTrainer) -> dict[str, float]:
+        """EM/F1 of the model as it is now, and its ``predictions.json``; nothing logged."""
         out = trainer.predict(self.features, metric_key_prefix="eval")
         start, end = out.predictions[:2] if isinstance(out.predictions, tuple) else out.predictions
         preds = postprocess(self.rows, self.sample_map, self.offsets, start, end, self.args.n_best_size,
@@ -380,6 +381,10 @@ class SquadEval:
                                                                     for r in self.rows}).items()}
         if trainer.is_world_process_zero():
             atomic_write_text(Path(self.output_dir) / "predictions.json", json.dumps(preds, indent=1))
+        return metrics
+
+    def __call__(self, trainer: BitFitTrainer) -> dict[str, float]:
+        metrics = self.score(trainer)
         trainer.log(metrics)
         trainer.control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
         return metrics
@@ -438,10 +443,15 @@ def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitCon
               "train_features": len(train_windows), "train_fraction": data_args.train_fraction,
               "eval_examples": len(dev_rows), "model": model_args.model_name_or_path},
         after_training=final_em_f1,
+        keep=getattr(run_args, "keep", "best"),
     )
 
 
-def final_em_f1(trainer: BitFitTrainer) -> dict[str, float]:
-    """The last evaluation's official EM and F1, top level in results.json."""
+def final_em_f1(trainer: SquadBitFitTrainer) -> dict[str, float]:
+    """The saved model's official EM and F1, top level in results.json. predictions.json is rewritten
+    from the saved model when that is an earlier (best) evaluation's, not the last one's."""
     last = eval_history(trainer.state.log_history)[-1]
-    return {"exact_match": last["eval_exact_match"], "f1": last["eval_f1"]}
+    saved = getattr(trainer, "saved_metrics", None) or last
+    if saved.get("step") != last.get("step") and trainer.squad_eval is not None:
+        trainer.squad_eval.score(trainer)
+    return {"exact_match": saved["eval_exact_match"], "f1": saved["eval_f1"]}

@@ -322,7 +322,7 @@ def plot_training_size_curve(output_dir: str) -> str:
     for path in sorted(root.glob("frac*/*/lr*/seed*/results.json")):
         r = read_results(path)
         frac = float(path.parts[-5].removeprefix("frac"))
-        fm = r["final_metrics"]
+        fm = r.get("saved_metrics") or r["final_metrics"]  # the saved model's scores
         cell = data[path.parts[-4]][frac]
         cell["em"].append(fm["eval_exact_match"])
         cell["f1"].append(fm["eval_f1"])

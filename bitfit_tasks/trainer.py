@@ -170,9 +170,11 @@ class BitFitTrainer(Trainer):
                    terms=self.bitfit_state.terms, base_fingerprint=self._base_fingerprint)
         # The model card says what the folder is (a delta, not a model) and how to load it.
         evals = [e for e in self.state.log_history if any(k.startswith("eval_") for k in e)]
+        # A runner that put an earlier (best) evaluation's tensors back sets saved_metrics to it.
+        metrics = getattr(self, "saved_metrics", None) or (evals[-1] if evals else None)
         meta = json.loads(Path(output_dir, DELTA_CONFIG).read_text())
         card = model_card(output_dir, meta, n_trainable=self.bitfit_state.n_trainable,
-                          n_total=self.bitfit_state.n_total, metrics=evals[-1] if evals else None)
+                          n_total=self.bitfit_state.n_total, metrics=metrics)
         atomic_write_text(os.path.join(output_dir, "README.md"), card)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)

@@ -1,0 +1,111 @@
+"""Keep the best epoch's trainable tensors in memory, so the model a run saves is the one its headline
+scores.
+
+The runners report the best dev score over evaluations (the paper's protocol). BitFit's trainable
+state is tiny (biases + head: 27k values for all-MiniLM-L6-v2, ~100k for bert-base), so instead of
+Trainer's ``load_best_model_at_end`` (a checkpoint per evaluation, reloaded at the end) the
+:class:`BestEpochKeeper` copies the trainable tensors to host memory whenever the selection metric
+improves and writes them back at the end. Full fine-tuning uses the same copy (every parameter:
+~90 MB for all-MiniLM-L6-v2, ~440 MB for bert-base, on the host); ``--keep last`` turns it off.
+
+The copy survives a kill + resume: every checkpoint holds it as ``bitfit_best.safetensors`` (with its
+score, step and epoch in the metadata), and a resumed run starts from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from .errors import UsageError
+
+logger = logging.getLogger("bitfit_tasks")
+
+BEST_FILE = "bitfit_best.safetensors"
+KEEP_CHOICES = ("best", "last")
+
+
+class BestEpochKeeper(TrainerCallback):
+    """After each evaluation that improves ``metric_key`` (higher is better; the first of equal scores
+    is kept, like the runners' ``best``), copy every trainable tensor of ``trainer.model`` to the host.
+    :meth:`restore` writes the copy back into the model."""
+
+    def __init__(self, trainer, metric_key: str) -> None:
+        self.trainer, self.metric_key = trainer, metric_key
+        self.score: float | None = None
+        self.step: int | None = None
+        self.epoch: float | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def _names(self) -> list[str]:
+        return [n for n, p in self.trainer.model.named_parameters() if p.requires_grad]
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(self.metric_key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return  # another eval set of the same step (MNLI mismatched), or no score
+        if self.score is not None and not value > self.score:
+            return
+        params = dict(self.trainer.model.named_parameters())
+        # To the host: a full-FT copy on the accelerator would double the model's memory there.
+        self.tensors = {n: params[n].detach().to("cpu", copy=True) for n in self._names()}
+        self.score, self.step, self.epoch = float(value), state.global_step, state.epoch
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.score is None or not args.should_save:
+            return
+        from safetensors.torch import save_file
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():  # hyperparameter-search trials write elsewhere; nothing to keep there
+            return
+        tmp = folder / (BEST_FILE + ".tmp")
+        meta = {"metric": self.metric_key, "score": repr(self.score), "step": str(self.step),
+                "epoch": repr(self.epoch)}
+        save_file({n: t.contiguous() for n, t in self.tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, folder / BEST_FILE)
+
+    def load(self, checkpoint: str) -> None:
+        """Start a resumed run from the best copy its checkpoint holds. A checkpoint whose evaluations
+        scored ``metric_key`` but that holds no copy (a kill between Trainer's save and ours) is
+        refused: the best epoch before it would be lost."""
+        from safetensors import safe_open
+
+        path = Path(checkpoint) / BEST_FILE
+        if not path.is_file():
+            state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+            scored = [e for e in state.get("log_history", []) if self.metric_key in e]
+            if scored:
+                raise UsageError(f"checkpoint {checkpoint} has scored evaluations but no {BEST_FILE} (the run was "
+                                 "killed while saving it, or it was written by an older version); resume from an "
+                                 "earlier checkpoint-N, or pass --keep last to keep the last epoch instead.")
+            return
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            self.tensors = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 -- safe_open has no __iter__
+        self.score, self.step = float(meta["score"]), int(meta["step"])
+        self.epoch = float(meta["epoch"]) if meta.get("epoch") not in (None, "None") else None
+        missing = sorted(set(self._names()) - set(self.tensors))
+        if missing:
+            raise UsageError(f"{path} lacks trainable tensor(s) {missing[:3]} of this model; it was written by a "
+                             "run with other --mode/--bias_terms. Resume with that run's arguments.")
+
+    def restore(self) -> bool:
+        """Write the best copy back into the model; False when there is none (nothing was scored)."""
+        if not self.tensors:
+            return False
+        params = dict(self.trainer.model.named_parameters())
+        with torch.no_grad():
+            for n, t in self.tensors.items():
+                params[n].copy_(t.to(device=params[n].device, dtype=params[n].dtype))
+        return True
+
+    def record(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "score": self.score}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .selection import resolve_terms
 
 MODES: tuple[str, ...] = ("bitfit", "full", "frozen", "rand_uniform", "rand_row_col")
+BIAS_TERM_MODES: tuple[str, ...] = ("bitfit", "rand_uniform", "rand_row_col")  # modes --bias_terms selects for
 
 
 @dataclass
@@ -57,6 +58,11 @@ class BitFitConfig:
         if isinstance(self.bias_terms, str):
             self.bias_terms = [self.bias_terms]
         resolve_terms(self.bias_terms)  # raises with the allowed choices
+        if self.mode in ("full", "frozen") and list(self.bias_terms) != ["bitfit"]:
+            what = "trains every parameter" if self.mode == "full" else "trains the head only"
+            raise ValueError(f"--bias_terms {' '.join(self.bias_terms)} has no effect with --mode {self.mode}, which "
+                             f"{what}; bias terms choose what modes {list(BIAS_TERM_MODES)} train. Drop "
+                             "--bias_terms, or use --mode bitfit.")
         if self.head_learning_rate is not None and not self.head_learning_rate > 0:
             raise ValueError(
                 f"head_learning_rate must be > 0, got {self.head_learning_rate}; leave it unset "

@@ -267,6 +267,16 @@ class Delta:
                                  f"{shape}; save the delta again.")
             if not tensors[name].is_floating_point():
                 raise UsageError(f"{p}: tensor {name} has dtype {tensors[name].dtype}; a delta holds float tensors.")
+        listed = {"head": meta["head"], **{f"terms.{t}": v for t, v in meta["terms"].items()}}
+        for field_name, names in listed.items():
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise UsageError(f"{p / DELTA_CONFIG}: field {field_name!r} must be a list of tensor names, got "
+                                 f"{str(names)[:60]}; save the delta again.")
+            absent = [n for n in names if n not in tensors]
+            if absent:
+                raise UsageError(f"{p / DELTA_CONFIG}: field {field_name!r} names tensor(s) {absent[:3]} that "
+                                 f"{DELTA_WEIGHTS} lacks; the JSON was edited or damaged: save the delta again.")
+        task_model_class(meta["task_class"], source=str(p / DELTA_CONFIG))
         return cls(tensors=tensors, meta=meta, path=str(p))
 
     def num_bytes(self) -> int:
@@ -352,6 +362,23 @@ def apply_delta(
     return handle
 
 
+def task_model_class(name: str, source: str = "the delta") -> type:
+    """The transformers model class a delta's ``task_class`` names (e.g. BertForSequenceClassification);
+    anything else (a module, a function, a typo) is one line."""
+    import transformers
+
+    cls = None
+    if name.isidentifier():
+        try:
+            cls = getattr(transformers, name, None)
+        except Exception:  # a lazy attribute whose import fails (a missing optional backend)
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise UsageError(f"{source}: task_class {name[:60]!r} is not a transformers model class (e.g. "
+                         "BertForSequenceClassification); the JSON was edited or damaged: save the delta again.")
+    return cls
+
+
 def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revision: str | None = None,
                     **from_pretrained_kwargs):
     """Base model + delta (a local folder or a Hub id; ``revision`` picks the delta's) -> the
@@ -362,7 +389,7 @@ def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revisi
     if not isinstance(delta, Delta):
         delta = Delta.from_pretrained(delta, revision=revision, cache_dir=from_pretrained_kwargs.get("cache_dir"),
                                       token=from_pretrained_kwargs.get("token"))
-    cls = getattr(transformers, delta.meta["task_class"])
+    cls = task_model_class(delta.meta["task_class"])
     config = transformers.AutoConfig.from_pretrained(base_model)
     task_cfg = delta.meta.get("task_config") or {}
     for key in ("num_labels", "id2label", "label2id", "problem_type"):

@@ -100,7 +100,7 @@ class GlueArguments:
         check_positive(self, "max_seq_length", "max_train_samples", "max_eval_samples")
         self.task_name = self.task_name.lower().replace("-", "")
         if self.task_name not in GLUE_TASKS:
-            raise ValueError(f"unknown GLUE task {self.task_name!r}; choose one of {list(GLUE_TASKS)}.")
+            raise UsageError(f"unknown GLUE task {self.task_name!r}; choose one of {list(GLUE_TASKS)}.")
         if self.task_name == "wnli":
             warnings.warn("WNLI is excluded by the BitFit paper (BERT models do not beat the majority "
                           "baseline on it); running it anyway.", stacklevel=2)
@@ -111,12 +111,12 @@ class GlueArguments:
             split = "validation_matched" if self.task_name == "mnli" else "validation"
             self.validation_file = self.validation_file or _find_file(self.data_dir, self.task_name, split)
         if (self.train_file is None) != (self.validation_file is None):
-            raise ValueError("give both --train_file and --validation_file (or neither, for the hub).")
+            raise UsageError("give both --train_file and --validation_file (or neither, for the hub).")
         for f in (self.train_file, self.validation_file, self.validation_mismatched_file):
             if f is not None and Path(f).suffix.lower() not in LOCAL_FORMATS:
-                raise ValueError(f"unsupported data file {f!r}; use one of {sorted(LOCAL_FORMATS)}.")
+                raise UsageError(f"unsupported data file {f!r}; use one of {sorted(LOCAL_FORMATS)}.")
         if self.validation_mismatched_file and self.task_name != "mnli":
-            raise ValueError("--validation_mismatched_file is for --task_name mnli only.")
+            raise UsageError("--validation_mismatched_file is for --task_name mnli only.")
 
 
 def _find_file(data_dir: str, task: str, split: str) -> str:
@@ -149,10 +149,35 @@ def load_glue(args: GlueArguments, cache_dir: str | None = None):
             out[split] = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=path, split="train",
                                                cache_dir=cache_dir, **kwargs)
         except Exception as err:  # datasets raises many types for a malformed file
-            raise ValueError(
-                f"could not read {split} file {path!r} as {LOCAL_FORMATS[suffix]}: {err}"
-            ) from err
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            cause = err.__cause__ or err.__context__
+            why = ""
+            if cause is not None and str(cause).strip():
+                why = f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0][:200]})"
+            raise UsageError(f"could not read {split} file {path!r} as {LOCAL_FORMATS[suffix]}: {first[:200]}{why}"
+                             f"{_separator_hint(path, suffix)}") from err
+        columns = out[split].column_names
+        if suffix in (".csv", ".tsv") and len(columns) == 1:
+            # One column: the separator is not the one the file name says (a tab-separated .csv).
+            hint = _separator_hint(path, suffix)
+            if hint:
+                raise UsageError(f"{split} file {path!r} was read as one column {columns[0][:60]!r}{hint}")
     return datasets.DatasetDict(out)
+
+
+def _separator_hint(path: str, suffix: str) -> str:
+    """The fix when a .csv holds tabs (or a .tsv commas) in its header line, else ''."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    named, other, ext = (",", "\t", ".tsv") if suffix == ".csv" else ("\t", ",", ".csv")
+    if other in header and named not in header:
+        sep = "tab" if other == "\t" else "comma"
+        return (f"; its header line is {sep}-separated, but a {suffix} file is read as "
+                f"{'comma' if suffix == '.csv' else 'tab'}-separated: rename it to {ext} (or convert it).")
+    return ""
 
 
 def check_and_encode_labels(ds, task: GlueTask, split: str, source: str | None = None):
@@ -255,7 +280,7 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
 
     raw = load_glue(data_args, model_args.cache_dir)
     if "train" not in raw:
-        raise ValueError(f"no train split in the data; found {list(raw)}.")
+        raise UsageError(f"no train split in the data; found {list(raw)}.")
     train = sample(raw["train"], data_args.max_train_samples, data_seed)
     files = {"train": data_args.train_file, task.eval_splits[0]: data_args.validation_file,
              "validation_mismatched": data_args.validation_mismatched_file}
@@ -267,7 +292,7 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
     # The rows' own ids where the data has them (nyu-mll/glue's idx), else the row number.
     raw_ids = {s: list(d["idx"]) if "idx" in d.column_names else list(range(len(d))) for s, d in eval_sets.items()}
     if not eval_sets:
-        raise ValueError(f"no evaluation split {list(task.eval_splits)} in the data; found {list(raw)}.")
+        raise UsageError(f"no evaluation split {list(task.eval_splits)} in the data; found {list(raw)}.")
     for s, d in {"train": train, **eval_sets}.items():
         # Checked before the model is loaded: a correlation of one score crashes only after training.
         if len(d) < (2 if task.is_regression else 1):

@@ -31,14 +31,14 @@ def parse_ptb_trees(text: str, source: str = "<text>") -> list[Sentence]:
         elif ch == ")":
             depth -= 1
             if depth < 0:
-                raise ValueError(f"{source}: unbalanced ')' at character {i}; is this a bracketed .mrg file?")
+                raise UsageError(f"{source}: unbalanced ')' at character {i}; is this a bracketed .mrg file?")
             if depth == 0:
                 tree = text[start:i + 1]
                 pairs = [(t, w) for t, w in _PRETERMINAL.findall(tree) if t != TRACE_TAG]
                 if pairs:
                     sentences.append({"tokens": [w for _, w in pairs], "tags": [t for t, _ in pairs]})
     if depth != 0:
-        raise ValueError(f"{source}: {depth} unclosed '(' at the end; the file is truncated or not a treebank.")
+        raise UsageError(f"{source}: {depth} unclosed '(' at the end; the file is truncated or not a treebank.")
     return sentences
 
 
@@ -53,7 +53,7 @@ def _mrg_members(path: Path) -> list[tuple[str, str]]:
             return [(n, decode_utf8(z.read(n), f"{path}::{n}")) for n in names]
     if path.suffix == ".mrg":
         return [(path.name, read_utf8(path))]
-    raise ValueError(f"{path}: not a .mrg file, a folder of them, or a zip holding them.")
+    raise UsageError(f"{path}: not a .mrg file, a folder of them, or a zip holding them.")
 
 
 def wsj_section(name: str) -> int | None:
@@ -76,10 +76,10 @@ def read_treebank_splits(path: str | Path) -> dict[str, list[Sentence]]:
     """
     members = _mrg_members(Path(path))
     if not members:
-        raise ValueError(f"no .mrg files in {path}.")
+        raise UsageError(f"no .mrg files in {path}.")
     sections = {wsj_section(n) for n, _ in members}
     if None in sections:
-        raise ValueError(f"{path}: file names must look like wsj_SSNN.mrg to split by section; give "
+        raise UsageError(f"{path}: file names must look like wsj_SSNN.mrg to split by section; give "
                          "--train_file/--validation_file instead.")
     standard = any(s >= 19 for s in sections)  # type: ignore[operator]
     out: dict[str, list[Sentence]] = {"train": [], "validation": [], "test": []}
@@ -108,7 +108,7 @@ def read_conll_columns(lines: Iterable[str], word_column: int = 0, tag_column: i
             continue
         cols = line.split()
         if len(cols) <= max(word_column, tag_column):
-            raise ValueError(f"{source}:{lineno}: {len(cols)} column(s) but --word_column {word_column} and "
+            raise UsageError(f"{source}:{lineno}: {len(cols)} column(s) but --word_column {word_column} and "
                              f"--tag_column {tag_column} need {max(word_column, tag_column) + 1}: {line!r}")
         tokens.append(cols[word_column])
         tags.append(cols[tag_column])
@@ -138,12 +138,12 @@ def read_conllu(lines: Iterable[str], tag_field: str = "xpos", source: str = "<t
             continue
         cols = line.split("\t")
         if len(cols) != 10:
-            raise ValueError(f"{source}:{lineno}: a CoNLL-U line has 10 tab-separated fields, this has "
+            raise UsageError(f"{source}:{lineno}: a CoNLL-U line has 10 tab-separated fields, this has "
                              f"{len(cols)}: {line[:80]!r}")
         if "-" in cols[0] or "." in cols[0]:
             continue
         if cols[col] == "_":
-            raise ValueError(f"{source}:{lineno}: no {tag_field.upper()} tag ('_'); this treebank lacks it — "
+            raise UsageError(f"{source}:{lineno}: no {tag_field.upper()} tag ('_'); this treebank lacks it — "
                              f"use --conllu_tag_field {'upos' if tag_field == 'xpos' else 'xpos'}.")
         tokens.append(cols[1])
         tags.append(cols[col])
@@ -165,7 +165,7 @@ def detect_format(path: str) -> str:
         return "json"
     if p.suffix in (".txt", ".conll", ".tsv") or p.suffix == ".zip":
         return "conll"
-    raise ValueError(f"cannot tell the format of {path!r}; pass --data_format one of {list(FORMATS[1:])}.")
+    raise UsageError(f"cannot tell the format of {path!r}; pass --data_format one of {list(FORMATS[1:])}.")
 
 
 def read_file(path: str, fmt: str = "auto", *, word_column: int = 0, tag_column: int = 1,
@@ -178,7 +178,7 @@ def read_file(path: str, fmt: str = "auto", *, word_column: int = 0, tag_column:
                                conllu_tag_field=conllu_tag_field)
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt not in FORMATS[1:]:
-        raise ValueError(f"unknown --data_format {fmt!r}; choose one of {list(FORMATS)}.")
+        raise UsageError(f"unknown --data_format {fmt!r}; choose one of {list(FORMATS)}.")
     if not Path(path).exists():
         raise FileNotFoundError(f"data file {path!r} does not exist.")
     if fmt == "ptb":
@@ -186,7 +186,7 @@ def read_file(path: str, fmt: str = "auto", *, word_column: int = 0, tag_column:
     if fmt == "json":
         return read_token_tag_dataset(path, tag_field=tag_field)
     if Path(path).suffix == ".zip":
-        raise ValueError(f"{path}: name one member of the zip as {path}::member (e.g. conll2000.zip::"
+        raise UsageError(f"{path}: name one member of the zip as {path}::member (e.g. conll2000.zip::"
                          "conll2000/train.txt).")
     lines = read_utf8(path).splitlines()
     if fmt == "conllu":
@@ -237,11 +237,29 @@ def read_token_tag_dataset(path_or_name: str, split: str = "train", config: str 
     missing = [c for c in ("tokens", tag_field) if c not in ds.column_names]
     if missing:
         tag_like = [c for c in ds.column_names if c.endswith("tags")]
-        raise ValueError(f"{path_or_name}: needs columns tokens and {tag_field}; missing {missing}, has "
+        raise UsageError(f"{path_or_name}: needs columns tokens and {tag_field}; missing {missing}, has "
                          f"{ds.column_names}" + (f" (pick the tag column with --tag_field, e.g. {tag_like[0]})"
                                                  if tag_like and "tokens" not in missing else "") + ".")
     from datasets import ClassLabel
 
     inner = getattr(ds.features[tag_field], "feature", None)
     to_name = inner.int2str if isinstance(inner, ClassLabel) else str
-    return [{"tokens": list(ex["tokens"]), "tags": [to_name(t) for t in ex[tag_field]]} for ex in ds]
+    out: list[Sentence] = []
+    for i, ex in enumerate(ds, 1):
+        tokens, tags = ex["tokens"], ex[tag_field]
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise UsageError(f"{path_or_name}, row {i}: 'tokens' must be a list of words (strings), got "
+                             f"{_short(tokens)}; fix that row.")
+        if not isinstance(tags, list) or any(t is None or isinstance(t, bool | list | dict) for t in tags):
+            raise UsageError(f"{path_or_name}, row {i}: {tag_field!r} must be a list of tags (strings or ids), got "
+                             f"{_short(tags)}; fix that row.")
+        if len(tags) != len(tokens):
+            raise UsageError(f"{path_or_name}, row {i}: {len(tokens)} tokens but {len(tags)} {tag_field}; every "
+                             "token needs exactly one tag. Fix that row.")
+        out.append({"tokens": tokens, "tags": [to_name(t) for t in tags]})
+    return out
+
+
+def _short(value: object, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 1] + "…"

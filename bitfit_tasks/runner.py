@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from .config import BitFitConfig
+from .config import BIAS_TERM_MODES, BitFitConfig
 from .fileio import atomic_write_text
 from .selection import bias_parameter_ids, head_parameter_names
 from .trainer import BitFitTrainer
@@ -231,9 +231,6 @@ def save_biases_and_head(model, path: Path) -> None:
     save_file(tensors, str(path))
 
 
-BIAS_MODES = ("bitfit", "rand_uniform", "rand_row_col")  # modes whose selection is given by --bias_terms
-
-
 def parse_and_run(run: Callable[..., dict[str, Any]], task_args: type, argv: list[str],
                   defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """A runner's ``main``: parse the shared dataclasses plus the task's, call ``run``, and release the
@@ -301,7 +298,7 @@ def train_and_record(
     results = {
         **info,
         "mode": bitfit.mode,
-        "bias_terms": bitfit.bias_terms if bitfit.mode in BIAS_MODES else None,
+        "bias_terms": bitfit.bias_terms if bitfit.mode in BIAS_TERM_MODES else None,
         "learning_rate": args.learning_rate,
         "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         "seed": args.seed,

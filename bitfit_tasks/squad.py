@@ -75,7 +75,7 @@ def squad_metrics(predictions: dict[str, str], golds: dict[str, list[str]]) -> d
 def flatten_official(data: dict, source: str = "<json>") -> list[dict[str, Any]]:
     """``{"version", "data": [articles -> paragraphs -> qas]}`` -> hub-style rows."""
     if not isinstance(data, dict) or "data" not in data:
-        raise ValueError(f"{source}: not the official SQuAD format (no top-level 'data' list).")
+        raise UsageError(f"{source}: not the official SQuAD format (no top-level 'data' list).")
     rows = []
     for article in data["data"]:
         for para in article.get("paragraphs", []):
@@ -343,11 +343,11 @@ class SquadArguments:
         check_positive(self, "max_seq_length", "doc_stride", "n_best_size", "max_answer_length",
                        "max_train_samples", "max_eval_samples")
         if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
-            raise ValueError(f"--train_fraction must be in (0, 1], got {self.train_fraction}.")
+            raise UsageError(f"--train_fraction must be in (0, 1], got {self.train_fraction}.")
         if (self.train_file is None) != (self.validation_file is None):
-            raise ValueError("give both --train_file and --validation_file (or neither, for the hub).")
+            raise UsageError("give both --train_file and --validation_file (or neither, for the hub).")
         if self.doc_stride >= self.max_seq_length:
-            raise ValueError(f"--doc_stride {self.doc_stride} must be smaller than --max_seq_length "
+            raise UsageError(f"--doc_stride {self.doc_stride} must be smaller than --max_seq_length "
                              f"{self.max_seq_length}.")
 
 

@@ -133,6 +133,11 @@ case("glue-columns", "columns named otherwise", r"lacks column\(s\) \['sentence1
 case("glue-broken-jsonl", "a truncated jsonl file", r"could not read train file '.*t\.jsonl' as json")(
     lambda d: (d / "t.jsonl").write_text('{"sentence1": "x", \n') and
     glue(d, "--task_name", "rte", "--train_file", str(d / "t.jsonl"), "--validation_file", rows(d, "v.jsonl", [pair(0)])))
+case("glue-tsv-as-csv", "a tab-separated file named `.csv`", r"train file '.*t\.csv' was read as one column "
+     r"'sentence1\\tsentence2\\tlabel'; its header line is tab-separated, but a \.csv file is read as "
+     r"comma-separated: rename it to \.tsv")(
+    lambda d: (d / "t.csv").write_text("sentence1\tsentence2\tlabel\na cat\ta dog\t1\n") and
+    glue(d, "--task_name", "rte", "--train_file", str(d / "t.csv"), "--validation_file", str(d / "t.csv")))
 case("glue-latin1", "a Latin-1 (non-UTF-8) jsonl file", r".*t\.jsonl is not UTF-8 text \(byte 0xe9 on line 1\); re-save "
      r"it as UTF-8")(
     lambda d: (d / "t.jsonl").write_bytes(b'{"sentence1": "caf\xe9", "sentence2": "x", "label": 0}\n') and
@@ -185,6 +190,16 @@ case("head-lr", "`--head_learning_rate 0`", r"head_learning_rate must be > 0, go
     lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--head_learning_rate", "0"))
 case("frozen-no-head", "`--mode frozen --train_head false`", r"mode 'frozen' with train_head=False leaves nothing trainable")(
     lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--mode", "frozen", "--train_head", "false"))
+case("full-terms", "`--mode full --bias_terms q`", r"--bias_terms q has no effect with --mode full, which trains "
+     r"every parameter.* Drop --bias_terms, or use --mode bitfit")(
+    lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--mode", "full", "--bias_terms", "q"))
+case("frozen-terms", "`--mode frozen --bias_terms m2`", r"--bias_terms m2 has no effect with --mode frozen, which "
+     r"trains the head only")(
+    lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--mode", "frozen", "--bias_terms", "m2"))
+case("keep-last-best", "`--keep last --load_best_model_at_end true`", r"--keep last contradicts "
+     r"--load_best_model_at_end true")(
+    lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--keep", "last", "--load_best_model_at_end", "true",
+                   "--save_strategy", "epoch", "--metric_for_best_model", "accuracy"))
 case("term-missing", "`--bias_terms pool` on RoBERTa", r"bias term 'pool' matches no parameter of "
      r"RobertaForSequenceClassification .* the terms this model has are")(
     lambda d: __import__("bitfit_tasks").select_bias_parameters(tiny_model("roberta"), ["q", "pool"]))
@@ -248,6 +263,15 @@ case("pos-unseen-tag", "a dev tag the training data never shows", r"validation d
 case("pos-zip-member", "`archive.zip::member` naming no member", r"has no member 'nope\.txt'; give archive\.zip::path")(
     lambda d: __import__("zipfile").ZipFile(d / "c.zip", "w").close() or
     pos(d, "--train_file", f"{d}/c.zip::nope.txt", "--validation_file", f"{d}/c.zip::nope.txt"))
+case("pos-tag-count", "a tagging jsonl row with fewer tags than tokens", r"t\.jsonl, row 2: 3 tokens but 2 pos_tags; "
+     r"every token needs exactly one tag")(
+    lambda d: pos(d, "--train_file", rows(d, "t.jsonl", [{"tokens": ["a"], "pos_tags": ["DT"]},
+                                                          {"tokens": ["a", "b", "c"], "pos_tags": ["DT", "NN"]}]),
+                  "--validation_file", f"{POS}/tagged.jsonl"))
+case("pos-null-tokens", "a tagging jsonl row whose tokens are `null`", r"t\.jsonl, row 1: 'tokens' must be a list of "
+     r"words \(strings\), got None")(
+    lambda d: pos(d, "--train_file", rows(d, "t.jsonl", [{"tokens": None, "pos_tags": ["DT"]}]),
+                  "--validation_file", f"{POS}/tagged.jsonl"))
 case("pos-seq", "`--max_seq_length 0` for POS", r"--max_seq_length must be a positive whole number, got 0")(
     lambda d: pos(d, "--treebank", f"{POS}/treebank", "--max_seq_length", "0"))
 
@@ -319,6 +343,16 @@ case("export-file", "`bitfit-delta export --output` an existing file", r"--outpu
 case("export-dir", "`bitfit-delta export --output` a non-empty folder", r"is a folder that is not empty")(
     lambda d: (d / "full").mkdir() or (d / "full" / "x").write_text("x") and
     __import__("bitfit_tasks.cli").cli.main(["export", str(saved_delta(d)), "--base", "x", "--output", str(d / "full")]))
+
+case("delta-head-name", "`bitfit-delta info` on a delta whose JSON `head` names a missing tensor",
+     r"bitfit_delta\.json: field 'head' names tensor\(s\) \['classifier\.nope'\] that bitfit_delta\.safetensors "
+     r"lacks")(
+    lambda d: edit_json(saved_delta(d) / "bitfit_delta.json", lambda m: m["head"].append("classifier.nope")) or
+    __import__("bitfit_tasks.cli").cli.main(["info", str(d / "delta")]))
+case("delta-task-class", "a delta JSON whose `task_class` is not a model class", r"task_class 'os' is not a "
+     r"transformers model class \(e\.g\. BertForSequenceClassification\)")(
+    lambda d: edit_json(saved_delta(d) / "bitfit_delta.json", lambda m: m.__setitem__("task_class", "os")) or
+    __import__("bitfit_tasks").load_task_model("unused", d / "delta"))
 
 # ---- sweeps -------------------------------------------------------------------------------------
 

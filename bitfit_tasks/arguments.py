@@ -143,19 +143,23 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
     return _note_explicit(parser.parse_args_into_dataclasses(args=argv), explicit_names(parser, argv))
 
 
+def runner_dataclasses(task_args: type) -> tuple[type, ...]:
+    """What every runner parses: the model, the task's own arguments, BitFit, run options, Trainer."""
+    return (ModelArguments, task_args, BitFitConfig, RunArguments, TrainingArguments)
+
+
+def option_dest(table: dict, flag: str) -> str | None:
+    """The destination of ``--flag`` (exact, or a unique abbreviation, as argparse resolves it)."""
+    matches = [flag] if flag in table else [o for o in table if o.startswith(flag)]
+    return table[matches[0]].dest if len(matches) == 1 else None
+
+
 def explicit_names(parser, argv: Sequence[str]) -> set[str]:
     """The destinations of the options present in ``argv`` (``--no_x`` and unique abbreviations
     included, resolved by the parser's own option table)."""
     table = parser._option_string_actions
-    names = set()
-    for tok in argv:
-        if not tok.startswith("--"):
-            continue
-        opt = tok.split("=", 1)[0]
-        matches = [opt] if opt in table else [o for o in table if o.startswith(opt)]
-        if len(matches) == 1:
-            names.add(table[matches[0]].dest)
-    return names
+    dests = (option_dest(table, tok.split("=", 1)[0]) for tok in argv if tok.startswith("--"))
+    return {d for d in dests if d is not None}
 
 
 def _note_explicit(parsed: tuple, names: set[str]) -> tuple:

@@ -264,13 +264,18 @@ DEMO_ARGS = [
 ]
 
 
+# This runner's argument dataclass and its defaults beyond RUNNER_DEFAULTS (the sweep parses with them).
+ARGUMENTS = GlueArguments
+DEFAULTS: dict[str, Any] = {}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv == ["--demo"]:
         argv = list(DEMO_ARGS)
-    return parse_and_run(run, GlueArguments, argv)
+    return parse_and_run(run, ARGUMENTS, argv, defaults=DEFAULTS)
 
 
 def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConfig,

@@ -163,9 +163,14 @@ def token_loss(outputs, labels, num_items_in_batch=None):
     return loss / n
 
 
+# This runner's argument dataclass and its defaults beyond RUNNER_DEFAULTS (the sweep parses with them).
+ARGUMENTS = PosArguments
+DEFAULTS: dict[str, Any] = {}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    return parse_and_run(run, PosArguments, argv)
+    return parse_and_run(run, ARGUMENTS, argv, defaults=DEFAULTS)
 
 
 def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfig,

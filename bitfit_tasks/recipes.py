@@ -28,8 +28,17 @@ from typing import Any
 # The paper's grids (Appendix A.2): bias-only runs and full fine-tuning use different ranges.
 PAPER_BIAS_LRS: tuple[float, ...] = (1e-4, 4e-4, 7e-4, 1e-3)
 PAPER_FULL_LRS: tuple[float, ...] = (1e-5, 2e-5, 3e-5, 5e-5)
-# Under a constant rate BitFit tolerates (and on a small encoder needs) larger rates.
-OFFICIAL_BIAS_LRS: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+# The sweep's default bias grid under the constant-rate recipe, per runner. The committed scan
+# (benchmarks/results/recipe-official, all-MiniLM-L6-v2, 3 epochs) collapsed GLUE runs at 3e-3 (MRPC,
+# CoLA) and 1e-2 (MRPC, STS-B): the model stops seeing its input and predicts the label prior. GLUE
+# keeps 1e-3 (the best measured rate) and its lower neighbour. POS tagging trained at all three
+# (94.3 / 94.4 / 93.5 word accuracy), so it keeps them. SQuAD was not scanned under this recipe: it
+# gets GLUE's conservative grid.
+OFFICIAL_BIAS_LRS: dict[str, tuple[float, ...]] = {
+    "glue": (3e-4, 1e-3),
+    "pos": (1e-3, 3e-3, 1e-2),
+    "squad": (3e-4, 1e-3),
+}
 DEFAULT_FULL_LR = 2e-5
 DEFAULT_BIAS_LR = 1e-3
 

@@ -235,10 +235,9 @@ def parse_and_run(run: Callable[..., dict[str, Any]], task_args: type, argv: lis
                   defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """A runner's ``main``: parse the shared dataclasses plus the task's, call ``run``, and release the
     output-folder lock on any exit (an error before training must not keep it for the process's life)."""
-    from .arguments import ModelArguments, RunArguments, parse_args
+    from .arguments import parse_args, runner_dataclasses
 
-    model_args, data_args, bitfit, run_args, training_args = parse_args(
-        (ModelArguments, task_args, BitFitConfig, RunArguments, TrainingArguments), argv, defaults)
+    model_args, data_args, bitfit, run_args, training_args = parse_args(runner_dataclasses(task_args), argv, defaults)
     try:
         return run(model_args, data_args, bitfit, training_args, run_args)
     finally:

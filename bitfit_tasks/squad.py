@@ -401,11 +401,16 @@ class SquadBitFitTrainer(BitFitTrainer):
         return self.squad_eval(self)
 
 
+# This runner's argument dataclass and its defaults beyond RUNNER_DEFAULTS (the sweep parses with them).
+# Dev scoring (window post-processing) is costly: once at the end unless --eval_strategy says
+# otherwise. Learning rate, schedule, batch size and epochs come from the recipe (recipes.py).
+ARGUMENTS = SquadArguments
+DEFAULTS: dict[str, Any] = {"eval_strategy": "no"}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Dev scoring (window post-processing) is costly: once at the end unless --eval_strategy says
-    # otherwise. Learning rate, schedule, batch size and epochs come from the recipe (recipes.py).
-    return parse_and_run(run, SquadArguments, argv, defaults={"eval_strategy": "no"})
+    return parse_and_run(run, ARGUMENTS, argv, defaults=DEFAULTS)
 
 
 def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitConfig,

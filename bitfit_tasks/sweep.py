@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import UsageError
 from .fileio import atomic_write_text
-from .recipes import OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS, PAPER_FULL_LRS, RECIPE_CHOICES, recipe_for
+from .recipes import OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS, PAPER_FULL_LRS, recipe_for
 from .selection import PRESETS, resolve_terms
 
 logger = logging.getLogger("bitfit_tasks")
@@ -76,6 +76,7 @@ def run_dir(root: Path, task: str, method: str, lr: float, seed: int) -> Path:
     return root / task / method / f"lr{lr:g}" / f"seed{seed}"
 
 
+RUNNERS = ("glue", "pos", "squad")
 RECORD = "sweep_run.json"  # the runner arguments a cell was (or is being) trained with
 CELL_LOCK = ".sweep-cell.lock"
 # Flags the grid sets for every run: the same flag after '--' would silently override the grid.
@@ -96,32 +97,71 @@ def check_runner_args(extra_args: Sequence[str], task_flags: Sequence[str] = ())
                              "(from --fractions / --fraction_epochs); drop one of them.")
 
 
-def _flags(argv: Sequence[str]) -> dict[str, list[str]]:
+# Where a run is written or reported, not how it is trained: left out of a cell's identity, so a
+# sweep folder that was copied or moved, or named by a relative or an absolute path, is the same grid.
+LOCATION_DESTS = frozenset({"output_dir", "logging_dir", "report_to", "run_name", "cache_dir", "overwrite_output_dir",
+                            "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
+                            "hub_private_repo", "hub_always_push", "hub_revision", "disable_tqdm"})
+# Arguments that name inputs: compared by what they point to (the resolved path) when it exists.
+INPUT_PATH_DESTS = frozenset({"model_name_or_path", "data_dir", "train_file", "validation_file",
+                              "validation_mismatched_file", "test_file", "treebank", "dataset_name"})
+
+
+def _resolve_input(value: str) -> str:
+    path, sep, member = value.partition("::")  # archive.zip::member
+    p = Path(path)
+    return str(p.resolve()) + sep + member if p.exists() else value
+
+
+def cell_identity(argv: Sequence[str], table: dict | None = None) -> dict[str, list[str]]:
+    """What determines a cell's training, from its runner arguments: ``{destination: values}``, flags
+    resolved through the runner's option ``table`` (abbreviations, ``--x=v``), location flags left
+    out, input paths resolved (relative to the current folder)."""
+    from .arguments import option_dest
+
     out: dict[str, list[str]] = {}
     key = ""
     for a in argv:
         if a.startswith("--"):
-            key = a
-            out[key] = []
+            flag, eq, value = a.partition("=")
+            key = (option_dest(table, flag) if table else None) or flag.removeprefix("--")
+            out[key] = [value] if eq else []
         else:
             out.setdefault(key, []).append(a)
+    for dest in LOCATION_DESTS & out.keys():
+        del out[dest]
+    for dest in INPUT_PATH_DESTS & out.keys():
+        out[dest] = [_resolve_input(v) for v in out[dest]]
     return out
 
 
-def cell_state(out: Path, argv: list[str]) -> str:
-    """'done' (a readable results.json from these very arguments), 'resume' (complete checkpoints of a
-    run with these arguments), or 'fresh' (nothing usable: start over). A finished cell trained with
-    other arguments is an error: a table mixing them would lie."""
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
+    return "; ".join(f"--{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
+def cell_state(out: Path, argv: list[str], table: dict | None = None,
+               recipe: Callable[[], dict[str, Any]] | None = None) -> str:
+    """'done' (a readable results.json trained like this cell), 'resume' (complete checkpoints of a run
+    trained like this cell), or 'fresh' (nothing usable: start over). A finished cell trained otherwise
+    is an error -- other runner arguments (compared by :func:`cell_identity`, so where the folder lives
+    does not count), or another resolved recipe (``recipe()``: what these arguments resolve to now,
+    against the ``recipe``/``recipe_applied`` of its results.json): a table mixing them would lie."""
     from .arguments import last_complete_checkpoint
 
     recorded = None
     if (out / RECORD).exists():
         try:
-            recorded = json.loads((out / RECORD).read_text())["argv"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            record = json.loads((out / RECORD).read_text())
+            recorded = record.get("identity") or cell_identity(record["argv"], table)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             recorded = None
+    identity = cell_identity(argv, table)
+    if recipe is not None and recorded is not None:
+        # Compared by what it resolves to (below): '--recipe linear' finishes a grid that 'auto' began as linear.
+        recorded, identity = ({k: v for k, v in d.items() if k != "recipe"} for d in (recorded, identity))
     try:
-        done = isinstance(json.loads((out / "results.json").read_text()), dict)
+        results = json.loads((out / "results.json").read_text())
+        done = isinstance(results, dict)
     except FileNotFoundError:
         done = False
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -130,16 +170,57 @@ def cell_state(out: Path, argv: list[str]) -> str:
     if done:
         if recorded is None:
             logger.warning("%s has no %s (made by an older sweep): counted as done, arguments unchecked", out, RECORD)
-        elif recorded != argv:
-            a, b = _flags(recorded), _flags(argv)
-            diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-            changes = "; ".join(f"{k}: {x} -> {y}" for k, (x, y) in diff.items())
-            raise UsageError(f"{out} was trained with other runner arguments ({changes}); "
+        elif recorded != identity:
+            raise UsageError(f"{out} was trained with other runner arguments ({_differences(recorded, identity)}); "
                              "a table mixing them would lie. Use another --output_dir, or delete that run folder.")
+        if recipe is not None and "recipe" in results:
+            now = json.loads(json.dumps(recipe()))  # the JSON types results.json holds
+            then = {k: results.get(k) for k in now}
+            if then != now:
+                raise UsageError(f"{out} was trained under recipe {then['recipe']!r} ({then.get('recipe_applied')}), "
+                                 f"but this grid's arguments now resolve to {now['recipe']!r} "
+                                 f"({now.get('recipe_applied')}); a table mixing them would lie. Pass --recipe "
+                                 f"{then['recipe']} after '--' to finish the grid as it was started, or use another "
+                                 "--output_dir.")
         return "done"
-    if recorded == argv and last_complete_checkpoint(str(out)):
+    if recorded == identity and last_complete_checkpoint(str(out)):
         return "resume"
     return "fresh"
+
+
+def runner_module(runner: str):
+    """The runner's module (``glue``, ``pos``, ``squad``): its ``main``, ``ARGUMENTS`` and ``DEFAULTS``."""
+    import importlib
+
+    if runner not in RUNNERS:
+        raise UsageError(f"unknown runner {runner!r}; choose one of {list(RUNNERS)}.")
+    return importlib.import_module(f"{__package__}.{runner}")
+
+
+def runner_parser(runner: str):
+    """The runner's own ``HfArgumentParser`` (option table, abbreviations), with its defaults."""
+    from transformers import HfArgumentParser
+
+    from .arguments import runner_dataclasses
+
+    return HfArgumentParser(runner_dataclasses(runner_module(runner).ARGUMENTS))
+
+
+def resolved_recipe(runner: str, argv: Sequence[str]) -> dict[str, Any]:
+    """``{"recipe", "recipe_applied"}`` that a run with ``argv`` gets (what its results.json records),
+    from the runner's own parsing of the arguments."""
+    from .arguments import parse_args, runner_dataclasses
+    from .recipes import apply_recipe
+
+    mod = runner_module(runner)
+    _, _, bitfit, run_args, training_args = parse_args(runner_dataclasses(mod.ARGUMENTS), list(argv), mod.DEFAULTS)
+    return apply_recipe(training_args, bitfit.mode, run_args.recipe, run_args.explicit_args, runner)
+
+
+def requested_recipe(runner: str, runner_args: Sequence[str]) -> str:
+    """The ``--recipe`` value in ``runner_args`` (any spelling the runner accepts), else the default."""
+    ns, _ = runner_parser(runner).parse_known_args(list(runner_args))
+    return ns.recipe
 
 
 class _CellLock:
@@ -176,13 +257,16 @@ def run_grid(
     dry_run: bool = False,
     shard: tuple[int, int] = (0, 1),
     task_args: Callable[[str], list[str]] | None = None,
+    runner: str | None = None,
 ) -> list[Path]:
     """Run every unfinished (task, method, lr, seed) with the runner's ``main(argv)``; returns run dirs.
 
-    A cell is finished when its results.json is readable and its recorded arguments equal this
-    grid's; a cell killed after a checkpoint resumes from it. Cells another sweep is training (same
+    A cell is finished when its results.json is readable and it was trained like this grid's cell
+    (same arguments, and -- given ``runner``, whose parser reads them -- the same resolved recipe);
+    a cell killed after a checkpoint resumes from it. Cells another sweep is training (same
     --output_dir, another process) are skipped, then waited for at the end, so each runs once."""
     root = Path(output_dir)
+    table = runner_parser(runner)._option_string_actions if runner else None
     specs = {m: method_spec(m) for m in methods}  # fail fast on a bad name, before any training
     check_runner_args(extra_args, sorted({a for t in tasks for a in (task_args(t) if task_args else [])
                                           if a.startswith("--")}))
@@ -206,14 +290,16 @@ def run_grid(
                     cells.append((out, argv))
 
     def run_cell(out: Path, argv: list[str]) -> None:
-        state = cell_state(out, argv)
+        recipe = (lambda: resolved_recipe(runner, argv)) if runner else None
+        state = cell_state(out, argv, table, recipe)
         if state == "done":
             logger.info("skip finished run %s", out)
             return
         flag = ["--resume_from_checkpoint", "true"] if state == "resume" else ["--overwrite_output_dir", "true"]
         logger.info("run %s", " ".join(argv + flag))
         if writer:
-            atomic_write_text(out / RECORD, json.dumps({"argv": argv}, indent=1))
+            atomic_write_text(out / RECORD, json.dumps({"argv": argv, "identity": cell_identity(argv, table)},
+                                                       indent=1))
         main(argv + flag)
 
     pending: list[tuple[Path, list[str], _CellLock]] = []
@@ -383,6 +469,16 @@ def fraction_task_args(fractions: Sequence[float], epochs: Sequence[float] | Non
     return list(per_task), per_task.__getitem__
 
 
+def default_bias_lrs(runner: str, runner_args: Sequence[str]) -> list[float]:
+    """The bias-rate grid for the recipe the runs resolve to: the paper's grid under ``linear``; under
+    ``official`` (constant rate) the runner's grid of :data:`OFFICIAL_BIAS_LRS`, which leaves out the
+    rates that collapsed the model in the committed scan."""
+    requested = requested_recipe(runner, runner_args)
+    if recipe_for(requested, "bitfit", runner).name == "official":
+        return list(OFFICIAL_BIAS_LRS[runner])
+    return list(PAPER_BIAS_LRS)
+
+
 def _parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -397,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--runner", default="glue", choices=["glue", "pos", "squad"],
+    parser.add_argument("--runner", default="glue", choices=list(RUNNERS),
                         help="which runner's main() to call (run_glue.py, run_pos.py, run_squad.py)")
     parser.add_argument("--tasks", nargs="+", help="GLUE tasks, or labels of POS datasets")
     parser.add_argument("--fractions", nargs="+", type=float,
@@ -409,9 +505,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help=f"{list(BASE_METHODS)}, a preset, or '+'-joined terms (e.g. q+m2)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--bias_lrs", nargs="+", type=float,
-                        help=f"bias-only learning rates; default: the paper's {list(PAPER_BIAS_LRS)}, or "
-                        f"{list(OFFICIAL_BIAS_LRS)} when the runs' recipe is 'official' (the default for GLUE and "
-                        "tagging)")
+                        help=f"bias-only learning rates; default: the paper's {list(PAPER_BIAS_LRS)}, or, when the "
+                        f"runs' recipe is 'official' (the default for GLUE and tagging), per runner "
+                        f"{ {k: list(v) for k, v in OFFICIAL_BIAS_LRS.items()} } (the rates that collapsed the model "
+                        "under a constant rate are left out; benchmarks/RESULTS.md)")
     parser.add_argument("--full_lrs", nargs="+", type=float, default=list(PAPER_FULL_LRS))
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--score", default="best", choices=["best", "final"],
@@ -424,15 +521,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="after '--': arguments passed to every run")
     args = parser.parse_args(argv)
     extra = args.runner_args[1:] if args.runner_args[:1] == ["--"] else args.runner_args
-    if args.bias_lrs is None:  # the issue's grid reaching 1e-2 goes with a constant rate
-        requested = "auto"
-        for i, a in enumerate(extra):
-            if a.startswith("--recipe="):
-                requested = a.split("=", 1)[1]
-            elif a == "--recipe" and i + 1 < len(extra):
-                requested = extra[i + 1]
-        official = requested in RECIPE_CHOICES and recipe_for(requested, "bitfit", args.runner).name == "official"
-        args.bias_lrs = list(OFFICIAL_BIAS_LRS if official else PAPER_BIAS_LRS)
+    if args.bias_lrs is None:
+        args.bias_lrs = default_bias_lrs(args.runner, extra)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     task_args = None
     if args.fraction_epochs and args.runner != "squad":
@@ -455,8 +545,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.tasks:
         parser.error("--tasks is required")
 
-    run_grid(runner_main, task_args=task_args, tasks=args.tasks, methods=args.methods, seeds=args.seeds,
-             output_dir=args.output_dir, bias_lrs=args.bias_lrs, full_lrs=args.full_lrs,
+    run_grid(runner_main, runner=args.runner, task_args=task_args, tasks=args.tasks, methods=args.methods,
+             seeds=args.seeds, output_dir=args.output_dir, bias_lrs=args.bias_lrs, full_lrs=args.full_lrs,
              extra_args=extra, dry_run=args.dry_run, shard=_parse_shard(args.shard))
     import torch.distributed as dist
 

@@ -175,7 +175,8 @@ def test_two_sweeps_at_once_run_each_cell_once(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("runner, extra, grid", [
     ("glue", [], "official"), ("pos", ["--recipe", "auto"], "official"), ("glue", ["--recipe=linear"], "paper"),
-    ("glue", ["--recipe", "official"], "official"), ("squad", [], "paper")])
+    ("glue", ["--recipe", "official"], "official"), ("squad", [], "paper"), ("squad", ["--recipe", "official"], "official"),
+    ("glue", ["--rec", "linear"], "paper")])  # an abbreviation, read by the runner's own parser
 def test_default_bias_grid_follows_the_runs_recipe(monkeypatch, tmp_path, runner, extra, grid):
     from bitfit_tasks.recipes import OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS
 
@@ -184,4 +185,134 @@ def test_default_bias_grid_follows_the_runs_recipe(monkeypatch, tmp_path, runner
     fractions = ["--fractions", "0.01"] if runner == "squad" else ["--tasks", "x"]
     sweep.main(["--runner", runner, *fractions, "--methods", "bitfit", "--output_dir", str(tmp_path), "--dry_run",
                 "--", *extra])
-    assert seen["bias_lrs"] == list(OFFICIAL_BIAS_LRS if grid == "official" else PAPER_BIAS_LRS)
+    assert seen["bias_lrs"] == list(OFFICIAL_BIAS_LRS[runner] if grid == "official" else PAPER_BIAS_LRS)
+    assert seen["runner"] == runner
+
+
+def test_official_grid_leaves_out_the_rates_that_collapsed_glue():
+    from bitfit_tasks.recipes import OFFICIAL_BIAS_LRS
+
+    # MRPC/CoLA collapsed at 3e-3 and MRPC/STS-B at 1e-2 under the constant rate; POS trained at all three.
+    assert not {3e-3, 1e-2} & set(OFFICIAL_BIAS_LRS["glue"]) and 1e-3 in OFFICIAL_BIAS_LRS["glue"]
+    assert set(OFFICIAL_BIAS_LRS["pos"]) == {1e-3, 3e-3, 1e-2}
+
+
+def glue_cell_runner(tmp_path, calls, recipe: dict | None = None):
+    """A fake run_glue main that writes what the real one records about its recipe."""
+    def main(argv):
+        calls.append(argv)
+        out = tmp_path / argv[argv.index("--output_dir") + 1]
+        out.mkdir(parents=True, exist_ok=True)
+        rec = recipe or sweep.resolved_recipe("glue", argv)
+        (out / "results.json").write_text(json.dumps({"learning_rate": float(argv[argv.index("--learning_rate") + 1]),
+                                                      "best": 0.5, "metric": "accuracy", **rec}))
+    return main
+
+
+GLUE_EXTRA = ["--data_dir", f"{FIXTURES}/glue", "--model_name_or_path", "unused"]
+
+
+def test_resuming_a_grid_under_another_recipe_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls: list = []
+    kw = dict(tasks=["rte"], methods=["bitfit"], seeds=[1, 2], bias_lrs=[1e-3], output_dir="grid", runner="glue")
+    # A grid started when 'auto' meant the linear recipe (its cells recorded linear) ...
+    linear = {"recipe": "linear", "recipe_applied": {"lr_scheduler_type": "linear", "per_device_train_batch_size": 16,
+                                                     "num_train_epochs": 3.0}}
+    sweep.run_grid(glue_cell_runner(tmp_path, calls, linear), extra_args=GLUE_EXTRA, seeds=[1],
+                   **{k: v for k, v in kw.items() if k != "seeds"})
+    # ... resumed now that 'auto' resolves to official: refused, naming both, before anything trains.
+    with pytest.raises(ValueError, match=r"grid/rte/bitfit/lr0\.001/seed1 was trained under recipe 'linear' \(.*"
+                                         r"\), but this grid's arguments now resolve to 'official' \(.*'constant'.*\); "
+                                         r"a table mixing them would lie\. Pass --recipe linear after '--'"):
+        sweep.run_grid(glue_cell_runner(tmp_path, calls), extra_args=GLUE_EXTRA, **kw)
+    assert len(calls) == 1
+    # Finishing it as it was started, as the message says, works: the new cell trains, the old one is kept.
+    sweep.run_grid(glue_cell_runner(tmp_path, calls), extra_args=[*GLUE_EXTRA, "--recipe", "linear"], **kw)
+    assert [a[a.index("--seed") + 1] for a in calls] == ["1", "2"]
+    assert json.loads((tmp_path / "grid/rte/bitfit/lr0.001/seed2/results.json").read_text())["recipe"] == "linear"
+
+
+def test_same_recipe_resolution_skips_finished_cells(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls: list = []
+    kw = dict(tasks=["rte"], methods=["bitfit"], seeds=[1, 2], bias_lrs=[1e-3], output_dir="grid", runner="glue",
+              extra_args=[*GLUE_EXTRA, "--recipe", "linear"])
+    sweep.run_grid(glue_cell_runner(tmp_path, calls), **kw)
+    sweep.run_grid(glue_cell_runner(tmp_path, calls), **kw)
+    assert len(calls) == 2
+    done = json.loads((tmp_path / "grid/rte/bitfit/lr0.001/seed1/results.json").read_text())
+    assert done["recipe"] == "linear" and done["recipe_applied"]["lr_scheduler_type"] == "linear"
+
+
+def test_a_copied_or_moved_sweep_skips_its_finished_cells(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    calls: list = []
+    kw = dict(tasks=["rte"], methods=["bitfit"], seeds=[1, 2], bias_lrs=[1e-3], runner="glue",
+              extra_args=[*GLUE_EXTRA, "--max_steps", "2"])
+    sweep.run_grid(glue_cell_runner(tmp_path, calls), output_dir="S", **kw)
+    assert len(calls) == 2
+    shutil.copytree(tmp_path / "S", tmp_path / "T")
+    sweep.run_grid(glue_cell_runner(tmp_path, calls), output_dir="T", **kw)  # a copy
+    sweep.run_grid(glue_cell_runner(tmp_path, calls), output_dir=str(tmp_path / "S"), **kw)  # absolute
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # another working folder, the data named by an absolute path
+    sweep.run_grid(glue_cell_runner(tmp_path, calls), output_dir=str(tmp_path / "T"), **kw)
+    assert len(calls) == 2  # every cell finished, nothing trained again
+    assert sweep.summarize(str(tmp_path / "T"))["markdown"] == sweep.summarize(str(tmp_path / "S"))["markdown"]
+    # A real difference is still refused, naming it.
+    with pytest.raises(ValueError, match=r"seed1 was trained with other runner arguments \(--max_steps: \['2'\] -> "
+                                         r"\['3'\]\)"):
+        sweep.run_grid(glue_cell_runner(tmp_path, calls), output_dir=str(tmp_path / "T"),
+                       **{**kw, "extra_args": [*GLUE_EXTRA, "--max_steps", "3"]})
+
+
+def test_cell_identity_resolves_inputs_and_drops_locations(tmp_path, monkeypatch):
+    monkeypatch.chdir(FIXTURES)
+    table = sweep.runner_parser("glue")._option_string_actions
+    a = sweep.cell_identity(["--task_name", "rte", "--output_dir", "x", "--data_dir", "glue", "--num_train=3",
+                             "--report_to", "none", "--logging_steps", "5"], table)
+    b = sweep.cell_identity(["--task_name", "rte", "--output_dir", "/elsewhere/y", "--data_dir", f"{FIXTURES}/glue",
+                             "--num_train_epochs", "3", "--logging_steps", "5"], table)
+    assert a == b == {"task_name": ["rte"], "data_dir": [f"{FIXTURES}/glue"], "num_train_epochs": ["3"],
+                      "logging_steps": ["5"]}
+    # A hub id (no such path) stays as given.
+    assert sweep.cell_identity(["--model_name_or_path", "bert-base-uncased"], table) == {
+        "model_name_or_path": ["bert-base-uncased"]}
+
+
+@pytest.mark.slow
+def test_sweep_copied_to_another_folder_reruns_nothing_end_to_end(tiny_model_dir, tmp_path):
+    """As a user: a finished sweep, copied (a backup, another disk) and the same command rerun on the copy
+    from another working folder, skips every cell and prints the same table."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    def sweep_cmd(out: str, cwd, steps: str = "2") -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "bitfit_tasks.sweep", "--tasks", "rte", "--methods", "bitfit", "--seeds", "1", "2",
+                "--bias_lrs", "1e-3", "--output_dir", out, "--", "--data_dir", f"{FIXTURES}/glue",
+                "--model_name_or_path", tiny_model_dir, "--max_steps", steps, "--disable_tqdm", "true",
+                "--use_cpu", "true"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+
+    from pathlib import Path
+
+    first = sweep_cmd("S", tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stderr.count("INFO bitfit_tasks: run --task_name") == 2
+    shutil.copytree(tmp_path / "S", tmp_path / "T")
+    (tmp_path / "other").mkdir()
+    again = sweep_cmd(str(tmp_path / "T"), tmp_path / "other")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "run --task_name" not in again.stderr and again.stderr.count("skip finished run") == 2
+    table = lambda out: [line for line in out.splitlines() if line.startswith("| bitfit |")]  # noqa: E731
+    assert table(again.stdout) == table(first.stdout) and table(first.stdout)
+    refused = sweep_cmd(str(tmp_path / "T"), tmp_path / "other", steps="3")
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert "seed1 was trained with other runner arguments (--max_steps: ['2'] -> ['3'])" in refused.stderr

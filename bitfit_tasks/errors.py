@@ -25,6 +25,43 @@ def read_utf8(path: str | Path) -> str:
     return decode_utf8(Path(path).read_bytes(), str(path))
 
 
+def check_json_rows(path: str | Path) -> None:
+    """A ``.json``/``.jsonl`` data file holds rows that are JSON objects: one JSON array of them, or one
+    object per line. Checked here because datasets' JSON reader handles other rows badly (a first line
+    ``null`` crashes the process in pyarrow) or with errors that do not name the line."""
+    import json
+
+    text = read_utf8(path)
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    else:
+        rows = whole if isinstance(whole, list) else [whole]
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}: row {i} is a JSON {_json_kind(row)}, not an object "
+                                 "{...}; a data file holds one object per row.")
+        if isinstance(whole, list):
+            return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{lineno}: not a JSON line ({err.msg}, column {err.colno}); a .jsonl file "
+                             "holds one JSON object per line.") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}:{lineno}: {line.strip()[:40]!r} is a JSON {_json_kind(row)}, not an object "
+                             "{...}; a .jsonl file holds one object per line.")
+
+
+def _json_kind(value: object) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
 def check_positive(obj, *names: str) -> None:
     """Each named integer option of a dataclass is unset or >= 1 (0 would mean 'no limit' to a
     tokenizer and a negative size fails deep inside one)."""

@@ -22,7 +22,7 @@ from transformers import (
 from . import metrics as M
 from .arguments import ModelArguments, RunArguments, load_hub_dataset
 from .config import BitFitConfig
-from .errors import UsageError, check_positive, read_utf8
+from .errors import UsageError, check_json_rows, check_positive, read_utf8
 from .fileio import atomic_write_lines
 from .runner import add_train_sample_eval, ensure_pad_token, parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_indices
@@ -142,7 +142,9 @@ def load_glue(args: GlueArguments, cache_dir: str | None = None):
     out = {}
     for split, path in files.items():
         suffix = Path(path).suffix.lower()
-        if suffix != ".parquet" and Path(path).is_file():
+        if suffix in (".json", ".jsonl") and Path(path).is_file():
+            check_json_rows(path)  # one line for a bad row or encoding, never a pyarrow crash
+        elif suffix != ".parquet" and Path(path).is_file():
             read_utf8(path)  # a clear line for a non-UTF-8 file, not a pyarrow error
         kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
         try:

@@ -10,7 +10,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import UsageError, decode_utf8, read_utf8
+from .errors import UsageError, check_json_rows, decode_utf8, read_utf8
 
 Sentence = dict[str, list[str]]
 
@@ -222,7 +222,7 @@ def read_token_tag_dataset(path_or_name: str, split: str = "train", config: str 
     if p.exists():
         builder = "parquet" if p.suffix == ".parquet" else "json"
         if builder == "json":
-            read_utf8(p)  # a clear line for a non-UTF-8 file, not a pyarrow error
+            check_json_rows(p)  # one line for a bad row or encoding, never a pyarrow crash
         try:
             ds = datasets.load_dataset(builder, data_files=str(p), split="train")
         except Exception as err:  # pyarrow / datasets raise many types for a malformed file

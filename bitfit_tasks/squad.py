@@ -85,7 +85,8 @@ def flatten_official(data: dict, source: str = "<json>") -> list[dict[str, Any]]
                     "id": str(qa["id"]), "title": article.get("title", ""), "context": para["context"],
                     "question": qa["question"],
                     "answers": {"text": [a["text"] for a in answers],
-                                "answer_start": [int(a["answer_start"]) for a in answers]},
+                                # Checked (an int offset into the context) by check_squad_rows.
+                                "answer_start": [a["answer_start"] for a in answers]},
                 })
     return rows
 
@@ -139,6 +140,9 @@ def check_squad_rows(rows: list, path: str, split: str) -> None:
                 or not isinstance(ans.get("answer_start"), list) or len(ans["text"]) != len(ans["answer_start"])):
             raise UsageError(f"{path}: question {qid!r}: answers must be {{'text': [...], 'answer_start': [...]}} "
                              f"of equal length, got {ans!r}.")
+        bad = [t for t in ans["text"] if not isinstance(t, str)]
+        if bad:
+            raise UsageError(f"{path}: question {qid!r}: every answer text must be a string, got {bad[0]!r}.")
         if not ans["text"]:
             problems.append(f"question {qid!r} has no answer (SQuAD v1.1 questions all have one; v2.0's "
                             "unanswerable questions are not supported)")

@@ -130,7 +130,8 @@ case("glue-columns", "columns named otherwise", r"lacks column\(s\) \['sentence1
      r"\['text', 'label'\]\. Rename columns")(
     lambda d: glue(d, "--task_name", "rte", "--train_file", rows(d, "t.jsonl", [{"text": "x", "label": 0}]),
                    "--validation_file", rows(d, "v.jsonl", [pair(0)])))
-case("glue-broken-jsonl", "a truncated jsonl file", r"could not read train file '.*t\.jsonl' as json")(
+case("glue-broken-jsonl", "a truncated jsonl file", r"t\.jsonl:1: not a JSON line \(Expecting property name .*\); a "
+     r"\.jsonl file holds one JSON object per line")(
     lambda d: (d / "t.jsonl").write_text('{"sentence1": "x", \n') and
     glue(d, "--task_name", "rte", "--train_file", str(d / "t.jsonl"), "--validation_file", rows(d, "v.jsonl", [pair(0)])))
 case("glue-tsv-as-csv", "a tab-separated file named `.csv`", r"train file '.*t\.csv' was read as one column "
@@ -138,6 +139,10 @@ case("glue-tsv-as-csv", "a tab-separated file named `.csv`", r"train file '.*t\.
      r"comma-separated: rename it to \.tsv")(
     lambda d: (d / "t.csv").write_text("sentence1\tsentence2\tlabel\na cat\ta dog\t1\n") and
     glue(d, "--task_name", "rte", "--train_file", str(d / "t.csv"), "--validation_file", str(d / "t.csv")))
+case("glue-null-row", "a jsonl file whose first line is `null` (crashed pyarrow)", r"t\.jsonl:1: 'null' is a JSON null, "
+     r"not an object \{\.\.\.\}; a \.jsonl file holds one object per line")(
+    lambda d: (d / "t.jsonl").write_text('null\n{"sentence1": "a", "sentence2": "b", "label": 1}\n') and
+    glue(d, "--task_name", "rte", "--train_file", str(d / "t.jsonl"), "--validation_file", str(d / "t.jsonl")))
 case("glue-latin1", "a Latin-1 (non-UTF-8) jsonl file", r".*t\.jsonl is not UTF-8 text \(byte 0xe9 on line 1\); re-save "
      r"it as UTF-8")(
     lambda d: (d / "t.jsonl").write_bytes(b'{"sentence1": "caf\xe9", "sentence2": "x", "label": 0}\n') and

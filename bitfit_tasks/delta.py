@@ -314,8 +314,11 @@ class AppliedDelta:
         self.originals = {}
 
 
-def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool = True) -> None:
-    """Raise ``ValueError`` naming the problem if ``delta`` does not belong on ``model``."""
+def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool = True,
+                     base_fingerprint: str | None = None) -> None:
+    """Raise ``ValueError`` naming the problem if ``delta`` does not belong on ``model``.
+    ``base_fingerprint``: the model's own, taken earlier over the same tensors (BitFitTrainer takes it
+    before lean mode rounds the frozen weights to bf16); otherwise it is computed now."""
     params = dict(model.named_parameters())
     missing = [n for n in delta.tensors if n not in params]
     if missing:
@@ -334,7 +337,7 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
             + "."
         )
     if verify_fingerprint:
-        got = fingerprint(model, exclude=set(delta.tensors))
+        got = base_fingerprint or fingerprint(model, exclude=set(delta.tensors))
         want = delta.meta.get("base_fingerprint")
         if got != want:
             raise ValueError(
@@ -347,12 +350,13 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
 
 @torch.no_grad()
 def apply_delta(
-    model: nn.Module, delta: Delta | str | os.PathLike, *, verify_fingerprint: bool = True, **hub_kwargs
+    model: nn.Module, delta: Delta | str | os.PathLike, *, verify_fingerprint: bool = True,
+    base_fingerprint: str | None = None, **hub_kwargs
 ) -> AppliedDelta:
     """Copy a delta's tensors (a :class:`Delta`, a local folder or a Hub id) into ``model`` in place;
-    keep the replaced values for ``remove()``."""
+    keep the replaced values for ``remove()``. ``base_fingerprint``: see :func:`check_compatible`."""
     delta = delta if isinstance(delta, Delta) else Delta.from_pretrained(delta, **hub_kwargs)
-    check_compatible(model, delta, verify_fingerprint=verify_fingerprint)
+    check_compatible(model, delta, verify_fingerprint=verify_fingerprint, base_fingerprint=base_fingerprint)
     params = dict(model.named_parameters())
     handle = AppliedDelta(model)
     for name, value in delta.tensors.items():

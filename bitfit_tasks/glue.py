@@ -228,7 +228,13 @@ def check_and_encode_labels(ds, task: GlueTask, split: str, source: str | None =
             raise UsageError(f"{where}, row {i}: label {lab!r} out of range 0..{len(task.labels) - 1}{hint}.")
         return {"label": int(lab)}
 
-    return ds.map(encode, with_indices=True).cast_column("label", feature)
+    try:
+        return ds.map(encode, with_indices=True).cast_column("label", feature)
+    except UsageError:
+        raise
+    except Exception as err:  # pyarrow failing on odd nested fields while it builds rows
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"{where}: could not read its rows: {first[:200]}; check the file's fields.") from err
 
 
 def sample(ds, n: int | None, seed: int):

@@ -244,8 +244,14 @@ def read_token_tag_dataset(path_or_name: str, split: str = "train", config: str 
 
     inner = getattr(ds.features[tag_field], "feature", None)
     to_name = inner.int2str if isinstance(inner, ClassLabel) else str
+    try:
+        examples = list(ds)  # pyarrow builds the Python rows here; odd nested fields fail in it
+    except Exception as err:  # pyarrow raises ValueError, ArrowInvalid, ... for such rows
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"could not read the rows of {path_or_name!r}: {first[:200]}; check the file's "
+                         "fields.") from err
     out: list[Sentence] = []
-    for i, ex in enumerate(ds, 1):
+    for i, ex in enumerate(examples, 1):
         tokens, tags = ex["tokens"], ex[tag_field]
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise UsageError(f"{path_or_name}, row {i}: 'tokens' must be a list of words (strings), got "

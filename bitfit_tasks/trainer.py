@@ -181,14 +181,22 @@ class BitFitTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         logger.info("Saved BitFit delta (%s) to %s", self.bitfit_config.mode, output_dir)
 
+    def _apply_own_delta(self, model: torch.nn.Module, folder: str) -> None:
+        """Apply a checkpoint's delta, checked against the base fingerprint this trainer took before
+        lean mode rounded the frozen weights (re-fingerprinting the rounded model would refuse it,
+        and would copy the whole backbone to the host again)."""
+        delta = Delta.load(folder)
+        own = self._base_fingerprint if set(delta.tensors) == set(self._delta_names()) else None
+        apply_delta(model, delta, base_fingerprint=own)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not is_delta_dir(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        apply_delta(model if model is not None else self.model, Delta.load(resume_from_checkpoint))
+        self._apply_own_delta(model if model is not None else self.model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
         if best is None or not is_delta_dir(best):
             return super()._load_best_model()
         logger.info("Loading best BitFit delta from %s (score: %s).", best, self.state.best_metric)
-        apply_delta(self.accelerator.unwrap_model(self.model), Delta.load(best))
+        self._apply_own_delta(self.accelerator.unwrap_model(self.model), best)

@@ -152,3 +152,50 @@ def test_capability_check_reads_torch_cpu_flags():
     caps = cpu_bf16_capability()
     assert caps == {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx": torch.cpu._is_amx_tile_supported()}
     assert bf16_supported("cpu") == any(caps.values())
+
+
+def _lean_trainer(tmp_path, out: str, **kw) -> BitFitTrainer:
+    args = make_args(tmp_path / out, max_steps=4, save_strategy="steps", save_steps=2, **kw)
+    return BitFitTrainer(model=tiny_model("bert"), args=args, train_dataset=RandomPairs(),
+                         eval_dataset=RandomPairs(n=16, seed=1), bitfit_config=BitFitConfig(lean=True))
+
+
+def _trained(trainer: BitFitTrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_lean_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, fast_bf16_cpu):
+    """Lean rounds the frozen weights to bf16; its checkpoints were refused on resume as 'trained on a
+    different base model' (the loader fingerprinted the rounded model). Resumed = uninterrupted, to
+    bf16 tolerance (measured bit-identical on a CPU with native bf16; the tolerance leaves room for
+    kernels that are not deterministic)."""
+    ref = _lean_trainer(tmp_path, "ref")
+    ref.train()
+    resumed = _lean_trainer(tmp_path, "ref")  # a fresh process's trainer over the same folder
+    resumed.train(resume_from_checkpoint=str(tmp_path / "ref" / "checkpoint-2"))
+    a, b = _trained(ref), _trained(resumed)
+    assert resumed.state.global_step == 4
+    for n in a:
+        assert torch.allclose(a[n], b[n], atol=1e-3, rtol=1e-2), n
+
+
+def test_lean_load_best_model_at_end(tmp_path, fast_bf16_cpu):
+    trainer = _lean_trainer(tmp_path, "best", eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                            metric_for_best_model="loss")
+    trainer.train()  # ends by applying the best checkpoint's delta onto the lean (bf16-rounded) model
+    assert trainer.state.best_model_checkpoint is not None
+    best = trainer.state.best_model_checkpoint
+    from safetensors.torch import load_file
+
+    saved = load_file(f"{best}/bitfit_delta.safetensors")
+    params = dict(trainer.model.named_parameters())
+    assert all(torch.equal(params[n].detach(), t) for n, t in saved.items())
+
+
+def test_a_lean_trainers_checkpoint_is_still_refused_on_another_base(tmp_path, fast_bf16_cpu):
+    ref = _lean_trainer(tmp_path, "ref")
+    ref.train()
+    other = BitFitTrainer(model=tiny_model("bert", seed=1), args=make_args(tmp_path / "o", max_steps=4),
+                          train_dataset=RandomPairs(), bitfit_config=BitFitConfig(lean=True))
+    with pytest.raises(ValueError, match=r"was trained on a different base model"):
+        other.train(resume_from_checkpoint=str(tmp_path / "ref" / "checkpoint-2"))

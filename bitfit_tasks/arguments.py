@@ -184,12 +184,16 @@ def cpu_only_multiprocess() -> bool:
     return not has_acc
 
 
-def finish_distributed() -> None:
-    """Destroy the process group at exit: launchers can abort a process that leaves one behind."""
+def finish_distributed(failed: bool = False) -> None:
+    """Destroy the process group at exit: launchers can abort a process that leaves one behind. After
+    a success every rank meets at a barrier first; after a failure this rank leaves at once, since
+    the others may sit in another collective (a barrier would hang it until the group's timeout) --
+    its exit code makes the launcher (accelerate launch, torchrun) stop the other ranks."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -205,17 +209,21 @@ def run_cli(main) -> None:
     on stderr and exit code 1."""
     import os
 
+    failed = True
     try:
         main()
+        failed = False
     except USER_ERRORS as err:
         if os.environ.get("BITFIT_DEBUG", "").lower() in ("1", "true", "yes"):
             raise
         msg = " ".join(str(err).split()) or type(err).__name__
         prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "bitfit-tasks"
-        print(f"{prog}: error: {msg} (BITFIT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        where = f" (process {rank})" if rank is not None else ""
+        print(f"{prog}: error{where}: {msg} (BITFIT_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
-        finish_distributed()
+        finish_distributed(failed)
 
 
 def resolve_resume(training_args: TrainingArguments) -> str | None:

@@ -305,8 +305,8 @@ def train_and_record(
         "optimizer_steps": state.global_step,
         "num_train_epochs": args.num_train_epochs,
         "max_steps": args.max_steps if args.max_steps > 0 else None,
-        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
-        * max(args.world_size, 1),
+        # train_batch_size = per-device batch x GPUs of this process (Trainer's own product).
+        "global_batch_size": args.train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1),
         "resumed_from": resume,
         **getattr(args, "_bitfit_recipe", {}),
         "trainable_params": trainer.bitfit_state.n_trainable,

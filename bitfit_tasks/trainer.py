@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -44,6 +45,42 @@ def loss_takes_num_items(model) -> bool:
     return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+def accelerator_type(args) -> str:
+    """The device type training will run on: 'cpu' under ``--use_cpu``, else torch's current
+    accelerator (cuda, xpu, mps, npu, ...), else 'cpu'."""
+    if args.use_cpu:
+        return "cpu"
+    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator().type
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def refuse_unsupported_parallelism(args) -> None:
+    """Layouts BitFitTrainer does not run correctly, refused before anything is built:
+
+    * several GPUs in one process: Trainer wraps the model in ``nn.DataParallel``, whose replicas
+      would share lean mode's forward wrapper (bound to the first device's module) and whose
+      per-replica losses a custom loss function does not average;
+    * FSDP and DeepSpeed: they shard parameters, and bias-only checkpoints are read from the live
+      (sharded) parameters, so a delta would be saved as shards, silently.
+    """
+    n_gpu = getattr(args, "n_gpu", 1)
+    if n_gpu > 1:
+        raise ValueError(f"{n_gpu} GPUs are visible to one process, where Trainer would use nn.DataParallel, which "
+                         "BitFitTrainer does not support. Launch one process per GPU: accelerate launch --multi_gpu "
+                         f"--num_processes {n_gpu} YOUR_SCRIPT.py ... (or torchrun --nproc_per_node {n_gpu}); for one "
+                         "GPU, set CUDA_VISIBLE_DEVICES=0.")
+    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise ValueError("FSDP shards parameters; BitFitTrainer's bias-only checkpoints read the live parameters and "
+                         "would save shards. Train with DDP instead (accelerate launch --multi_gpu, no FSDP config): "
+                         "BitFit's optimizer state and gradients are ~0.1% of the model, so DDP fits where full "
+                         "fine-tuning needed FSDP.")
+    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise ValueError("DeepSpeed is not supported by BitFitTrainer (ZeRO-3 shards the parameters its bias-only "
+                         "checkpoints read, and it was never tested). Train with DDP instead: accelerate launch "
+                         "--multi_gpu, without a DeepSpeed config.")
+
+
 class BitFitTrainer(Trainer):
     """``Trainer`` plus BitFit: swap the class, pass ``bitfit_config=BitFitConfig(...)``.
 
@@ -60,11 +97,24 @@ class BitFitTrainer(Trainer):
         **kwargs,
     ) -> None:
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None:
+            # Work on our own copy: the settings changed below must not leak into the caller's object
+            # (reused for another Trainer, or read back to report what was asked for).
+            targs = copy.copy(targs)
+            if "args" in kwargs or len(args) <= 1:
+                kwargs["args"] = targs
+            else:
+                args = (args[0], targs, *args[2:])
+            refuse_unsupported_parallelism(targs)
         if bitfit_config is not None and bitfit_config.lean and targs is not None:
-            device = "cpu" if targs.use_cpu or not torch.cuda.is_available() else "cuda"
+            if targs.fp16:
+                raise ValueError("lean=True trains under bf16 autocast; it cannot be combined with --fp16 (fp16 "
+                                 "autocast). Drop --fp16 (lean sets bf16 itself), or drop --lean.")
+            device = accelerator_type(targs)
             if not bf16_supported(device):
                 if device != "cpu":
-                    raise ValueError("lean=True needs bf16 autocast, which this GPU does not support; drop --lean.")
+                    raise ValueError(f"lean=True needs bf16 autocast, which this {device} device does not support; "
+                                     "drop --lean.")
                 # Without native bf16 matmuls oneDNN emulates them: a lean step measured >50x slower
                 # than fp32 on an AVX2-only CPU. Train in fp32 instead and say so.
                 warnings.warn(f"--lean needs native bf16 matmuls (AVX512-BF16 or AMX); this CPU has none "

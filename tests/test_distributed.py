@@ -179,3 +179,43 @@ def test_run_squad_two_processes_equals_one_process_double_batch(tiny_model_dir,
     p1 = json.loads((tmp_path / "one" / "predictions.json").read_text())
     p2 = json.loads((tmp_path / "two" / "predictions.json").read_text())
     assert p1 == p2
+
+
+# run_glue.py whose rank 1 meets a user error at its first evaluation, while rank 0 scores fine and
+# goes on into the next collective.
+RANK1_FAILS = """
+import os, sys
+sys.path.insert(0, {root!r})
+import bitfit_tasks.glue as G
+from bitfit_tasks.errors import UsageError
+metrics = G.compute_glue_metrics
+def failing(*a, **k):
+    if os.environ.get("RANK") == "1":
+        raise UsageError("rank-one data problem")
+    return metrics(*a, **k)
+G.compute_glue_metrics = failing
+from bitfit_tasks.arguments import run_cli
+run_cli(G.main)
+"""
+
+
+def test_a_user_error_on_one_process_ends_every_process_promptly(tiny_model_dir, tmp_path):
+    """Before: the failing rank waited in a barrier while rank 0 sat in an all-gather, so both hung
+    until the process group's timeout. Now the failing rank leaves at once and the launcher stops the
+    other."""
+    import time
+
+    script = tmp_path / "rank1_fails.py"
+    script.write_text(RANK1_FAILS.format(root=str(ROOT)))
+    args = glue_args(tiny_model_dir, tmp_path / "out", 4)
+    args[0] = str(script)
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29537",
+           *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    took = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "rank1_fails.py: error (process 1): rank-one data problem" in proc.stderr
+    assert took < 120, f"{took:.0f} s"
+    assert not (tmp_path / "out" / "results.json").exists()

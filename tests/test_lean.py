@@ -75,7 +75,8 @@ def test_lean_trainer_trains_and_its_delta_fits_the_fp32_base(tmp_path, fast_bf1
     model = tiny_model("bert")
     args = make_args(tmp_path, max_steps=3)
     trainer = BitFitTrainer(model=model, args=args, train_dataset=RandomPairs(), bitfit_config=BitFitConfig(lean=True))
-    assert args.bf16 and args.mixed_precision == "bf16" and trainer.bitfit_config.lean
+    assert trainer.args.bf16 and trainer.args.mixed_precision == "bf16" and trainer.bitfit_config.lean
+    assert not args.bf16 and args.mixed_precision != "bf16"  # the caller's arguments are left as given
     before = model.bert.encoder.layer[0].intermediate.dense.bias.detach().clone()
     trainer.train()
     assert not torch.equal(before, model.bert.encoder.layer[0].intermediate.dense.bias)
@@ -141,7 +142,7 @@ def test_lean_on_a_cpu_without_native_bf16_falls_back_to_fp32_with_a_warning(tmp
                                              r"none .* so this run trains in fp32 \(plain BitFit\)"):
             trainer = BitFitTrainer(model=model, args=args, train_dataset=RandomPairs(),
                                     bitfit_config=BitFitConfig(lean=True))
-    assert not trainer.bitfit_config.lean and not args.bf16
+    assert not trainer.bitfit_config.lean and not trainer.args.bf16
     assert all(p.dtype == torch.float32 for p in model.parameters())
     trainer.train()
 
@@ -199,3 +200,11 @@ def test_a_lean_trainers_checkpoint_is_still_refused_on_another_base(tmp_path, f
                           train_dataset=RandomPairs(), bitfit_config=BitFitConfig(lean=True))
     with pytest.raises(ValueError, match=r"was trained on a different base model"):
         other.train(resume_from_checkpoint=str(tmp_path / "ref" / "checkpoint-2"))
+
+
+def test_lean_with_fp16_is_one_clear_error(tmp_path, fast_bf16_cpu):
+    args = make_args(tmp_path, max_steps=1)
+    args.fp16 = True  # as --fp16 would set it (TrainingArguments refuses fp16 on a CPU at construction)
+    with pytest.raises(ValueError, match=r"lean=True trains under bf16 autocast; it cannot be combined with --fp16"):
+        BitFitTrainer(model=tiny_model("bert"), args=args, train_dataset=RandomPairs(),
+                      bitfit_config=BitFitConfig(lean=True))

@@ -254,3 +254,42 @@ def test_accepts_loss_kwargs_for_task_heads_and_declared_models(tmp_path):
     assert loss_takes_num_items(lm) is False
     trainer = train(tiny_model("bert"), BitFitConfig(), tmp_path, steps=1)
     assert trainer.model_accepts_loss_kwargs is False
+
+
+def test_trainer_leaves_the_callers_arguments_alone(tmp_path):
+    from bitfit_tasks.trainer import BitFitTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1)
+    assert args.ddp_find_unused_parameters is None
+    trainer = BitFitTrainer(tiny_model("bert"), args, train_dataset=RandomPairs(), bitfit_config=BitFitConfig())
+    assert trainer.args is not args and trainer.args.ddp_find_unused_parameters is False
+    assert args.ddp_find_unused_parameters is None  # unchanged: reusable for another Trainer
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"n_gpu": 2}, r"2 GPUs are visible to one process, where Trainer would use nn\.DataParallel.*accelerate launch "
+                   r"--multi_gpu --num_processes 2"),
+    ({"fsdp": "full_shard"}, r"FSDP shards parameters; BitFitTrainer's bias-only checkpoints .* Train with DDP"),
+    ({"deepspeed": "ds.json"}, r"DeepSpeed is not supported by BitFitTrainer"),
+])
+def test_unsupported_parallel_layouts_are_refused_before_training(setting, message, tmp_path):
+    from types import SimpleNamespace
+
+    from bitfit_tasks.trainer import refuse_unsupported_parallelism
+
+    with pytest.raises(ValueError, match=message):
+        refuse_unsupported_parallelism(SimpleNamespace(**{"n_gpu": 1, "fsdp": None, "deepspeed": None, **setting}))
+
+
+def test_several_gpus_in_one_process_are_refused_by_the_trainer(tmp_path):
+    from unittest import mock
+
+    from bitfit_tasks.trainer import BitFitTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1)
+    with mock.patch.object(TrainingArguments, "n_gpu", new_callable=mock.PropertyMock, return_value=4):
+        with pytest.raises(ValueError, match=r"4 GPUs are visible to one process"):
+            BitFitTrainer(tiny_model("bert"), args, train_dataset=RandomPairs(), bitfit_config=BitFitConfig())
+    with mock.patch.dict("os.environ", {"ACCELERATE_USE_FSDP": "true"}):
+        with pytest.raises(ValueError, match=r"FSDP shards parameters"):
+            BitFitTrainer(tiny_model("bert"), args, train_dataset=RandomPairs(), bitfit_config=BitFitConfig())

@@ -272,7 +272,8 @@ class Delta:
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise UsageError(f"{p / DELTA_CONFIG}: field {field_name!r} must be a list of tensor names, got "
                                  f"{str(names)[:60]}; save the delta again.")
-            absent = [n for n in names if n not in tensors]
+            # A random-baseline delta's terms name the biases that set its budget, not saved tensors.
+            absent = [n for n in names if n not in tensors] if field_name == "head" else []
             if absent:
                 raise UsageError(f"{p / DELTA_CONFIG}: field {field_name!r} names tensor(s) {absent[:3]} that "
                                  f"{DELTA_WEIGHTS} lacks; the JSON was edited or damaged: save the delta again.")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .delta import Delta, fingerprint_tensors
+from .delta import Delta, fingerprint_tensors, task_model_class
 
 
 class _Precomputed(nn.Module):
@@ -39,25 +39,75 @@ def _slice_output(out: Any, rows: torch.Tensor) -> Any:
     return type(out)(**{k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in out.items()})
 
 
+class _TensorBank(nn.Module):
+    """Named tensors as registered buffers (``.to()`` moves them, ``state_dict()`` holds them); buffer
+    names cannot contain '.', so the backbone names are stored with '.' -> '__'."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self._keys: dict[str, str] = {}  # backbone name -> buffer name
+        for name, value in (tensors or {}).items():
+            self.set(name, value)
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        self._keys[name] = name.replace(".", "__")
+        self.register_buffer(self._keys[name], value.detach().clone())
+
+    def get(self, name: str, default: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self._buffers[self._keys[name]] if name in self._keys else default
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._keys
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        return [(name, self._buffers[key]) for name, key in self._keys.items()]
+
+    def names(self) -> list[str]:
+        return list(self._keys)
+
+
+def _head_modules(skeleton: nn.Module, prefix: str) -> nn.Module:
+    """The task model's modules other than its backbone, as children of one module: the same objects,
+    so moving or loading them changes the task model too."""
+    heads = nn.Module()
+    for child_name, child in skeleton.named_children():
+        if child_name != prefix:
+            heads.add_module(child_name, child)
+    return heads
+
+
 class MultiTaskBitFit(nn.Module):
+    """A real ``nn.Module``: the shared backbone, every task's head (``heads``, a ``ModuleDict``) and
+    every task's biases and the pristine base values (``task_biases`` / ``base_values``, registered
+    buffers) move together with ``.to(device)`` / ``.to(dtype)`` and round-trip through
+    ``state_dict()``; switching tasks copies device tensors into the backbone, nothing from the host.
+    """
+
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         # Accept a task model too: keep only its backbone.
         self.backbone = getattr(backbone, "base_model", backbone).eval()
-        self.tasks: dict[str, nn.Module] = {}
-        self.task_biases: dict[str, dict[str, torch.Tensor]] = {}  # backbone-relative name -> value
-        self._base: dict[str, torch.Tensor] = {}  # pristine values of every overridden tensor
+        self.heads = nn.ModuleDict()
+        self.task_biases = nn.ModuleDict()  # task -> _TensorBank of backbone-relative name -> value
+        self.base_values = _TensorBank()  # pristine values of every overridden tensor
+        # The task models (head + a slot for the shared backbone) are not submodules: their head
+        # modules are registered once, under ``heads``; the backbone once, as ``backbone``.
+        self._task_models: dict[str, nn.Module] = {}
+        self._prefixes: dict[str, str] = {}
         self.active: str | None = None
+
+    @property
+    def tasks(self) -> dict[str, nn.Module]:
+        """Task name -> its model (shares ``backbone``)."""
+        return dict(self._task_models)
 
     # ---- registry ----------------------------------------------------------------------------
 
     def add_task(self, name: str, delta: Delta | str | os.PathLike, *, verify_fingerprint: bool = True) -> None:
-        import transformers
-
-        if name in self.tasks:
+        if name in self._task_models:
             raise ValueError(f"task {name!r} is loaded already; remove_task({name!r}) first.")
         delta = delta if isinstance(delta, Delta) else Delta.load(delta)
-        cls = getattr(transformers, delta.meta["task_class"])
+        cls = task_model_class(delta.meta["task_class"], source=str(delta.path or "the delta"))
         config = type(self.backbone.config).from_dict(delta.meta["task_config"])
         with torch.device("meta"):  # the skeleton only: its backbone is replaced by the shared one
             skeleton = cls(config)
@@ -75,28 +125,32 @@ class MultiTaskBitFit(nn.Module):
                 raise ValueError(f"task {name!r}: delta {delta.path} was trained on a different base model "
                                  f"({delta.meta.get('base_model')!r}); refusing to apply it to this backbone.")
         setattr(skeleton, prefix, self.backbone)
+        ref = next(self.backbone.parameters())  # the head lives where the backbone does, in its dtype
         head = {n: t for n, t in delta.tensors.items() if not n.startswith(prefix + ".")}
         for full, value in head.items():
             mod_name, _, attr = full.rpartition(".")
             mod = skeleton.get_submodule(mod_name)
-            setattr(mod, attr, nn.Parameter(value.clone(), requires_grad=False))
+            setattr(mod, attr, nn.Parameter(value.to(ref.device, ref.dtype), requires_grad=False))
         leftover = [n for n, p in skeleton.named_parameters() if p.is_meta]
         if leftover:
             raise ValueError(f"task {name!r}: the delta lacks head tensors {leftover[:3]}.")
         for n in rel:
-            self._base.setdefault(n, shared[n].detach().clone())
-        self.tasks[name] = skeleton.eval()
-        self.task_biases[name] = rel
+            if n not in self.base_values:
+                self.base_values.set(n, shared[n])
+        self._task_models[name] = skeleton.eval()
+        self._prefixes[name] = prefix
+        self.heads[name] = _head_modules(skeleton, prefix)
+        self.task_biases[name] = _TensorBank({n: t.to(shared[n].device, shared[n].dtype) for n, t in rel.items()})
 
     def remove_task(self, name: str) -> None:
         self._require(name)
         if self.active == name:
             self.deactivate()
-        del self.tasks[name], self.task_biases[name]
+        del self._task_models[name], self._prefixes[name], self.heads[name], self.task_biases[name]
 
     def _require(self, name: str) -> None:
-        if name not in self.tasks:
-            raise KeyError(f"unknown task {name!r}; loaded tasks: {sorted(self.tasks)}.")
+        if name not in self._task_models:
+            raise KeyError(f"unknown task {name!r}; loaded tasks: {sorted(self._task_models)}.")
 
     # ---- one task at a time --------------------------------------------------------------------
 
@@ -104,7 +158,7 @@ class MultiTaskBitFit(nn.Module):
     def deactivate(self) -> None:
         """Put the pristine base values back (bit-exact)."""
         params = dict(self.backbone.named_parameters())
-        for n, value in self._base.items():
+        for n, value in self.base_values.items():
             params[n].copy_(value)
         self.active = None
 
@@ -116,9 +170,9 @@ class MultiTaskBitFit(nn.Module):
             self.deactivate()
             params = dict(self.backbone.named_parameters())
             for n, value in self.task_biases[name].items():
-                params[n].copy_(value.to(params[n].device, params[n].dtype))
+                params[n].copy_(value)  # device to device: the bank moved with the module
             self.active = name
-        return self.tasks[name]
+        return self._task_models[name]
 
     @torch.no_grad()
     def forward(self, task: str, **inputs):
@@ -138,20 +192,20 @@ class MultiTaskBitFit(nn.Module):
         names = list(dict.fromkeys(row_tasks))
         for n in names:
             self._require(n)
-        task_index = torch.tensor([names.index(t) for t in row_tasks])
+        device = next(self.backbone.parameters()).device
+        task_index = torch.tensor([names.index(t) for t in row_tasks], device=device)
         self.deactivate()
         modules = dict(self.backbone.named_modules())
         hooks = []
         try:
-            for tensor_name in sorted({n for t in names for n in self.task_biases[t]}):
+            for tensor_name in sorted({n for t in names for n in self.task_biases[t].names()}):
                 mod_name, _, attr = tensor_name.rpartition(".")
                 mod = modules[mod_name]
                 if attr != "bias" or not isinstance(mod, nn.Linear | nn.LayerNorm):
                     raise ValueError(f"mixed-task batches need bias-only deltas on Linear/LayerNorm; "
                                      f"{tensor_name} ({type(mod).__name__}) is not one. Use activate().")
-                base = self._base[tensor_name]
-                offsets = torch.stack([self.task_biases[t].get(tensor_name, base).to(base) - base
-                                       for t in names])
+                base = self.base_values.get(tensor_name)
+                offsets = torch.stack([self.task_biases[t].get(tensor_name, base) - base for t in names])
                 hooks.append(mod.register_forward_hook(_row_bias_hook(offsets, task_index, tensor_name)))
             out = self.backbone(**inputs)
         finally:
@@ -160,7 +214,7 @@ class MultiTaskBitFit(nn.Module):
         results: list[dict[str, torch.Tensor]] = [{} for _ in range(batch)]
         for i, name in enumerate(names):
             rows = (task_index == i).nonzero().flatten()
-            model = self.tasks[name]
+            model = self._task_models[name]
             prefix = model.base_model_prefix
             row_inputs = {k: (v[rows] if torch.is_tensor(v) else v) for k, v in inputs.items()}
             setattr(model, prefix, _Precomputed(_slice_output(out, rows)))
@@ -178,7 +232,7 @@ def _row_bias_hook(offsets: torch.Tensor, task_index: torch.Tensor, name: str):
         if output.shape[0] != task_index.numel():
             raise ValueError(f"{name}: its output has no batch dimension first ({tuple(output.shape)}); "
                              "such a bias cannot differ per row. Use activate() for this task.")
-        per_row = offsets.to(output.device, output.dtype)[task_index.to(output.device)]
+        per_row = offsets.to(output.dtype)[task_index]
         return output + per_row.view(per_row.shape[0], *([1] * (output.dim() - 2)), per_row.shape[-1])
 
     return hook

@@ -174,6 +174,50 @@ def test_multitask_switch_and_mixed_batch(tmp_path):
         mt.activate("a")
 
 
+def test_multitask_is_a_module_that_moves_and_round_trips(tmp_path):
+    """.to(dtype) / .to(device) move the backbone, every head and every task's biases; state_dict holds
+    them all and loads back into a MultiTaskBitFit built the same way."""
+    seq = trained(tmp_path / "s", BitFitConfig(bias_terms=["qm2"]), num_labels=2)
+    seq.save_model(str(tmp_path / "d_seq"))
+    seq3 = trained(tmp_path / "s3", BitFitConfig(), num_labels=3, seed=0)
+    seq3.save_model(str(tmp_path / "d_seq3"))
+
+    def build():
+        mt = MultiTaskBitFit(tiny_model("bert"))
+        mt.add_task("a", tmp_path / "d_seq")
+        mt.add_task("b", tmp_path / "d_seq3")
+        return mt
+
+    mt = build().to(torch.float64)
+    assert {t.dtype for t in [*mt.parameters(), *mt.buffers()] if t.is_floating_point()} == {torch.float64}
+    assert all(t.dtype == torch.float64 for t in [*mt.heads.parameters(), *mt.task_biases.buffers()])
+    sd = mt.state_dict()
+    assert any(k.startswith("heads.a.classifier.") for k in sd) and any(k.startswith("heads.b.") for k in sd)
+    assert any(k.startswith("task_biases.a.") for k in sd) and any(k.startswith("base_values.") for k in sd)
+    assert not any(k.startswith(("heads.a.bert", "heads.b.bert")) for k in sd)  # the backbone is stored once
+    x = batch(8)
+    want_a = seq.model.eval()(**x).logits.double()
+    want_b = seq3.model.eval()(**x).logits.double()
+    got_a, got_b = mt("a", **x).logits, mt("b", **x).logits
+    assert got_a.dtype == got_b.dtype == torch.float64
+    assert torch.allclose(got_a, want_a, atol=1e-5) and torch.allclose(got_b, want_b, atol=1e-5)
+    rows = ["a", "b", "b", "a", "a", "b", "a", "b"]
+    mixed = mt.forward_mixed(rows, **x)
+    for i, t in enumerate(rows):
+        assert mixed[i]["logits"].dtype == torch.float64
+        assert torch.allclose(mixed[i]["logits"], (want_a if t == "a" else want_b)[i], atol=1e-5), (i, t)
+    mt.deactivate()
+    again = build().to(torch.float64)
+    again.load_state_dict(mt.state_dict())
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in mt.state_dict().items())
+    assert torch.equal(again("b", **x).logits, mt("b", **x).logits)
+    # A move to another device (meta stands in for a GPU) takes heads and biases along.
+    moved = build().to("meta")
+    assert {t.device.type for t in [*moved.parameters(), *moved.buffers()]} == {"meta"}
+    assert moved.tasks["a"].classifier.weight.device.type == "meta"
+    moved.activate("a")  # device-to-device copies only
+
+
 def test_multitask_refuses_other_base(tmp_path):
     trained(tmp_path).save_model(str(tmp_path / "d"))
     mt = MultiTaskBitFit(tiny_model("bert", seed=7))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,11 @@ def dev_loss(run: Path, res: dict[str, Any], data_dir: str, max_seq_length: int)
                                 max_length=max_seq_length),
                   batched=True, remove_columns=[c for c in dev.column_names if c != "label"])
     model = load_task_model(res["model"], run)
-    targs = TrainingArguments(output_dir=str(run / "_check"), per_device_eval_batch_size=128, report_to="none",
-                              use_cpu=True, save_strategy="no")
-    trainer = Trainer(model=model, args=targs, eval_dataset=enc, data_collator=DataCollatorWithPadding(tok))
-    return float(trainer.evaluate()["eval_loss"])
+    with tempfile.TemporaryDirectory() as tmp:  # nothing written into the run folder
+        targs = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=128, report_to="none", use_cpu=True,
+                                  save_strategy="no")
+        trainer = Trainer(model=model, args=targs, eval_dataset=enc, data_collator=DataCollatorWithPadding(tok))
+        return float(trainer.evaluate()["eval_loss"])
 
 
 def main() -> None:

@@ -41,16 +41,100 @@ def is_delta_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / DELTA_WEIGHTS).is_file() and (Path(path) / DELTA_CONFIG).is_file()
 
 
-def fingerprint(model: nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> str:
-    """sha256 over the name, shape and fp32 bytes of every parameter not in ``exclude`` and not in
-    the head: the frozen backbone a delta was trained on. dtype-independent (computed in fp32)."""
+# ---- the base's signature ------------------------------------------------------------------------
+# A delta records a signature of the frozen base it was trained on: per tensor its shape, dtype, sum,
+# sum of squares, sum of absolute values and a strided sample of values, reduced in float64 on the
+# tensor's own device (a few numbers per tensor reach the host; no copy of the backbone). A base is
+# accepted when every tensor's numbers agree within the rounding of the coarser of the two dtypes,
+# so the same base in fp32, bf16, fp16 or lean mode (bf16 frozen matrices) is accepted. Guarantee:
+# any other checkpoint is refused, and so is a base where one weight changed by more than the worst
+# case rounding of its tensor (unit roundoff x sum|w|, plus sampled values compared entry by entry);
+# between two fp32 copies that is ~6e-8 x sum|w|, in bf16 ~4e-3 x sum|w|: changes smaller than the
+# half-precision rounding of a tensor cannot be told apart in that precision.
+
+SIGNATURE_SAMPLE = 8
+_UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+_FP16_SUBNORMAL = 2.0**-25  # half the spacing of fp16's subnormals: an absolute error per value
+
+
+@torch.no_grad()
+def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
+    flat = t.detach().reshape(-1)
+    acc = torch.zeros(3, dtype=torch.float64, device=flat.device)
+    for chunk in flat.split(1 << 22):  # bounded float64 temporaries, whatever the tensor's size
+        c = chunk.to(torch.float64)
+        acc += torch.stack([c.sum(), (c * c).sum(), c.abs().sum()])
+    n = flat.numel()
+    k = min(SIGNATURE_SAMPLE, n)
+    idx = torch.arange(k, device=flat.device, dtype=torch.int64) * max(n - 1, 0) // max(k - 1, 1)
+    values = torch.cat([acc, flat[idx].to(torch.float64)]).tolist()  # the one device -> host transfer
+    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "sum": values[0],
+            "sumsq": values[1], "l1": values[2], "sample": values[3:]}
+
+
+def base_signature(model: nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, dict]:
+    """The signature of every parameter not in ``exclude`` and not in the head: the frozen backbone a
+    delta was trained on (see the comment above for what it tells apart)."""
     head = set(head_parameter_names(model))
-    return fingerprint_tensors(
-        (n, p) for n, p in model.named_parameters() if n not in exclude and n not in head
-    )
+    return {n: tensor_stats(p) for n, p in sorted(model.named_parameters(), key=lambda np: np[0])
+            if n not in exclude and n not in head}
 
 
-def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+def signature_id(signature: dict[str, dict]) -> str:
+    """A short identity of a signature (sha256 of its JSON), shown in model cards and ``info``."""
+    return "sig-" + hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint(model: nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> str:
+    return signature_id(base_signature(model, exclude))
+
+
+def signature_mismatch(recorded: dict[str, dict], current: dict[str, dict]) -> str | None:
+    """None when ``current`` is the base ``recorded`` describes (within the rounding of the coarser
+    dtype of each tensor), else what differs first."""
+    if set(recorded) != set(current):
+        only = sorted(set(recorded) ^ set(current))
+        return f"other tensors ({only[:2]} in one base only)"
+    for name, r in recorded.items():
+        c = current[name]
+        if r["shape"] != c["shape"]:
+            return f"{name}: shape {c['shape']}, not {r['shape']}"
+        dtypes = (r["dtype"], c["dtype"])
+        u = max(_UNIT_ROUNDOFF.get(d, 2.0**-8) for d in dtypes)
+        tiny = _FP16_SUBNORMAL if "float16" in dtypes else 0.0
+        n = 1
+        for d in r["shape"]:
+            n *= d
+        slack = u * r["l1"] + n * tiny + 1e-9 * r["l1"]  # worst case rounding + float64 reduction
+        checks = [("sum", r["sum"], c["sum"], slack), ("sum of |w|", r["l1"], c["l1"], slack),
+                  ("sum of squares", r["sumsq"], c["sumsq"], (2 * u + u * u) * r["sumsq"] + 2 * tiny * r["l1"]
+                   + n * tiny * tiny + 1e-9 * r["sumsq"])]
+        checks += [(f"value {i}", a, b, u * abs(a) * 1.001 + tiny) for i, (a, b) in
+                   enumerate(zip(r["sample"], c["sample"], strict=True))]
+        for what, a, b, tol in checks:
+            if not abs(a - b) <= tol:  # NaN/inf never match
+                return f"{name}: {what} {b:.6g}, not {a:.6g}"
+    return None
+
+
+def _check_signature(signature: Any, source: str) -> None:
+    """A delta JSON's ``base_signature``: tensor name -> {shape, dtype, sum, sumsq, l1, sample}."""
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    entries = signature.items() if isinstance(signature, dict) else [("", None)]
+    for name, e in entries:
+        ok = (isinstance(e, dict) and isinstance(e.get("shape"), list) and all(isinstance(d, int) for d in e["shape"])
+              and isinstance(e.get("dtype"), str) and all(number(e.get(k)) for k in ("sum", "sumsq", "l1"))
+              and isinstance(e.get("sample"), list) and all(number(v) for v in e["sample"]))
+        if not ok:
+            raise UsageError(f"{source}: field 'base_signature' is malformed (entry {str(name)[:60]!r}); the JSON "
+                             "was edited or damaged: save the delta again.")
+
+
+def legacy_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The exact fingerprint deltas saved before the signature carry: sha256 over names, shapes and
+    fp32 bytes (a full host copy of the backbone; bit-exact, so only an fp32 base matches)."""
     h = hashlib.sha256()
     for name, p in sorted(named, key=lambda x: x[0]):
         t = p.detach().to("cpu", torch.float32).contiguous()
@@ -73,9 +157,11 @@ def save_delta(
     mode: str = "bitfit",
     terms: dict[str, list[str]] | None = None,
     base_model: str | None = None,
-    base_fingerprint: str | None = None,
+    signature: dict[str, dict] | None = None,
 ) -> Path:
-    """Write the trained tensors of ``model`` (``names``, default: those with requires_grad)."""
+    """Write the trained tensors of ``model`` (``names``, default: those with requires_grad).
+    ``signature``: the base's signature taken earlier (before lean mode rounded it), else computed
+    now."""
     out = Path(output_dir)
     names = names if names is not None else delta_tensor_names(model)
     if not names:
@@ -94,8 +180,10 @@ def save_delta(
         "head": [n for n in head_parameter_names(model) if n in tensors],
         "shapes": {n: list(t.shape) for n, t in tensors.items()},
         "n_params": sum(p.numel() for p in model.parameters()),
-        "base_fingerprint": base_fingerprint or fingerprint(model, exclude=set(names)),
     }
+    signature = signature if signature is not None else base_signature(model, exclude=set(names))
+    meta["base_fingerprint"] = signature_id(signature)
+    meta["base_signature"] = signature
     return write_delta_files(out, tensors, meta)
 
 
@@ -161,8 +249,8 @@ def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainab
         f"# BitFit delta: {meta.get('task_class')} on `{base}`", "",
         "This folder is a **bias-only delta** (BitFit, Ben-Zaken et al., 2021), not a full model: "
         f"`{DELTA_WEIGHTS}` holds only the trained tensors, to be applied onto the base model `{base}`. "
-        "It is refused on any other base (sha256 fingerprint of the frozen base weights: "
-        f"`{meta.get('base_fingerprint')}`).", "",
+        "It is refused on any other base (fingerprint of the frozen base weights: "
+        f"`{meta.get('base_fingerprint')}`; the same base in fp32, bf16 or fp16 is accepted).", "",
         f"- task: {task_config.get('finetuning_task') or meta.get('task_class')}",
         f"- mode: `{meta.get('mode')}`; bias terms: {', '.join(meta.get('terms') or {}) or '-'}",
         f"- trainable params: {n_trainable:,d} of {n_total:,d} ({100.0 * n_trainable / max(n_total, 1):.4f}%)",
@@ -278,6 +366,8 @@ class Delta:
                 raise UsageError(f"{p / DELTA_CONFIG}: field {field_name!r} names tensor(s) {absent[:3]} that "
                                  f"{DELTA_WEIGHTS} lacks; the JSON was edited or damaged: save the delta again.")
         task_model_class(meta["task_class"], source=str(p / DELTA_CONFIG))
+        if "base_signature" in meta:
+            _check_signature(meta["base_signature"], str(p / DELTA_CONFIG))
         return cls(tensors=tensors, meta=meta, path=str(p))
 
     def num_bytes(self) -> int:
@@ -316,10 +406,10 @@ class AppliedDelta:
 
 
 def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool = True,
-                     base_fingerprint: str | None = None) -> None:
+                     signature: dict[str, dict] | None = None) -> None:
     """Raise ``ValueError`` naming the problem if ``delta`` does not belong on ``model``.
-    ``base_fingerprint``: the model's own, taken earlier over the same tensors (BitFitTrainer takes it
-    before lean mode rounds the frozen weights to bf16); otherwise it is computed now."""
+    ``signature``: the model's own base signature, taken earlier over the same tensors (BitFitTrainer
+    takes it once, before lean mode rounds the frozen weights); otherwise it is computed now."""
     params = dict(model.named_parameters())
     missing = [n for n in delta.tensors if n not in params]
     if missing:
@@ -337,27 +427,39 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
             + (" (load the base with the delta's num_labels)" if n in delta.meta.get("head", []) else "")
             + "."
         )
-    if verify_fingerprint:
-        got = base_fingerprint or fingerprint(model, exclude=set(delta.tensors))
-        want = delta.meta.get("base_fingerprint")
-        if got != want:
+    if not verify_fingerprint:
+        return
+    head = set(head_parameter_names(model))
+    recorded = delta.meta.get("base_signature")
+    if recorded is None:  # a delta saved before signatures: its bit-exact fp32 fingerprint
+        frozen = ((n, p) for n, p in model.named_parameters() if n not in delta.tensors and n not in head)
+        got = legacy_fingerprint(frozen)
+        if got != delta.meta.get("base_fingerprint"):
             raise ValueError(
                 f"delta {delta.path} was trained on a different base model (fingerprint "
-                f"{str(want)[:12]}… vs this model's {got[:12]}…; delta base: "
-                f"{delta.meta.get('base_model')!r}). Load that base, or pass "
-                "verify_fingerprint=False if you know better."
-            )
+                f"{str(delta.meta.get('base_fingerprint'))[:12]}… vs this model's {got[:12]}…; delta base: "
+                f"{delta.meta.get('base_model')!r}; this delta predates dtype-tolerant checks, so the base must be "
+                "loaded in fp32). Load that base, or pass verify_fingerprint=False if you know better.")
+        return
+    current = signature if signature is not None else base_signature(model, exclude=set(delta.tensors))
+    why = signature_mismatch(recorded, current)
+    if why is not None:
+        raise ValueError(
+            f"delta {delta.path} was trained on a different base model ({why}; delta base: "
+            f"{delta.meta.get('base_model')!r}, fingerprint {delta.meta.get('base_fingerprint', '')[:16]}…). Load "
+            "that base, or pass verify_fingerprint=False if you know better.")
 
 
 @torch.no_grad()
 def apply_delta(
     model: nn.Module, delta: Delta | str | os.PathLike, *, verify_fingerprint: bool = True,
-    base_fingerprint: str | None = None, **hub_kwargs
+    signature: dict[str, dict] | None = None, **hub_kwargs
 ) -> AppliedDelta:
-    """Copy a delta's tensors (a :class:`Delta`, a local folder or a Hub id) into ``model`` in place;
-    keep the replaced values for ``remove()``. ``base_fingerprint``: see :func:`check_compatible`."""
+    """Copy a delta's tensors (a :class:`Delta`, a local folder or a Hub id) into ``model`` in place
+    (cast to each parameter's dtype and device); keep the replaced values for ``remove()``.
+    ``signature``: see :func:`check_compatible`."""
     delta = delta if isinstance(delta, Delta) else Delta.from_pretrained(delta, **hub_kwargs)
-    check_compatible(model, delta, verify_fingerprint=verify_fingerprint, base_fingerprint=base_fingerprint)
+    check_compatible(model, delta, verify_fingerprint=verify_fingerprint, signature=signature)
     params = dict(model.named_parameters())
     handle = AppliedDelta(model)
     for name, value in delta.tensors.items():
@@ -385,10 +487,13 @@ def task_model_class(name: str, source: str = "the delta") -> type:
 
 
 def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revision: str | None = None,
-                    **from_pretrained_kwargs):
+                    dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                    verify_fingerprint: bool = True, **from_pretrained_kwargs):
     """Base model + delta (a local folder or a Hub id; ``revision`` picks the delta's) -> the
-    fine-tuned task model: the task class and config come from the delta; ``from_pretrained_kwargs``
-    go to the base model's ``from_pretrained``."""
+    fine-tuned task model: the task class and config come from the delta. ``dtype`` (e.g.
+    ``torch.bfloat16``) and ``device`` (e.g. ``"cuda"``) load the base that way; the delta's tensors
+    are cast to match, and a delta trained on the fp32 base is accepted on it (see the signature
+    comment above). ``from_pretrained_kwargs`` go to the base model's ``from_pretrained``."""
     import transformers
 
     if not isinstance(delta, Delta):
@@ -402,8 +507,12 @@ def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revisi
             setattr(config, key, task_cfg[key])
     if "id2label" in task_cfg:
         config.id2label = {int(k): v for k, v in task_cfg["id2label"].items()}
+    if dtype is not None:
+        from_pretrained_kwargs["dtype"] = dtype
     model = cls.from_pretrained(base_model, config=config, **from_pretrained_kwargs)
-    apply_delta(model, delta)
+    if device is not None:
+        model.to(device)
+    apply_delta(model, delta, verify_fingerprint=verify_fingerprint)
     return model
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .delta import Delta, fingerprint_tensors, task_model_class
+from .delta import Delta, legacy_fingerprint, signature_mismatch, task_model_class, tensor_stats
 
 
 class _Precomputed(nn.Module):
@@ -120,10 +120,15 @@ class MultiTaskBitFit(nn.Module):
                              f"backbone lacks or shapes differently, e.g. {missing[:3]}.")
         rel = {n[len(prefix) + 1:]: t for n, t in delta.tensors.items() if n.startswith(prefix + ".")}
         if verify_fingerprint:
-            got = fingerprint_tensors((f"{prefix}.{n}", shared[n]) for n in expected if n not in rel)
-            if got != delta.meta.get("base_fingerprint"):
+            frozen = [(f"{prefix}.{n}", shared[n]) for n in expected if n not in rel]
+            recorded = delta.meta.get("base_signature")
+            if recorded is None:  # a delta saved before signatures: bit-exact fp32
+                why = None if legacy_fingerprint(frozen) == delta.meta.get("base_fingerprint") else "fingerprint"
+            else:
+                why = signature_mismatch(recorded, {n: tensor_stats(t) for n, t in frozen})
+            if why is not None:
                 raise ValueError(f"task {name!r}: delta {delta.path} was trained on a different base model "
-                                 f"({delta.meta.get('base_model')!r}); refusing to apply it to this backbone.")
+                                 f"({delta.meta.get('base_model')!r}; {why}); refusing to apply it to this backbone.")
         setattr(skeleton, prefix, self.backbone)
         ref = next(self.backbone.parameters())  # the head lives where the backbone does, in its dtype
         head = {n: t for n, t in delta.tensors.items() if not n.startswith(prefix + ".")}

@@ -16,7 +16,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import BitFitConfig
 from .core import BitFitState, prepare_model
-from .delta import DELTA_CONFIG, Delta, apply_delta, fingerprint, is_delta_dir, model_card, save_delta
+from .delta import DELTA_CONFIG, Delta, apply_delta, base_signature, is_delta_dir, model_card, save_delta
 from .fileio import atomic_write_text
 from .lean import bf16_supported, cpu_bf16_capability, make_lean
 from .selection import BiasMap
@@ -152,8 +152,10 @@ class BitFitTrainer(Trainer):
             model, self.bitfit_config, bias_map=self._bias_map, seed=args.seed
         )
         # Fingerprint the base before lean mode rounds it, so deltas stay valid for the fp32 base.
-        self._base_fingerprint = (
-            fingerprint(model, exclude=set(self._delta_names())) if self._saves_delta() else None
+        # Once per model: every save records it and every load of this trainer's checkpoints checks
+        # against it (the rounded lean model is never re-signed).
+        self._base_signature = (
+            base_signature(model, exclude=set(self._delta_names())) if self._saves_delta() else None
         )
         if args.activation_checkpointing and hasattr(model, "enable_input_require_grads"):
             # With reentrant checkpointing, blocks whose input needs no grad (frozen embeddings) would
@@ -217,7 +219,7 @@ class BitFitTrainer(Trainer):
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         save_delta(model, output_dir, names=self._delta_names(), mode=self.bitfit_config.mode,
-                   terms=self.bitfit_state.terms, base_fingerprint=self._base_fingerprint)
+                   terms=self.bitfit_state.terms, signature=self._base_signature)
         # The model card says what the folder is (a delta, not a model) and how to load it.
         evals = [e for e in self.state.log_history if any(k.startswith("eval_") for k in e)]
         # A runner that put an earlier (best) evaluation's tensors back sets saved_metrics to it.
@@ -232,12 +234,11 @@ class BitFitTrainer(Trainer):
         logger.info("Saved BitFit delta (%s) to %s", self.bitfit_config.mode, output_dir)
 
     def _apply_own_delta(self, model: torch.nn.Module, folder: str) -> None:
-        """Apply a checkpoint's delta, checked against the base fingerprint this trainer took before
-        lean mode rounded the frozen weights (re-fingerprinting the rounded model would refuse it,
-        and would copy the whole backbone to the host again)."""
+        """Apply a checkpoint's delta, checked against the base signature this trainer took once,
+        before lean mode rounded the frozen weights."""
         delta = Delta.load(folder)
-        own = self._base_fingerprint if set(delta.tensors) == set(self._delta_names()) else None
-        apply_delta(model, delta, base_fingerprint=own)
+        own = self._base_signature if set(delta.tensors) == set(self._delta_names()) else None
+        apply_delta(model, delta, signature=own)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not is_delta_dir(resume_from_checkpoint):

@@ -14,6 +14,7 @@ from bitfit_tasks import (
     Delta,
     MultiTaskBitFit,
     apply_delta,
+    load_task_model,
     prepare_model,
     save_delta,
 )
@@ -374,3 +375,63 @@ def test_delta_save_pretrained_round_trip_and_card(tiny_model_dir, tmp_path):
     card = (out / "README.md").read_text()
     assert f"base_model: {tiny_model_dir}" in card and delta.meta["base_fingerprint"] in card
     assert "labels:" in card and "load_task_model(" in card
+
+
+def _delta_on_saved_base(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    trainer = BitFitTrainer(model=model, args=make_args(tmp_path / "t", max_steps=3), train_dataset=RandomPairs(),
+                            bitfit_config=BitFitConfig())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "d"))
+    return model.eval(), tmp_path / "d"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_delta_applies_to_the_base_loaded_in_half_precision(dtype, tiny_model_dir, tmp_path):
+    trained_model, d = _delta_on_saved_base(tiny_model_dir, tmp_path)
+    model = load_task_model(tiny_model_dir, d, dtype=dtype, device="cpu")
+    assert model.bert.encoder.layer[0].attention.self.query.weight.dtype == dtype
+    x = batch(4)
+    want = trained_model(**x).logits
+    got = model(**x).logits.float()
+    assert torch.allclose(got, want, atol=5e-2), (got - want).abs().max()
+
+
+def test_fp32_delta_applies_to_a_lean_model_and_a_perturbed_base_is_refused(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from bitfit_tasks.lean import make_lean
+
+    _, d = _delta_on_saved_base(tiny_model_dir, tmp_path)
+    lean = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    prepare_model(lean, BitFitConfig())
+    make_lean(lean)
+    apply_delta(lean, d)  # bf16-rounded frozen matrices: accepted
+    for dtype in (torch.float32, torch.bfloat16):
+        other = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, dtype=dtype)
+        with torch.no_grad():
+            other.bert.encoder.layer[1].output.dense.weight[3, 5] += 0.5  # one weight of one matrix
+        with pytest.raises(ValueError, match=r"was trained on a different base model \(bert\.encoder\.layer\.1\.output"
+                                             r"\.dense\.weight: "):
+            apply_delta(other, d)
+
+
+def test_a_delta_saved_before_signatures_is_still_checked_bit_exactly(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from bitfit_tasks.delta import legacy_fingerprint, write_delta_files
+
+    model, d = _delta_on_saved_base(tiny_model_dir, tmp_path)
+    old = Delta.load(d)
+    head = set(old.meta["head"])
+    frozen = [(n, p) for n, p in model.named_parameters() if n not in old.tensors and n not in head]
+    meta = {k: v for k, v in old.meta.items() if k not in ("base_signature", "weights_sha256")}
+    meta["base_fingerprint"] = legacy_fingerprint(frozen)
+    write_delta_files(tmp_path / "legacy", old.tensors, meta)
+    apply_delta(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir), tmp_path / "legacy")
+    with pytest.raises(ValueError, match=r"this delta predates dtype-tolerant checks, so the base must be loaded in "
+                                         r"fp32"):
+        apply_delta(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, dtype=torch.bfloat16),
+                    tmp_path / "legacy")

@@ -270,7 +270,7 @@ def delta_files(tmp_path_factory) -> dict[str, bytes]:
 @seed(7)
 @given(data=st.data())
 def test_delta_json_reader_fuzzed(delta_files, data):
-    from bitfit_tasks import Delta
+    from bitfit_tasks import Delta, apply_delta
 
     meta = json.loads(delta_files["bitfit_delta.json"])
     raw = mutate_bytes(data, json.dumps(mutate_json(data, meta)).encode())
@@ -280,3 +280,7 @@ def test_delta_json_reader_fuzzed(delta_files, data):
         delta = outcome(Delta.load, d)
         if delta is not None:  # what `bitfit-delta info` prints must work on whatever loaded
             assert "BitFit delta" in delta.describe()
+            try:  # applying it: accepted, or refused as not fitting this base (a ValueError), nothing else
+                apply_delta(tiny_model("bert"), delta)
+            except ValueError as err:
+                assert "\n" not in str(err).strip()

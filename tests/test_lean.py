@@ -208,3 +208,28 @@ def test_lean_with_fp16_is_one_clear_error(tmp_path, fast_bf16_cpu):
     with pytest.raises(ValueError, match=r"lean=True trains under bf16 autocast; it cannot be combined with --fp16"):
         BitFitTrainer(model=tiny_model("bert"), args=args, train_dataset=RandomPairs(),
                       bitfit_config=BitFitConfig(lean=True))
+
+
+def test_lean_hyperparameter_search_with_best_model_per_trial(tmp_path, fast_bf16_cpu):
+    """Every trial builds its model through model_init, is made lean, saves checkpoints and loads its
+    best one at the end: the checkpoints of each trial fit that trial's (pre-rounding) base."""
+    pytest.importorskip("optuna", reason="the search extra: pip install 'bitfit-tasks[search]'")
+    args = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+                     load_best_model_at_end=True, metric_for_best_model="loss", disable_tqdm=True)
+    from transformers import TrainerCallback
+
+    ends = []
+
+    class Check(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kw):
+            ends.append((state.best_model_checkpoint, model.bert.encoder.layer[0].attention.self.query.weight.dtype))
+
+    trainer = BitFitTrainer(model_init=lambda: tiny_model("bert", seed=0), args=args, train_dataset=RandomPairs(),
+                            eval_dataset=RandomPairs(n=16, seed=1), bitfit_config=BitFitConfig(lean=True),
+                            callbacks=[Check()])
+    best = trainer.hyperparameter_search(
+        hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-1, log=True)},
+        backend="optuna", n_trials=2, direction="minimize")
+    assert best.run_id is not None and len(ends) == 2
+    # Each trial was lean and ended by loading its own best checkpoint (refused before the fix).
+    assert all(ckpt is not None and dtype == torch.bfloat16 for ckpt, dtype in ends)

@@ -1,0 +1,71 @@
+"""How long one process takes to fingerprint a bert-base-shaped backbone (110M parameters), with the
+earlier method (sha256 over fp32 host bytes of every frozen tensor, bit-exact, so only an fp32
+base matched) and the base signature deltas record now (per-tensor float64 sums and a strided
+sample, reduced on the tensor's device), and whether the same base in bf16 / fp16 is accepted.
+
+    python benchmarks/fingerprint_time.py --json benchmarks/results/fingerprint_time.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from bitfit_tasks.delta import base_signature, legacy_fingerprint, signature_mismatch
+from bitfit_tasks.fileio import atomic_write_text
+from bitfit_tasks.selection import head_parameter_names
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig()).eval()  # bert-base shape, random weights
+    head = set(head_parameter_names(model))
+    frozen = [(n, p) for n, p in model.named_parameters() if n not in head and not n.endswith(".bias")]
+    exclude = {n for n, _ in model.named_parameters() if n.endswith(".bias")}  # BitFit's delta: the biases
+    legacy_s, _ = timed(lambda: legacy_fingerprint(frozen), a.repeats)
+    sig_s, sig = timed(lambda: base_signature(model, exclude=exclude), a.repeats)
+    accepted = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        half = BertForSequenceClassification(BertConfig()).eval()
+        half.load_state_dict(model.state_dict())
+        half.to(dtype)
+        accepted[str(dtype).removeprefix("torch.")] = signature_mismatch(sig, base_signature(half, exclude)) is None
+    with torch.no_grad():
+        model.bert.encoder.layer[5].output.dense.weight[10, 10] += 0.05
+    perturbed_refused = signature_mismatch(sig, base_signature(model, exclude)) is not None
+    record = {
+        "model": "BertForSequenceClassification(BertConfig()) — bert-base shape, random init",
+        "frozen_tensors": len(frozen), "frozen_values": sum(p.numel() for _, p in frozen),
+        "legacy_sha256_fp32_seconds": round(legacy_s, 4), "signature_seconds": round(sig_s, 4),
+        "signature_json_bytes": len(json.dumps(sig)), "accepted_in": accepted,
+        "one_weight_plus_0.05_refused": perturbed_refused,
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "repeats": a.repeats,
+    }
+    print(json.dumps(record, indent=2))
+    if a.json:
+        atomic_write_text(Path(a.json), json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

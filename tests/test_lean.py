@@ -233,3 +233,26 @@ def test_lean_hyperparameter_search_with_best_model_per_trial(tmp_path, fast_bf1
     assert best.run_id is not None and len(ends) == 2
     # Each trial was lean and ended by loading its own best checkpoint (refused before the fix).
     assert all(ckpt is not None and dtype == torch.bfloat16 for ckpt, dtype in ends)
+
+
+@pytest.mark.parametrize("device", ["xpu", "mps", "cuda"])
+def test_lean_on_an_accelerator_without_bf16_names_it(device, tmp_path):
+    """The bf16 check follows the accelerator torch reports (accelerate's is_bf16_available for every
+    device type), not only CUDA."""
+    args = make_args(tmp_path, max_steps=1)
+    with mock.patch("bitfit_tasks.trainer.accelerator_type", return_value=device), \
+            mock.patch("accelerate.utils.is_bf16_available", return_value=False):
+        with pytest.raises(ValueError, match=rf"lean=True needs bf16 autocast, which this {device} device does not"):
+            BitFitTrainer(model=tiny_model("bert"), args=args, train_dataset=RandomPairs(),
+                          bitfit_config=BitFitConfig(lean=True))
+
+
+def test_accelerator_type_follows_torch():
+    from types import SimpleNamespace
+
+    from bitfit_tasks.trainer import accelerator_type
+
+    assert accelerator_type(SimpleNamespace(use_cpu=True)) == "cpu"
+    with mock.patch("torch.accelerator.is_available", return_value=True), \
+            mock.patch("torch.accelerator.current_accelerator", return_value=torch.device("xpu")):
+        assert accelerator_type(SimpleNamespace(use_cpu=False)) == "xpu"

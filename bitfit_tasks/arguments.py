@@ -12,7 +12,7 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 
 from .config import BitFitConfig
-from .errors import UsageError, read_utf8
+from .errors import UsageError, first_line, read_utf8
 from .recipes import DEFAULT_FULL_LR, PAPER_BIAS_LRS, PAPER_FULL_LRS, RECIPE_CHOICES, RECIPES  # noqa: F401
 
 
@@ -287,7 +287,7 @@ def load_hub_dataset(path: str, name: str | None = None, *, local_hint: str, **k
     try:
         return datasets.load_dataset(path, name, **kwargs)
     except Exception as err:  # datasets raises ConnectionError, OSError, DatasetNotFoundError, ...
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         cfg = f" (config {name!r})" if name else ""
         raise UsageError(f"could not load the hub dataset {path!r}{cfg}: {type(err).__name__}: {first[:200]}. "
                          f"Without internet, give local files: {local_hint}.") from err

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import UsageError, read_utf8
+from .errors import UsageError, first_line, read_utf8
 from .fileio import atomic_write_text
 from .selection import head_parameter_names
 
@@ -228,7 +228,7 @@ def resolve_delta_dir(name_or_path: str | os.PathLike, *, revision: str | None =
         raise UsageError(f"delta {str(name_or_path)!r} is neither a local folder nor a Hub repository id "
                          "(user/name); check the path.") from None
     except (OSError, huggingface_hub.errors.HfHubHTTPError) as err:  # offline, unknown repo, no access
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise UsageError(f"delta {str(name_or_path)!r}: not a local folder, and the Hub download failed "
                          f"({first[:160]}); pass a local delta folder, or check the id, --revision, HF_TOKEN "
                          "and the connection.") from None

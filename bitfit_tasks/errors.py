@@ -21,6 +21,11 @@ def decode_utf8(data: bytes, source: str) -> str:
                          "re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8.") from None
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error message (or its type's name): what a one-line message quotes."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def read_utf8(path: str | Path) -> str:
     return decode_utf8(Path(path).read_bytes(), str(path))
 

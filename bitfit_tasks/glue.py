@@ -22,7 +22,7 @@ from transformers import (
 from . import metrics as M
 from .arguments import ModelArguments, RunArguments, load_hub_dataset
 from .config import BitFitConfig
-from .errors import UsageError, check_json_rows, check_positive, read_utf8
+from .errors import UsageError, check_json_rows, check_positive, first_line, read_utf8
 from .fileio import atomic_write_lines
 from .runner import add_train_sample_eval, ensure_pad_token, parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_indices
@@ -151,11 +151,11 @@ def load_glue(args: GlueArguments, cache_dir: str | None = None):
             out[split] = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=path, split="train",
                                                cache_dir=cache_dir, **kwargs)
         except Exception as err:  # datasets raises many types for a malformed file
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            first = first_line(err)
             cause = err.__cause__ or err.__context__
             why = ""
             if cause is not None and str(cause).strip():
-                why = f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0][:200]})"
+                why = f" ({type(cause).__name__}: {first_line(cause)[:200]})"
             raise UsageError(f"could not read {split} file {path!r} as {LOCAL_FORMATS[suffix]}: {first[:200]}{why}"
                              f"{_separator_hint(path, suffix)}") from err
         columns = out[split].column_names
@@ -233,7 +233,7 @@ def check_and_encode_labels(ds, task: GlueTask, split: str, source: str | None =
     except UsageError:
         raise
     except Exception as err:  # pyarrow failing on odd nested fields while it builds rows
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise UsageError(f"{where}: could not read its rows: {first[:200]}; check the file's fields.") from err
 
 

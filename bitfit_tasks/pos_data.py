@@ -10,7 +10,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import UsageError, check_json_rows, decode_utf8, read_utf8
+from .errors import UsageError, check_json_rows, decode_utf8, first_line, read_utf8
 
 Sentence = dict[str, list[str]]
 
@@ -226,7 +226,7 @@ def read_token_tag_dataset(path_or_name: str, split: str = "train", config: str 
         try:
             ds = datasets.load_dataset(builder, data_files=str(p), split="train")
         except Exception as err:  # pyarrow / datasets raise many types for a malformed file
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            first = first_line(err)
             raise UsageError(f"could not read {path_or_name!r} as {builder}: {first[:200]}") from err
     else:
         from .arguments import load_hub_dataset
@@ -247,7 +247,7 @@ def read_token_tag_dataset(path_or_name: str, split: str = "train", config: str 
     try:
         examples = list(ds)  # pyarrow builds the Python rows here; odd nested fields fail in it
     except Exception as err:  # pyarrow raises ValueError, ArrowInvalid, ... for such rows
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise UsageError(f"could not read the rows of {path_or_name!r}: {first[:200]}; check the file's "
                          "fields.") from err
     out: list[Sentence] = []

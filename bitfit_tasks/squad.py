@@ -436,12 +436,14 @@ def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitCon
                                    training_args)
     dev_windows = window_dataset("eval", dev_rows, tokenizer, data_args.max_seq_length, data_args.doc_stride,
                                  training_args)
+    squad_eval = SquadEval(dev_rows, dev_windows, data_args, training_args.output_dir)
     trainer = SquadBitFitTrainer(
-        model=model, args=training_args, train_dataset=train_windows,
+        # eval_dataset: Trainer requires one under --eval_strategy epoch/steps; evaluate() is SquadEval's.
+        model=model, args=training_args, train_dataset=train_windows, eval_dataset=squad_eval.features,
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
         bitfit_config=bitfit,
     )
-    trainer.squad_eval = SquadEval(dev_rows, dev_windows, data_args, training_args.output_dir)
+    trainer.squad_eval = squad_eval
     if trainer.is_world_process_zero():
         out = Path(training_args.output_dir)
         out.mkdir(parents=True, exist_ok=True)

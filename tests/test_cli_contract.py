@@ -235,9 +235,9 @@ def test_records_say_what_was_trained_and_glue_writes_predictions(tiny_model_dir
     names = {0: "not_equivalent", 1: "equivalent"}
     assert [x["label"] for x in lines] == [names[r["label"]] for r in dev]
     assert {x["prediction"] for x in lines} <= set(names.values())
-    # The file's predictions score to the recorded final accuracy (the model as saved).
+    # The file's predictions score to the recorded accuracy of the model as saved.
     acc = sum(x["label"] == x["prediction"] for x in lines) / len(lines)
-    assert acc == pytest.approx(res["final_metrics"]["eval_accuracy"])
+    assert acc == pytest.approx(res["saved_metrics"]["eval_accuracy"])
 
 
 def test_stsb_predictions_are_scores(tiny_model_dir, tmp_path):
@@ -269,10 +269,38 @@ def test_squad_records_em_and_f1_and_prints_both(tiny_model_dir, tmp_path, capsy
                       "--max_seq_length", "40", "--doc_stride", "16", "--num_train_epochs", "1",
                       "--use_cpu", "true", "--disable_tqdm", "true"])
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["exact_match"] == res["final_metrics"]["eval_exact_match"]
-    assert saved["f1"] == res["final_metrics"]["eval_f1"] == saved["final"]
+    assert saved["exact_match"] == res["saved_metrics"]["eval_exact_match"]
+    assert saved["f1"] == res["saved_metrics"]["eval_f1"] == saved["final"]  # one evaluation: saved = last
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("squad (bitfit)")][0]
     assert re.search(r"exact_match \d+\.\d{4}, f1 \d+\.\d{4}, n_examples 5", line)
+
+
+def test_squad_keeps_the_best_evaluation_and_rewrites_its_predictions(tiny_model_dir, tmp_path, monkeypatch):
+    """With an evaluation per epoch and the first one best (scripted), the saved model, the top-level
+    EM/F1 and predictions.json are the first evaluation's: predictions.json is written again from the
+    restored model after training."""
+    import bitfit_tasks.squad as S
+
+    real, calls = S.squad_metrics, []
+
+    def scripted(preds, golds):
+        out = real(preds, golds)
+        calls.append(json.dumps(preds, sort_keys=True))
+        if len(calls) <= 2:  # the two epoch evaluations
+            out = {**out, "f1": [90.0, 50.0][len(calls) - 1], "exact_match": [80.0, 40.0][len(calls) - 1]}
+        return out
+
+    monkeypatch.setattr(S, "squad_metrics", scripted)
+    sq = f"{FIXTURES}/squad"
+    res = squad_main(["--train_file", f"{sq}/official.json", "--validation_file", f"{sq}/flat.jsonl",
+                      "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), "--max_seq_length", "40",
+                      "--doc_stride", "16", "--num_train_epochs", "2", "--eval_strategy", "epoch",
+                      "--learning_rate", "5e-2", "--use_cpu", "true", "--disable_tqdm", "true"])
+    assert (res["best"], res["final"], res["saved"]) == (90.0, 50.0, "best")
+    assert res["saved_step"] == res["history"][0]["step"] and (res["f1"], res["exact_match"]) == (90.0, 80.0)
+    assert len(calls) == 3  # two evaluations, then the saved (first) model scored again for predictions.json
+    written = json.dumps(json.loads((tmp_path / "predictions.json").read_text()), sort_keys=True)
+    assert written == calls[2] == calls[0]  # the restored model predicts what the first evaluation did
 
 
 # ---- optional dependencies -------------------------------------------------------------------

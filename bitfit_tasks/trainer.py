@@ -157,7 +157,9 @@ class BitFitTrainer(Trainer):
         self._base_signature = (
             base_signature(model, exclude=set(self._delta_names())) if self._saves_delta() else None
         )
-        if args.activation_checkpointing and hasattr(model, "enable_input_require_grads"):
+        # transformers 5.24 renamed --gradient_checkpointing to --activation_checkpointing.
+        checkpointing = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", 0)
+        if checkpointing and hasattr(model, "enable_input_require_grads"):
             # With reentrant checkpointing, blocks whose input needs no grad (frozen embeddings) would
             # give their biases no gradient at all; make the embedding output require grad.
             model.enable_input_require_grads()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from unittest import mock
 
 import pytest
@@ -8,6 +9,7 @@ from conftest import tiny_model
 from test_delta import batch, make_args
 from test_trainer import RandomPairs
 from torch import nn
+from transformers import TrainingArguments
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, apply_delta, prepare_model
 from bitfit_tasks.lean import BoolDropout, make_lean
@@ -99,12 +101,15 @@ def test_gradient_checkpointing_with_qm2_gives_the_same_gradients(reentrant, tmp
     grads = {}
     for gc in (False, True):
         model = tiny_model("bert").train()
-        args = make_args(tmp_path, max_steps=1, activation_checkpointing=gc,
-                         activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        # transformers 5.24 renamed gradient_checkpointing -> activation_checkpointing (fields and methods).
+        name = ("activation" if hasattr(TrainingArguments, "activation_checkpointing") or any(
+            f.name == "activation_checkpointing" for f in dataclasses.fields(TrainingArguments)) else "gradient")
+        args = make_args(tmp_path, max_steps=1, **{f"{name}_checkpointing": gc,
+                                                   f"{name}_checkpointing_kwargs": {"use_reentrant": reentrant}})
         trainer = BitFitTrainer(model=model, args=args, train_dataset=RandomPairs(),
                                 bitfit_config=BitFitConfig(bias_terms=["qm2"], train_head=False))
         if gc:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            getattr(model, f"{name}_checkpointing_enable")(**{f"{name}_checkpointing_kwargs": {"use_reentrant": reentrant}})
         out = model(**batch(4), labels=torch.tensor([0, 1, 0, 1]))
         out.loss.backward()
         grads[gc] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

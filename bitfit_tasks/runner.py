@@ -191,17 +191,18 @@ def eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def train_loss_record(log_history: list[dict[str, Any]], run_loss: float, global_step: int,
+def train_loss_record(log_history: list[dict[str, Any]], run_loss_sum: float, global_step: int,
                       resumed_step: int) -> dict[str, Any]:
     """Mean training loss over the *whole* run, and the loss of every logged interval.
 
-    Trainer's ``training_loss`` averages only the steps of the last ``train()`` call; after a resume
-    the steps before the checkpoint come from the logged intervals (each log holds the mean since
-    the previous one). Steps between the checkpoint's last log and the checkpoint itself were
-    never logged and are left out; ``train_loss_steps`` says how many steps the mean covers."""
+    ``run_loss_sum``: the summed loss of the last ``train()`` call's steps (see :func:`loss_sum_of_call`).
+    After a resume the steps before the checkpoint come from the logged intervals (each log holds
+    the mean since the previous one). Steps between the checkpoint's last log and the checkpoint
+    itself were never logged and are left out; ``train_loss_steps`` says how many steps the mean
+    covers."""
     logged = [{"epoch": e.get("epoch"), "step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate")}
               for e in log_history if "loss" in e and "step" in e]
-    total, covered = run_loss * (global_step - resumed_step), global_step - resumed_step
+    total, covered = run_loss_sum, global_step - resumed_step
     prev = 0
     for e in logged:
         if e["step"] > resumed_step:
@@ -211,6 +212,17 @@ def train_loss_record(log_history: list[dict[str, Any]], run_loss: float, global
         prev = e["step"]
     return {"train_loss": total / covered if covered else float("nan"), "train_loss_steps": covered,
             "train_loss_history": logged}
+
+
+def loss_sum_of_call(trainer: BitFitTrainer, training_loss: float, global_step: int, resumed_step: int) -> float:
+    """The summed loss of the steps the last ``train()`` call ran. Trainer keeps it as
+    ``_total_loss_scalar``; its public ``training_loss`` divides it by those steps from transformers
+    5.24 on, but by *all* steps (the resumed ones included) before, so it is read directly where it
+    exists."""
+    total = getattr(trainer, "_total_loss_scalar", None)
+    if isinstance(total, float | int):
+        return float(total)
+    return training_loss * (global_step - resumed_step)
 
 
 def device_name(training_args: TrainingArguments) -> str:
@@ -322,7 +334,8 @@ def train_and_record(
         "saved_step": saved.get("step"),
         "saved_metrics": _numbers(saved),
         "history": history,
-        **train_loss_record(state.log_history, train_result.training_loss, state.global_step, resumed_step),
+        **train_loss_record(state.log_history, loss_sum_of_call(trainer, train_result.training_loss, state.global_step,
+                                                                resumed_step), state.global_step, resumed_step),
         "train_seconds": round(time.time() - start, 1),
         "device": device_name(args),
         "bitfit_config": asdict(bitfit),

@@ -265,8 +265,8 @@ def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainab
               "",
               f"model = load_task_model({base!r}, {str(output_dir)!r})",
               "```", "",
-              "After uploading this folder to the Hub (`huggingface_hub.upload_folder`), pass its repository "
-              "id instead of the folder.",
+              "After uploading this folder to the Hub (`Delta.push_to_hub` or `BitFitTrainer.push_to_hub`), "
+              "pass its repository id instead of the folder.",
               f"Merge it into a full model: `bitfit-delta export {output_dir} --output merged/`.", ""]
     return "\n".join(lines)
 
@@ -305,6 +305,16 @@ class Delta:
         atomic_write_text(out / "README.md", model_card(out, self.meta, n_trainable=n,
                                                         n_total=self.meta.get("n_params") or n))
         return out
+
+    def push_to_hub(self, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
+                    revision: str | None = None, commit_message: str = "Upload BitFit delta"):
+        """Upload this delta (tensors, checked JSON, model card) to a Hub model repository, created if
+        missing; it loads back with ``Delta.from_pretrained(repo_id)`` / ``load_task_model(base, repo_id)``.
+        Returns huggingface_hub's ``CommitInfo``."""
+        from huggingface_hub import HfApi
+
+        return upload_delta_folder(self.save_pretrained, repo_id, token=token, private=private, revision=revision,
+                                   commit_message=commit_message, api=HfApi(token=token))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Delta:
@@ -388,6 +398,19 @@ class Delta:
             lines.append(f"    {term:>5}: {sum(self.tensors[x].numel() for x in names if x in self.tensors):,d}")
         lines.append(f"    {'head':>5}: {sum(self.tensors[x].numel() for x in m.get('head', [])):,d}")
         return "\n".join(lines)
+
+
+def upload_delta_folder(write: Any, repo_id: str, *, token: str | bool | None, private: bool | None,
+                        revision: str | None, commit_message: str, api: Any):
+    """``write(folder)`` a delta into a temporary folder, then create the repository (if missing) and
+    upload the folder in one commit: only the delta's own files, never a run's other outputs."""
+    import tempfile
+
+    api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        write(tmp)
+        return api.upload_folder(repo_id=repo_id, folder_path=tmp, token=token, revision=revision,
+                                 repo_type="model", commit_message=commit_message)
 
 
 @dataclass

@@ -242,6 +242,25 @@ class BitFitTrainer(Trainer):
         own = self._base_signature if set(delta.tensors) == set(self._delta_names()) else None
         apply_delta(model, delta, signature=own)
 
+    def push_to_hub(self, *args, **kwargs):
+        """Bias-only modes upload the delta alone (tensors, JSON, model card, tokenizer) to
+        ``--hub_model_id`` (or ``repo_id=``), not the whole output folder; ``--mode full`` is
+        Trainer's own upload. Same arguments as ``Trainer.push_to_hub``."""
+        if not self._saves_delta():
+            return super().push_to_hub(*args, **kwargs)
+        from huggingface_hub import HfApi
+
+        from .delta import upload_delta_folder
+
+        commit_message = args[0] if args else kwargs.get("commit_message") or "Upload BitFit delta"
+        token = kwargs.get("token") or self.args.hub_token
+        repo_id = kwargs.get("repo_id") or self.args.hub_model_id or Path(self.args.output_dir).name
+        if not self.is_world_process_zero():
+            return None
+        return upload_delta_folder(self.save_model, repo_id, token=token, private=kwargs.get("private"),
+                                   revision=kwargs.get("revision"), commit_message=commit_message,
+                                   api=HfApi(token=token))
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not is_delta_dir(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model=model)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -435,3 +436,60 @@ def test_a_delta_saved_before_signatures_is_still_checked_bit_exactly(tiny_model
                                          r"fp32"):
         apply_delta(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, dtype=torch.bfloat16),
                     tmp_path / "legacy")
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi: records the calls and copies what upload_folder is given."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __call__(self, token=None):
+        self.store["token"] = token
+        return self
+
+    def create_repo(self, repo_id, **kw):
+        self.store["created"] = (repo_id, kw)
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        import shutil
+
+        shutil.copytree(folder_path, self.store["dest"])
+        self.store["uploaded"] = (repo_id, kw)
+        return f"commit-of-{repo_id}"
+
+
+def test_delta_push_to_hub_uploads_a_loadable_delta(tmp_path):
+    from unittest import mock
+
+    trainer = trained(tmp_path)
+    trainer.save_model(str(tmp_path / "d"))
+    store = {"dest": tmp_path / "hub"}
+    with mock.patch("huggingface_hub.HfApi", FakeHub(store)):
+        out = Delta.load(tmp_path / "d").push_to_hub("user/tiny-bitfit", token="t0k", private=True)
+    assert out == "commit-of-user/tiny-bitfit"
+    assert store["created"] == ("user/tiny-bitfit", {"token": "t0k", "private": True, "repo_type": "model",
+                                                     "exist_ok": True})
+    assert store["uploaded"][1]["commit_message"] == "Upload BitFit delta"
+    assert {"bitfit_delta.safetensors", "bitfit_delta.json", "README.md"} <= {p.name for p in store["dest"].iterdir()}
+    fresh = tiny_model("bert")
+    apply_delta(fresh, store["dest"])  # what landed on the "Hub" is a valid delta for the base
+    params = dict(trainer.model.named_parameters())
+    assert all(torch.equal(p, params[n]) for n, p in fresh.named_parameters() if n in Delta.load(store["dest"]).tensors)
+
+
+def test_trainer_push_to_hub_uploads_the_delta_not_the_run_folder(tmp_path):
+    from unittest import mock
+
+    trainer = trained(tmp_path)
+    (Path(trainer.args.output_dir) / "results.json").write_text("{}")  # a run's other output
+    trainer.args.hub_model_id = "user/run-delta"
+    store = {"dest": tmp_path / "hub"}
+    with mock.patch("huggingface_hub.HfApi", FakeHub(store)):
+        trainer.push_to_hub("first upload")
+    assert store["created"][0] == store["uploaded"][0] == "user/run-delta"
+    assert store["uploaded"][1]["commit_message"] == "first upload"
+    names = {p.name for p in store["dest"].iterdir()}
+    assert {"bitfit_delta.safetensors", "bitfit_delta.json", "README.md"} <= names and "results.json" not in names
+    assert "push_to_hub" in (store["dest"] / "README.md").read_text()
+    Delta.load(store["dest"])

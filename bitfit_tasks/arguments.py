@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .best import KEEP_CHOICES
 from .config import BitFitConfig
 from .errors import UsageError, first_line, read_utf8
 from .recipes import DEFAULT_FULL_LR, PAPER_BIAS_LRS, PAPER_FULL_LRS, RECIPE_CHOICES, RECIPES  # noqa: F401
@@ -79,7 +80,7 @@ class RunArguments:
                   "prediction files with and scores on a test set: 'best' (the best dev score of the task's "
                   "metric, the number the headline reports; kept in memory, and in each checkpoint for resume) "
                   "or 'last' (the model as training ended).",
-                  "choices": ["best", "last"]},
+                  "choices": list(KEEP_CHOICES)},
     )
     # The argument names given on the command line or in the JSON file (set by parse_args; None when
     # the arguments were built in Python): a recipe only fills in what the user did not set.

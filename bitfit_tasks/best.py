@@ -15,7 +15,6 @@ score, step and epoch in the metadata), and a resumed run starts from it.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from pathlib import Path
@@ -23,10 +22,9 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .errors import UsageError
-
-logger = logging.getLogger("bitfit_tasks")
 
 BEST_FILE = "bitfit_best.safetensors"
 KEEP_CHOICES = ("best", "last")
@@ -63,7 +61,7 @@ class BestEpochKeeper(TrainerCallback):
             return
         from safetensors.torch import save_file
 
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not folder.is_dir():  # hyperparameter-search trials write elsewhere; nothing to keep there
             return
         tmp = folder / (BEST_FILE + ".tmp")

@@ -528,8 +528,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.fraction_epochs and args.runner != "squad":
         parser.error("--fraction_epochs is for --runner squad (with --fractions)")
     if args.runner == "squad":
-        from .squad import main as runner_main
-
         if not args.fractions:
             parser.error("--runner squad needs --fractions")
         try:  # the curve's plot comes after hours of training: check for matplotlib first
@@ -538,16 +536,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             parser.error("--runner squad plots the training-size curve with matplotlib, which is not "
                          "installed; pip install 'bitfit-tasks[plot]' (or matplotlib) first.")
         args.tasks, task_args = fraction_task_args(args.fractions, args.fraction_epochs, extra)
-    elif args.runner == "pos":
-        from .pos import main as runner_main
-    else:
-        from .glue import main as runner_main
     if not args.tasks:
         parser.error("--tasks is required")
 
-    run_grid(runner_main, runner=args.runner, task_args=task_args, tasks=args.tasks, methods=args.methods,
-             seeds=args.seeds, output_dir=args.output_dir, bias_lrs=args.bias_lrs, full_lrs=args.full_lrs,
-             extra_args=extra, dry_run=args.dry_run, shard=_parse_shard(args.shard))
+    run_grid(runner_module(args.runner).main, runner=args.runner, task_args=task_args, tasks=args.tasks,
+             methods=args.methods, seeds=args.seeds, output_dir=args.output_dir, bias_lrs=args.bias_lrs,
+             full_lrs=args.full_lrs, extra_args=extra, dry_run=args.dry_run, shard=_parse_shard(args.shard))
     import torch.distributed as dist
 
     from .arguments import finish_distributed

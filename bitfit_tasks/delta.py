@@ -311,10 +311,8 @@ class Delta:
         """Upload this delta (tensors, checked JSON, model card) to a Hub model repository, created if
         missing; it loads back with ``Delta.from_pretrained(repo_id)`` / ``load_task_model(base, repo_id)``.
         Returns huggingface_hub's ``CommitInfo``."""
-        from huggingface_hub import HfApi
-
         return upload_delta_folder(self.save_pretrained, repo_id, token=token, private=private, revision=revision,
-                                   commit_message=commit_message, api=HfApi(token=token))
+                                   commit_message=commit_message)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Delta:
@@ -401,10 +399,14 @@ class Delta:
 
 
 def upload_delta_folder(write: Any, repo_id: str, *, token: str | bool | None, private: bool | None,
-                        revision: str | None, commit_message: str, api: Any):
+                        revision: str | None, commit_message: str):
     """``write(folder)`` a delta into a temporary folder, then create the repository (if missing) and
     upload the folder in one commit: only the delta's own files, never a run's other outputs."""
     import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
 
     api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -453,24 +455,27 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
     if not verify_fingerprint:
         return
     head = set(head_parameter_names(model))
-    recorded = delta.meta.get("base_signature")
-    if recorded is None:  # a delta saved before signatures: its bit-exact fp32 fingerprint
-        frozen = ((n, p) for n, p in model.named_parameters() if n not in delta.tensors and n not in head)
-        got = legacy_fingerprint(frozen)
-        if got != delta.meta.get("base_fingerprint"):
-            raise ValueError(
-                f"delta {delta.path} was trained on a different base model (fingerprint "
-                f"{str(delta.meta.get('base_fingerprint'))[:12]}… vs this model's {got[:12]}…; delta base: "
-                f"{delta.meta.get('base_model')!r}; this delta predates dtype-tolerant checks, so the base must be "
-                "loaded in fp32). Load that base, or pass verify_fingerprint=False if you know better.")
-        return
-    current = signature if signature is not None else base_signature(model, exclude=set(delta.tensors))
-    why = signature_mismatch(recorded, current)
+    frozen = [(n, p) for n, p in model.named_parameters() if n not in delta.tensors and n not in head]
+    why = base_mismatch(delta, frozen, signature)
     if why is not None:
         raise ValueError(
             f"delta {delta.path} was trained on a different base model ({why}; delta base: "
-            f"{delta.meta.get('base_model')!r}, fingerprint {delta.meta.get('base_fingerprint', '')[:16]}…). Load "
-            "that base, or pass verify_fingerprint=False if you know better.")
+            f"{delta.meta.get('base_model')!r}). Load that base, or pass verify_fingerprint=False if you know better.")
+
+
+def base_mismatch(delta: Delta, frozen: list[tuple[str, torch.Tensor]],
+                  signature: dict[str, dict] | None = None) -> str | None:
+    """None when ``frozen`` (the named frozen tensors outside the delta and head) is the base ``delta``
+    was trained on, else what differs. ``signature``: theirs, if taken already. A delta saved before
+    signatures carries only a bit-exact fp32 fingerprint."""
+    recorded = delta.meta.get("base_signature")
+    if recorded is None:
+        want, got = str(delta.meta.get("base_fingerprint")), legacy_fingerprint(frozen)
+        return None if got == want else (f"fingerprint {want[:12]}… vs this model's {got[:12]}…; this delta predates "
+                                         "dtype-tolerant checks, so the base must be loaded in fp32")
+    current = signature if signature is not None else {n: tensor_stats(t) for n, t in frozen}
+    why = signature_mismatch(recorded, current)
+    return None if why is None else f"{why}; fingerprint {delta.meta.get('base_fingerprint', '')[:16]}…"
 
 
 @torch.no_grad()

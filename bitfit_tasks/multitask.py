@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .delta import Delta, legacy_fingerprint, signature_mismatch, task_model_class, tensor_stats
+from .delta import Delta, base_mismatch, task_model_class
 
 
 class _Precomputed(nn.Module):
@@ -120,12 +120,7 @@ class MultiTaskBitFit(nn.Module):
                              f"backbone lacks or shapes differently, e.g. {missing[:3]}.")
         rel = {n[len(prefix) + 1:]: t for n, t in delta.tensors.items() if n.startswith(prefix + ".")}
         if verify_fingerprint:
-            frozen = [(f"{prefix}.{n}", shared[n]) for n in expected if n not in rel]
-            recorded = delta.meta.get("base_signature")
-            if recorded is None:  # a delta saved before signatures: bit-exact fp32
-                why = None if legacy_fingerprint(frozen) == delta.meta.get("base_fingerprint") else "fingerprint"
-            else:
-                why = signature_mismatch(recorded, {n: tensor_stats(t) for n, t in frozen})
+            why = base_mismatch(delta, [(f"{prefix}.{n}", shared[n]) for n in expected if n not in rel])
             if why is not None:
                 raise ValueError(f"task {name!r}: delta {delta.path} was trained on a different base model "
                                  f"({delta.meta.get('base_model')!r}; {why}); refusing to apply it to this backbone.")

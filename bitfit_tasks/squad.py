@@ -462,7 +462,7 @@ def final_em_f1(trainer: SquadBitFitTrainer) -> dict[str, float]:
     """The saved model's official EM and F1, top level in results.json. predictions.json is rewritten
     from the saved model when that is an earlier (best) evaluation's, not the last one's."""
     last = eval_history(trainer.state.log_history)[-1]
-    saved = getattr(trainer, "saved_metrics", None) or last
+    saved = trainer.saved_metrics or last
     if saved.get("step") != last.get("step") and trainer.squad_eval is not None:
         trainer.squad_eval.score(trainer)
     return {"exact_match": saved["eval_exact_match"], "f1": saved["eval_f1"]}

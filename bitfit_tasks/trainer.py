@@ -89,6 +89,10 @@ class BitFitTrainer(Trainer):
     the head. Everything else is the parent's: arguments, callbacks, evaluation, distribution.
     """
 
+    # The evaluation whose tensors the model holds when it is saved (a runner that puts the best
+    # evaluation back sets it); None: the last evaluation. The model card reports it.
+    saved_metrics: dict | None = None
+
     def __init__(
         self,
         *args,
@@ -224,8 +228,7 @@ class BitFitTrainer(Trainer):
                    terms=self.bitfit_state.terms, signature=self._base_signature)
         # The model card says what the folder is (a delta, not a model) and how to load it.
         evals = [e for e in self.state.log_history if any(k.startswith("eval_") for k in e)]
-        # A runner that put an earlier (best) evaluation's tensors back sets saved_metrics to it.
-        metrics = getattr(self, "saved_metrics", None) or (evals[-1] if evals else None)
+        metrics = self.saved_metrics or (evals[-1] if evals else None)
         meta = json.loads(Path(output_dir, DELTA_CONFIG).read_text())
         card = model_card(output_dir, meta, n_trainable=self.bitfit_state.n_trainable,
                           n_total=self.bitfit_state.n_total, metrics=metrics)
@@ -248,8 +251,6 @@ class BitFitTrainer(Trainer):
         Trainer's own upload. Same arguments as ``Trainer.push_to_hub``."""
         if not self._saves_delta():
             return super().push_to_hub(*args, **kwargs)
-        from huggingface_hub import HfApi
-
         from .delta import upload_delta_folder
 
         commit_message = args[0] if args else kwargs.get("commit_message") or "Upload BitFit delta"
@@ -257,9 +258,10 @@ class BitFitTrainer(Trainer):
         repo_id = kwargs.get("repo_id") or self.args.hub_model_id or Path(self.args.output_dir).name
         if not self.is_world_process_zero():
             return None
-        return upload_delta_folder(self.save_model, repo_id, token=token, private=kwargs.get("private"),
-                                   revision=kwargs.get("revision"), commit_message=commit_message,
-                                   api=HfApi(token=token))
+        # _internal_call: with --push_to_hub true, a user's save_model() pushes, which would call us again.
+        return upload_delta_folder(lambda folder: self.save_model(folder, _internal_call=True), repo_id,
+                                   token=token, private=kwargs.get("private"), revision=kwargs.get("revision"),
+                                   commit_message=commit_message)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not is_delta_dir(resume_from_checkpoint):

@@ -493,3 +493,18 @@ def test_trainer_push_to_hub_uploads_the_delta_not_the_run_folder(tmp_path):
     assert {"bitfit_delta.safetensors", "bitfit_delta.json", "README.md"} <= names and "results.json" not in names
     assert "push_to_hub" in (store["dest"] / "README.md").read_text()
     Delta.load(store["dest"])
+
+
+def test_save_model_with_push_to_hub_uploads_once(tmp_path):
+    """--push_to_hub true: Trainer.save_model() pushes, and our push saves the delta again; that inner
+    save must not push (it recursed without end)."""
+    from unittest import mock
+
+    trainer = trained(tmp_path)
+    trainer.args.push_to_hub = True
+    trainer.args.hub_model_id = "user/pushed"
+    store = {"dest": tmp_path / "hub"}
+    with mock.patch("huggingface_hub.HfApi", FakeHub(store)):
+        trainer.save_model(str(tmp_path / "out"))
+    assert store["uploaded"][0] == "user/pushed"
+    assert Delta.load(store["dest"]).tensors.keys() == Delta.load(tmp_path / "out").tensors.keys()

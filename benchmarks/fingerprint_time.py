@@ -44,21 +44,30 @@ def main() -> None:
     exclude = {n for n, _ in model.named_parameters() if n.endswith(".bias")}  # BitFit's delta: the biases
     legacy_s, _ = timed(lambda: legacy_fingerprint(frozen), a.repeats)
     sig_s, sig = timed(lambda: base_signature(model, exclude=exclude), a.repeats)
-    accepted = {}
+    legacy = legacy_fingerprint(frozen)
+
+    def legacy_of(m) -> str:
+        return legacy_fingerprint([(n, p) for n, p in m.named_parameters() if n not in head and n not in exclude])
+
+    accepted, legacy_accepted = {}, {}
     for dtype in (torch.bfloat16, torch.float16):
         half = BertForSequenceClassification(BertConfig()).eval()
         half.load_state_dict(model.state_dict())
         half.to(dtype)
-        accepted[str(dtype).removeprefix("torch.")] = signature_mismatch(sig, base_signature(half, exclude)) is None
+        name = str(dtype).removeprefix("torch.")
+        accepted[name] = signature_mismatch(sig, base_signature(half, exclude)) is None
+        legacy_accepted[name] = legacy_of(half) == legacy
     with torch.no_grad():
         model.bert.encoder.layer[5].output.dense.weight[10, 10] += 0.05
     perturbed_refused = signature_mismatch(sig, base_signature(model, exclude)) is not None
+    legacy_perturbed_refused = legacy_of(model) != legacy
     record = {
         "model": "BertForSequenceClassification(BertConfig()) — bert-base shape, random init",
         "frozen_tensors": len(frozen), "frozen_values": sum(p.numel() for _, p in frozen),
         "legacy_sha256_fp32_seconds": round(legacy_s, 4), "signature_seconds": round(sig_s, 4),
         "signature_json_bytes": len(json.dumps(sig)), "accepted_in": accepted,
-        "one_weight_plus_0.05_refused": perturbed_refused,
+        "one_weight_plus_0.05_refused": perturbed_refused, "legacy_accepted_in": legacy_accepted,
+        "legacy_one_weight_plus_0.05_refused": legacy_perturbed_refused,
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "repeats": a.repeats,
     }

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from bitfit_tasks.arguments import run_cli
+from bitfit_tasks.launch import run_cli
 from bitfit_tasks.pos import main
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from bitfit_tasks.arguments import run_cli
+from bitfit_tasks.launch import run_cli
 from bitfit_tasks.squad import main
 
 if __name__ == "__main__":

@@ -104,6 +104,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from .arguments import run_cli
+    from .launch import run_cli
 
     run_cli(main)

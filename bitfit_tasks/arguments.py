@@ -1,4 +1,4 @@
-"""Argument dataclasses and parsing shared by the runners (one place, no copied argparse blocks)."""
+"""The runners' argument dataclasses and their parsing (command line or one JSON file), in one place."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from .best import KEEP_CHOICES
 from .config import BitFitConfig
-from .errors import UsageError, first_line, read_utf8
-from .recipes import DEFAULT_FULL_LR, PAPER_BIAS_LRS, PAPER_FULL_LRS, RECIPE_CHOICES, RECIPES  # noqa: F401
+from .errors import read_utf8
+from .launch import cpu_only_multiprocess
+from .recipes import RECIPE_CHOICES, RECIPES
 
 
 def demo_model_path() -> str | None:
@@ -168,134 +168,3 @@ def _note_explicit(parsed: tuple, names: set[str]) -> tuple:
         if isinstance(obj, RunArguments):
             obj.explicit_args = frozenset(names)
     return parsed
-
-
-def cpu_only_multiprocess() -> bool:
-    """Launched as one of several processes (torchrun / accelerate launch) on a machine without an
-    accelerator. accelerate then needs ``cpu=True`` (``--use_cpu``) to form a gloo group of all
-    processes; without it every process believes it is alone, trains on its own and writes the
-    same files."""
-    import os
-
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    has_acc = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    return not has_acc
-
-
-def finish_distributed(failed: bool = False) -> None:
-    """Destroy the process group at exit: launchers can abort a process that leaves one behind. After
-    a success every rank meets at a barrier first; after a failure this rank leaves at once, since
-    the others may sit in another collective (a barrier would hang it until the group's timeout) --
-    its exit code makes the launcher (accelerate launch, torchrun) stop the other ranks."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if not failed:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-# Errors whose message is written for the user: the runners print the message alone (a traceback
-# would bury it). Set BITFIT_DEBUG=1 to get the traceback as well.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OSError, ImportError)
-
-
-def run_cli(main) -> None:
-    """A runner script's entry point: ``main()`` from sys.argv, then leave the process group
-    cleanly, even on error (a launcher can abort a process that exits with a group alive).
-    A user error (bad flag, file or value; a hub download that fails offline) ends in one line
-    on stderr and exit code 1."""
-    import os
-
-    failed = True
-    try:
-        main()
-        failed = False
-    except USER_ERRORS as err:
-        if os.environ.get("BITFIT_DEBUG", "").lower() in ("1", "true", "yes"):
-            raise
-        msg = " ".join(str(err).split()) or type(err).__name__
-        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "bitfit-tasks"
-        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-        where = f" (process {rank})" if rank is not None else ""
-        print(f"{prog}: error{where}: {msg} (BITFIT_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    finally:
-        finish_distributed(failed)
-
-
-def resolve_resume(training_args: TrainingArguments) -> str | None:
-    """``--resume_from_checkpoint``: a checkpoint folder, or ``true`` for the newest *complete*
-    checkpoint in ``--output_dir`` (as the HF examples do with ``get_last_checkpoint``). Checked
-    before any data or model is loaded; the resolved path is written back into the arguments."""
-    value = training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "false", "none", "no"):
-        training_args.resume_from_checkpoint = None
-        return None
-    if str(value).lower() in ("true", "last", "yes", "1"):
-        path = last_complete_checkpoint(training_args.output_dir)
-        if path is None:
-            raise UsageError(
-                f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in --output_dir "
-                f"{training_args.output_dir!r}; train with --save_strategy epoch (or steps) to write "
-                "checkpoints, or drop the flag to start from scratch."
-            )
-    else:
-        path = str(value)
-        if not Path(path).is_dir():
-            raise UsageError(f"--resume_from_checkpoint {path!r} is not a folder; pass a checkpoint-N folder "
-                             "or 'true' for the last checkpoint in --output_dir.")
-        if not (Path(path) / "trainer_state.json").is_file():
-            raise UsageError(f"--resume_from_checkpoint {path!r} has no trainer_state.json, so it is not a "
-                             "complete Trainer checkpoint; pass a checkpoint-N folder written during training.")
-    training_args.resume_from_checkpoint = path
-    return path
-
-
-def last_complete_checkpoint(output_dir: str | None) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that holds a readable ``trainer_state.json``
-    (Trainer writes it after the weights and optimizer state, so a save killed half-way has none, or
-    a cut-short one, and is skipped)."""
-    import re
-
-    if not output_dir or not Path(output_dir).is_dir():
-        return None
-    found = []
-    for p in Path(output_dir).iterdir():
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir() and _readable_json(p / "trainer_state.json"):
-            found.append((int(m.group(1)), p))
-    return str(max(found)[1]) if found else None
-
-
-def _readable_json(path: Path) -> bool:
-    """Trainer writes trainer_state.json last, and not atomically: a kill can leave it cut short."""
-    try:
-        json.loads(path.read_text())
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def load_hub_dataset(path: str, name: str | None = None, *, local_hint: str, **kwargs):
-    """``datasets.load_dataset`` for a hub dataset; a failure (offline, unknown id) becomes one
-    line naming the dataset and the flags that read local files instead."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(path, name, **kwargs)
-    except Exception as err:  # datasets raises ConnectionError, OSError, DatasetNotFoundError, ...
-        first = first_line(err)
-        cfg = f" (config {name!r})" if name else ""
-        raise UsageError(f"could not load the hub dataset {path!r}{cfg}: {type(err).__name__}: {first[:200]}. "
-                         f"Without internet, give local files: {local_hint}.") from err
-
-
-__all__ = [
-    "BitFitConfig", "ModelArguments", "RunArguments", "UsageError", "last_complete_checkpoint", "resolve_resume",
-    "PAPER_BIAS_LRS", "PAPER_FULL_LRS", "TrainingArguments",
-    "demo_model_path", "parse_args",
-]

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry() -> None:
     """The ``bitfit-delta`` console script: a bad path or delta ends in one line, exit code 1."""
-    from .arguments import run_cli
+    from .launch import run_cli
 
     run_cli(main)
 

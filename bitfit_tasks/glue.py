@@ -20,11 +20,13 @@ from transformers import (
 )
 
 from . import metrics as M
-from .arguments import ModelArguments, RunArguments, load_hub_dataset
+from .arguments import ModelArguments, RunArguments
+from .callbacks import add_train_sample_eval
 from .config import BitFitConfig
 from .errors import UsageError, check_json_rows, check_positive, first_line, read_utf8
 from .fileio import atomic_write_lines
-from .runner import add_train_sample_eval, ensure_pad_token, parse_and_run, start_run, train_and_record
+from .hub_data import load_hub_dataset
+from .runner import ensure_pad_token, parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_indices
 from .trainer import BitFitTrainer
 

@@ -1,5 +1,6 @@
 """Metrics from the field's libraries: scikit-learn (accuracy, F1, Matthews), scipy (Pearson,
-Spearman) and seqeval (entity-level precision/recall/F1 of BIO tag sequences).
+Spearman) and seqeval (entity-level precision/recall/F1 of BIO tag sequences); SQuAD v1.1's
+official EM/F1 (the official evaluation script's normalisation, max over gold answers).
 
 The hub metrics (``evaluate.load("glue")``, ``evaluate.load("seqeval")``) are downloaded scripts
 and fail offline; these call the same library functions those scripts wrap.
@@ -7,7 +8,9 @@ and fail offline; these call the same library functions those scripts wrap.
 
 from __future__ import annotations
 
+import collections
 import re
+import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,3 +68,36 @@ def seqeval_metrics(gold: list[list[str]], predicted: list[list[str | None]]) ->
             "recall": float(recall_score(gold, pred, zero_division=0)),
             "f1": float(f1_score(gold, pred, zero_division=0)),
             "per_type": per_type}
+
+
+def normalize_answer(s: str) -> str:
+    """Lower case, drop punctuation and the articles a/an/the, squeeze whitespace (official v1.1)."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def f1_score(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = collections.Counter(pred) & collections.Counter(ref)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def squad_metrics(predictions: dict[str, str], golds: dict[str, list[str]]) -> dict[str, float]:
+    """EM and F1 (x100) as the official script: max over gold answers, mean over questions."""
+    missing = [q for q in golds if q not in predictions]
+    if missing:
+        raise ValueError(f"{len(missing)} question(s) have no prediction, e.g. {missing[:3]}; every "
+                         "example must be scored.")
+    em = [max(exact_match(predictions[q], g) for g in gs) for q, gs in golds.items()]
+    f1 = [max(f1_score(predictions[q], g) for g in gs) for q, gs in golds.items()]
+    return {"exact_match": 100.0 * float(np.mean(em)), "f1": 100.0 * float(np.mean(f1)), "n_examples": len(golds)}

@@ -22,12 +22,13 @@ from transformers import (
 )
 
 from .arguments import ModelArguments, RunArguments
+from .callbacks import add_train_sample_eval
 from .config import BitFitConfig
 from .errors import check_positive
 from .fileio import atomic_write_lines
 from .metrics import is_bio_tag_set, seqeval_metrics
 from .pos_data import FORMATS, Sentence, read_file, read_token_tag_dataset, read_treebank_splits
-from .runner import add_train_sample_eval, ensure_pad_token, parse_and_run, start_run, train_and_record
+from .runner import ensure_pad_token, parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_list
 from .trainer import BitFitTrainer
 

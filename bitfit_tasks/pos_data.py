@@ -229,7 +229,7 @@ def read_token_tag_dataset(path_or_name: str, split: str = "train", config: str 
             first = first_line(err)
             raise UsageError(f"could not read {path_or_name!r} as {builder}: {first[:200]}") from err
     else:
-        from .arguments import load_hub_dataset
+        from .hub_data import load_hub_dataset
 
         ds = load_hub_dataset(path_or_name, config, split=split,
                               local_hint="--treebank (a WSJ .mrg folder or zip, e.g. ../shared/data/pos/nltk_data/"

@@ -51,7 +51,7 @@ def killing(self, output_dir):
         os.kill(os.getpid(), signal.SIGKILL)
     return save_rng(self, output_dir)
 BitFitTrainer._save_rng_state = killing
-from bitfit_tasks.arguments import run_cli
+from bitfit_tasks.launch import run_cli
 run_cli(G.main)
 """
 STEPS_PER_EPOCH = 6  # 24 MRPC fixture rows, batch 4

@@ -18,8 +18,10 @@ from conftest import FIXTURES, tiny_model
 from safetensors.torch import load_file
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer
-from bitfit_tasks.arguments import ModelArguments, UsageError, last_complete_checkpoint, parse_args
+from bitfit_tasks.arguments import ModelArguments, parse_args
+from bitfit_tasks.checkpoints import last_complete_checkpoint
 from bitfit_tasks.config import BitFitConfig as Cfg
+from bitfit_tasks.errors import UsageError
 from bitfit_tasks.glue import GlueArguments
 from bitfit_tasks.glue import main as glue_main
 from bitfit_tasks.pos import main as pos_main
@@ -279,7 +281,7 @@ def test_squad_keeps_the_best_evaluation_and_rewrites_its_predictions(tiny_model
     """With an evaluation per epoch and the first one best (scripted), the saved model, the top-level
     EM/F1 and predictions.json are the first evaluation's: predictions.json is written again from the
     restored model after training."""
-    import bitfit_tasks.squad as S
+    import bitfit_tasks.squad_qa as S
 
     real, calls = S.squad_metrics, []
 

@@ -194,7 +194,7 @@ def failing(*a, **k):
         raise UsageError("rank-one data problem")
     return metrics(*a, **k)
 G.compute_glue_metrics = failing
-from bitfit_tasks.arguments import run_cli
+from bitfit_tasks.launch import run_cli
 run_cli(G.main)
 """
 

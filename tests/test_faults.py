@@ -13,7 +13,7 @@ import pytest
 from conftest import FIXTURES
 from safetensors.torch import load_file
 
-from bitfit_tasks.arguments import last_complete_checkpoint
+from bitfit_tasks.checkpoints import last_complete_checkpoint
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def killing(self, output_dir):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self, output_dir)
 BitFitTrainer._save_rng_state = killing
-from bitfit_tasks.arguments import run_cli
+from bitfit_tasks.launch import run_cli
 from bitfit_tasks.glue import main
 run_cli(main)
 """
@@ -83,14 +83,14 @@ def test_sigkill_during_checkpoint_save_then_resume(tiny_model_dir, tmp_path):
 
 def test_two_runners_into_one_folder_second_is_refused(tiny_model_dir, tmp_path):
     """While one run holds --output_dir, a second one is refused at once instead of interleaving."""
-    import fcntl
+    from filelock import FileLock
+
+    from bitfit_tasks.output_dir import LOCK_NAME, OWNER_NAME
 
     out = tmp_path / "shared"
     out.mkdir()
-    with open(out / ".bitfit-run.lock", "a+") as held:  # what a running runner holds
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("pid 4242")
-        held.flush()
+    with FileLock(str(out / LOCK_NAME)):  # what a running runner holds
+        (out / OWNER_NAME).write_text("pid 4242")
         second = run([str(ROOT / "run_glue.py"), *glue(tiny_model_dir, out)])
     assert second.returncode == 1
     assert "run_glue.py: error: another run (pid 4242) is writing to --output_dir" in second.stderr
@@ -99,13 +99,15 @@ def test_two_runners_into_one_folder_second_is_refused(tiny_model_dir, tmp_path)
 
 def test_a_refused_run_releases_its_folder(tiny_model_dir, tmp_path):
     """A run refused (or failing) before training leaves no lock behind in a long-lived process."""
-    import fcntl
+    from filelock import FileLock
 
     from bitfit_tasks.glue import main as glue_main
+    from bitfit_tasks.output_dir import LOCK_NAME
 
     out = tmp_path / "run"
     (out / "checkpoint-4").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"holds checkpoints of an unfinished run"):
         glue_main(glue(tiny_model_dir, out))
-    with open(out / ".bitfit-run.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise BlockingIOError if still held
+    lock = FileLock(str(out / LOCK_NAME))
+    lock.acquire(timeout=0)  # raises Timeout if still held
+    lock.release()

@@ -183,7 +183,7 @@ def _check_squad(rows: list[dict]) -> None:
 @seed(3)
 @given(data=st.data())
 def test_squad_official_json_reader_fuzzed(split, data):
-    from bitfit_tasks.squad import read_squad_file
+    from bitfit_tasks.squad_data import read_squad_file
 
     official = json.loads(Path(f"{FIXTURES}/squad/official.json").read_text())
     raw = mutate_bytes(data, json.dumps(mutate_json(data, official)).encode())
@@ -199,7 +199,7 @@ def test_squad_official_json_reader_fuzzed(split, data):
 @seed(4)
 @given(data=st.data())
 def test_squad_jsonl_reader_fuzzed(data):
-    from bitfit_tasks.squad import read_squad_file
+    from bitfit_tasks.squad_data import read_squad_file
 
     raw = mutate_bytes(data, jsonl(mutate_json(data, read_jsonl(f"{FIXTURES}/squad/flat.jsonl"))))
     with tempfile.TemporaryDirectory() as d:

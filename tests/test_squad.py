@@ -6,19 +6,10 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from bitfit_tasks.squad import (
-    SquadArguments,
-    exact_match,
-    f1_score,
-    main,
-    normalize_answer,
-    postprocess,
-    prepare_eval_features,
-    prepare_train_features,
-    read_squad_file,
-    sample_examples,
-    squad_metrics,
-)
+from bitfit_tasks.metrics import exact_match, f1_score, normalize_answer, squad_metrics
+from bitfit_tasks.squad import SquadArguments, main
+from bitfit_tasks.squad_data import prepare_eval_features, prepare_train_features, read_squad_file, sample_examples
+from bitfit_tasks.squad_qa import postprocess
 
 SQ = f"{FIXTURES}/squad"
 
@@ -212,7 +203,8 @@ def test_vectorised_postprocess_equals_the_loop(tok, seed):
 
 
 def test_cached_and_uncached_windows_are_identical(tok, tmp_path):
-    from bitfit_tasks.squad import offsets_array, window_dataset
+    from bitfit_tasks.squad_data import window_dataset
+    from bitfit_tasks.squad_qa import offsets_array
 
     rows = read_squad_file(f"{SQ}/official.json")
     want_train = prepare_train_features(rows, tok, 40, 16)

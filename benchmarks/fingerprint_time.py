@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from bitfit_tasks.delta import base_signature, legacy_fingerprint, signature_mismatch
+from bitfit_tasks.delta import legacy_fingerprint
 from bitfit_tasks.fileio import atomic_write_text
 from bitfit_tasks.selection import head_parameter_names
+from bitfit_tasks.signature import base_signature, signature_mismatch
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

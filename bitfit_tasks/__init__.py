@@ -1,49 +1,59 @@
-"""bitfit-tasks: BitFit (bias-only fine-tuning) on the Hugging Face Trainer."""
+"""bitfit-tasks: BitFit (bias-only fine-tuning) on the Hugging Face Trainer.
+
+The public API is the user story: configure (:class:`BitFitConfig`), select biases
+(:func:`prepare_model`, :func:`select_bias_parameters`, :func:`register_bias_map`), train
+(:class:`BitFitTrainer`), keep and share the tiny result (:class:`Delta`, :func:`save_delta`,
+:func:`apply_delta`, :func:`load_task_model`, :func:`export_merged`), serve many tasks on one
+backbone (:class:`MultiTaskBitFit`), and the runners' entry points (:func:`run_glue`,
+:func:`run_squad`, :func:`run_pos`, the ``main`` of ``run_*.py``). Everything else lives in the
+submodules.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from .config import MODES, BitFitConfig
-from .core import BitFitState, prepare_model, random_masks
+from .core import prepare_model
 from .delta import AppliedDelta, Delta, apply_delta, export_merged, load_task_model, save_delta
 from .multitask import MultiTaskBitFit
-from .selection import (
-    DEFAULT_BIAS_MAPS,
-    GLOBAL_TERMS,
-    LAYER_TERMS,
-    PRESETS,
-    TERMS,
-    BiasMap,
-    head_parameter_names,
-    register_bias_map,
-    select_bias_parameters,
-    supported_model_types,
-)
+from .selection import PRESETS, TERMS, BiasMap, register_bias_map, select_bias_parameters, supported_model_types
 from .trainer import BitFitTrainer
 
+# The one place the version is written (pyproject.toml reads it from here).
 __version__ = "0.1.0"
 
+# The runners' mains, imported on first use: importing the package does not load datasets or the task code.
+_RUNNERS = {"run_glue": "glue", "run_squad": "squad", "run_pos": "pos"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RUNNERS:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{_RUNNERS[name]}").main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "MODES",
+    "PRESETS",
+    "TERMS",
     "AppliedDelta",
+    "BiasMap",
+    "BitFitConfig",
+    "BitFitTrainer",
     "Delta",
     "MultiTaskBitFit",
     "apply_delta",
     "export_merged",
     "load_task_model",
-    "save_delta",
-    "BiasMap",
-    "BitFitConfig",
-    "BitFitState",
-    "BitFitTrainer",
-    "DEFAULT_BIAS_MAPS",
-    "GLOBAL_TERMS",
-    "LAYER_TERMS",
-    "MODES",
-    "PRESETS",
-    "TERMS",
-    "head_parameter_names",
     "prepare_model",
-    "random_masks",
     "register_bias_map",
+    "run_glue",
+    "run_pos",
+    "run_squad",
+    "save_delta",
     "select_bias_parameters",
     "supported_model_types",
 ]

@@ -130,21 +130,24 @@ def word_accuracy_metrics(pred_ids: np.ndarray, label_ids: np.ndarray, id2tag: d
     """Word-level accuracy (the POS headline) from first-sub-token positions, plus per-tag
     precision/recall and the most frequent confusions. ``extra_wrong`` words (truncated or with an
     unseen tag) count in the denominator as errors."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     mask = label_ids != IGNORE
     gold, pred = label_ids[mask], pred_ids[mask]
     correct = int((gold == pred).sum())
     total = int(mask.sum()) + extra_wrong
     out: dict[str, Any] = {"accuracy": correct / total if total else 0.0, "n_words": total}
-    per_tag = {}
-    for i, tag in id2tag.items():
-        tp = int(((pred == i) & (gold == i)).sum())
-        n_pred, n_gold = int((pred == i).sum()), int((gold == i).sum())
-        if n_gold or n_pred:
-            per_tag[tag] = {"precision": tp / n_pred if n_pred else 0.0, "recall": tp / n_gold if n_gold else 0.0,
-                            "support": n_gold}
-    out["per_tag"] = per_tag
-    conf = Counter((id2tag[int(g)], id2tag[int(p)]) for g, p in zip(gold, pred, strict=True) if g != p)
-    out["confusions"] = [f"{g}->{p}: {n}" for (g, p), n in conf.most_common(top_confusions)]
+    present = sorted(set(gold.tolist()) | set(pred.tolist()))  # tags seen in gold or predictions
+    if not present:
+        return {**out, "per_tag": {}, "confusions": []}
+    precision, recall, _, support = precision_recall_fscore_support(gold, pred, labels=present, zero_division=0)
+    out["per_tag"] = {id2tag[i]: {"precision": float(p), "recall": float(r), "support": int(n)}
+                      for i, p, r, n in zip(present, precision, recall, support, strict=True)}
+    conf = confusion_matrix(gold, pred, labels=present)
+    np.fill_diagonal(conf, 0)
+    g_idx, p_idx = np.nonzero(conf)
+    order = sorted(zip(g_idx, p_idx, strict=True), key=lambda gp: -conf[gp])[:top_confusions]
+    out["confusions"] = [f"{id2tag[present[g]]}->{id2tag[present[p]]}: {conf[g, p]}" for g, p in order]
     return out
 
 

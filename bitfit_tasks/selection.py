@@ -30,6 +30,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from torch import nn
 
@@ -116,7 +117,8 @@ _BERT = BiasMap(
     global_modules={"emb": ["embeddings.LayerNorm"], "pool": ["pooler.dense"]},
 )
 
-DEFAULT_BIAS_MAPS: dict[str, BiasMap] = {
+# Read-only: a new architecture goes through register_bias_map (or bias_map=), not by editing this table.
+DEFAULT_BIAS_MAPS: Mapping[str, BiasMap] = MappingProxyType({
     "bert": _BERT,
     "roberta": _BERT,
     "xlm-roberta": _BERT,
@@ -200,7 +202,7 @@ DEFAULT_BIAS_MAPS: dict[str, BiasMap] = {
         # encoder.LayerNorm normalises the shared relative-position embeddings (v3).
         global_modules={"emb": ["embeddings.LayerNorm", "encoder.LayerNorm"]},
     ),
-}
+})
 
 _user_maps: dict[str, BiasMap] = {}
 

@@ -16,10 +16,12 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import BitFitConfig
 from .core import BitFitState, prepare_model
-from .delta import DELTA_CONFIG, Delta, apply_delta, base_signature, is_delta_dir, model_card, save_delta
+from .delta import DELTA_CONFIG, Delta, apply_delta, is_delta_dir, save_delta
 from .fileio import atomic_write_text
 from .lean import bf16_supported, cpu_bf16_capability, make_lean
+from .model_card import model_card
 from .selection import BiasMap
+from .signature import base_signature
 
 logger = logging.getLogger("bitfit_tasks")
 
@@ -232,7 +234,7 @@ class BitFitTrainer(Trainer):
         meta = json.loads(Path(output_dir, DELTA_CONFIG).read_text())
         card = model_card(output_dir, meta, n_trainable=self.bitfit_state.n_trainable,
                           n_total=self.bitfit_state.n_total, metrics=metrics)
-        atomic_write_text(os.path.join(output_dir, "README.md"), card)
+        atomic_write_text(os.path.join(output_dir, "README.md"), str(card))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))

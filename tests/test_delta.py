@@ -19,7 +19,8 @@ from bitfit_tasks import (
     prepare_model,
     save_delta,
 )
-from bitfit_tasks.delta import DELTA_CONFIG, DELTA_WEIGHTS, fingerprint
+from bitfit_tasks.delta import DELTA_CONFIG, DELTA_WEIGHTS
+from bitfit_tasks.signature import fingerprint
 
 
 def make_args(tmp_path, **kw):
@@ -277,7 +278,11 @@ def test_save_model_writes_a_model_card_whose_snippet_runs(tiny_model_dir, tmp_p
     out = tmp_path / "delta"
     trainer.save_model(str(out))
     card = (out / "README.md").read_text()
-    assert "**bias-only delta**" in card and f"base_model: {tiny_model_dir}" in card
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(out / "README.md").data  # the metadata header parses as the Hub reads it
+    assert data.base_model == tiny_model_dir and data.library_name == "bitfit-tasks" and "bitfit" in data.tags
+    assert "**bias-only delta**" in card
     assert f"trainable params: {trainer.bitfit_state.n_trainable:,d} of" in card and "eval_loss" in card
     assert "bias terms: q, m2" in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
@@ -422,7 +427,8 @@ def test_fp32_delta_applies_to_a_lean_model_and_a_perturbed_base_is_refused(tiny
 def test_a_delta_saved_before_signatures_is_still_checked_bit_exactly(tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from bitfit_tasks.delta import legacy_fingerprint, write_delta_files
+    from bitfit_tasks.delta import write_delta_files
+    from bitfit_tasks.signature import legacy_fingerprint
 
     model, d = _delta_on_saved_base(tiny_model_dir, tmp_path)
     old = Delta.load(d)

@@ -52,3 +52,26 @@ def test_declared_dependencies_are_imported_and_imports_declared():
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
     for dist in sorted(extras - runtime):
         assert to_import[dist] in everything or dist in NOT_IMPORTED, f"extra {dist} is declared but never imported"
+
+
+def test_public_api_is_the_user_story_and_the_version_is_written_once():
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    import bitfit_tasks
+    from bitfit_tasks.selection import DEFAULT_BIAS_MAPS
+
+    for name in bitfit_tasks.__all__:
+        assert getattr(bitfit_tasks, name) is not None, name
+    assert bitfit_tasks.run_glue is importlib.import_module("bitfit_tasks.glue").main
+    internals = {"random_masks", "BitFitState", "head_parameter_names", "DEFAULT_BIAS_MAPS"}
+    assert not internals & set(bitfit_tasks.__all__)
+    assert importlib.metadata.version("bitfit-tasks") == bitfit_tasks.__version__
+    assert '\nversion = "' not in (ROOT / "pyproject.toml").read_text()  # read from the package, not repeated
+    with pytest.raises(TypeError):
+        DEFAULT_BIAS_MAPS["gpt2"] = DEFAULT_BIAS_MAPS["bert"]  # read-only: register_bias_map is the way in
+    # Importing the package loads no runner (task code, readers) until a runner's main is asked for.
+    runners = ("bitfit_tasks.glue", "bitfit_tasks.squad", "bitfit_tasks.pos")
+    code = f"import sys, bitfit_tasks; print(any(m in sys.modules for m in {runners}))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

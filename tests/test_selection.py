@@ -10,12 +10,11 @@ from bitfit_tasks import (
     TERMS,
     BiasMap,
     BitFitConfig,
-    head_parameter_names,
     prepare_model,
     register_bias_map,
     select_bias_parameters,
 )
-from bitfit_tasks.selection import _user_maps, layer_index, unmapped_biases
+from bitfit_tasks.selection import _user_maps, head_parameter_names, layer_index, unmapped_biases
 
 # Written out by hand from each architecture's module tree (not derived from the library's maps).
 BERT_LAYER = {

@@ -9,7 +9,8 @@ from conftest import ARCHS, tiny_model
 from torch.utils.data import Dataset
 from transformers import TrainingArguments
 
-from bitfit_tasks import BitFitConfig, BitFitTrainer, prepare_model, random_masks
+from bitfit_tasks import BitFitConfig, BitFitTrainer, prepare_model
+from bitfit_tasks.core import random_masks
 from bitfit_tasks.selection import head_parameter_names, select_bias_parameters
 
 

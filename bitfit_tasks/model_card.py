@@ -1,0 +1,49 @@
+"""The ``README.md`` of a delta folder: a Hugging Face model card (``huggingface_hub.ModelCard``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .delta import DELTA_WEIGHTS
+
+
+def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainable: int, n_total: int,
+               metrics: dict[str, Any] | None = None) -> ModelCard:
+    """``README.md`` of a delta folder: what it is (bias-only, not a full model), its base and that
+    base's fingerprint, the trained terms and counts, the evaluation of these tensors, and the lines that load it."""
+    base = meta.get("base_model") or "BASE_MODEL"
+    task_config = meta.get("task_config") or {}
+    labels = task_config.get("id2label")
+    scores = {k: v for k, v in (metrics or {}).items()
+              if isinstance(v, int | float) and not k.endswith(("runtime", "per_second"))}
+    # The metadata through the hub's own ModelCardData, so the YAML header is what the Hub validates.
+    data = ModelCardData(library_name="bitfit-tasks", base_model=meta.get("base_model"),
+                         tags=["bitfit", "bias-only", "peft"])
+    lines = [
+        f"# BitFit delta: {meta.get('task_class')} on `{base}`", "",
+        "This folder is a **bias-only delta** (BitFit, Ben-Zaken et al., 2021), not a full model: "
+        f"`{DELTA_WEIGHTS}` holds only the trained tensors, to be applied onto the base model `{base}`. "
+        "It is refused on any other base (fingerprint of the frozen base weights: "
+        f"`{meta.get('base_fingerprint')}`; the same base in fp32, bf16 or fp16 is accepted).", "",
+        f"- task: {task_config.get('finetuning_task') or meta.get('task_class')}",
+        f"- mode: `{meta.get('mode')}`; bias terms: {', '.join(meta.get('terms') or {}) or '-'}",
+        f"- trainable params: {n_trainable:,d} of {n_total:,d} ({100.0 * n_trainable / max(n_total, 1):.4f}%)",
+    ]
+    if labels:
+        lines.append(f"- labels: {json.dumps(labels)}")
+    if scores:
+        lines.append("- evaluation of these tensors: " + ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}"
+                                                              for k, v in scores.items()))
+    lines += ["", "Load it (base + delta = the fine-tuned model):", "", "```python",
+              "from bitfit_tasks import load_task_model",
+              "",
+              f"model = load_task_model({base!r}, {str(output_dir)!r})",
+              "```", "",
+              "After uploading this folder to the Hub (`Delta.push_to_hub` or `BitFitTrainer.push_to_hub`), "
+              "pass its repository id instead of the folder.",
+              f"Merge it into a full model: `bitfit-delta export {output_dir} --output merged/`.", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))

@@ -22,7 +22,8 @@ from transformers.utils import logging as hf_logging
 
 from bitfit_tasks.delta import load_task_model
 from bitfit_tasks.fileio import atomic_write_text
-from bitfit_tasks.glue import GLUE_TASKS, GlueArguments, check_and_encode_labels, load_glue
+from bitfit_tasks.glue import GlueArguments
+from bitfit_tasks.glue_data import GLUE_TASKS, check_and_encode_labels, load_glue
 
 
 def rescore(pred_file: Path, gold: dict[int, str], metric: str) -> dict[str, float]:

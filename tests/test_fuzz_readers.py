@@ -112,7 +112,8 @@ def outcome(fn, *args, **kwargs) -> Any:
 
 
 def _glue_read(path: str, task: str, cache: str):
-    from bitfit_tasks.glue import GLUE_TASKS, GlueArguments, check_and_encode_labels, load_glue
+    from bitfit_tasks.glue import GlueArguments
+    from bitfit_tasks.glue_data import GLUE_TASKS, check_and_encode_labels, load_glue
 
     args = GlueArguments(task_name=task, train_file=path, validation_file=path)
     raw = load_glue(args, cache_dir=cache)
@@ -120,7 +121,7 @@ def _glue_read(path: str, task: str, cache: str):
 
 
 def _check_glue(ds, task: str) -> None:
-    from bitfit_tasks.glue import GLUE_TASKS
+    from bitfit_tasks.glue_data import GLUE_TASKS
 
     spec = GLUE_TASKS[task]
     for row in ds:

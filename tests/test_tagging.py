@@ -8,8 +8,9 @@ import pytest
 from conftest import FIXTURES
 
 from bitfit_tasks import metrics as M
-from bitfit_tasks.pos import main, resolve_tag_scheme
+from bitfit_tasks.pos import main
 from bitfit_tasks.pos_data import read_file
+from bitfit_tasks.tagging import resolve_tag_scheme
 
 POS = f"{FIXTURES}/pos"
 

@@ -92,12 +92,17 @@ def analyze_run(run_dir: str, output: str | None = None, base_model: str | None 
     return change
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bitfit_tasks.analysis", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run_glue.py --output_dir")
     p.add_argument("--output", help="path stem for .csv and .png (default: <run_dir>/bias_change)")
     p.add_argument("--base_model", help="pretrained model the run started from (default: from results.json)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     change = analyze_run(a.run_dir, a.output, a.base_model)
     for term, by_layer in change.items():
         print(f"{term:>4}: " + " ".join(f"{v:.4f}" for _, v in sorted(by_layer.items())))

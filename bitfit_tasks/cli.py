@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from .delta import Delta, export_merged
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitfit-delta", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -26,6 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp.add_argument("--revision", help="Hub revision (branch, tag or commit) of a Hub delta")
     exp.add_argument("--base", help="base model id/folder (default: the one recorded in the delta)")
     exp.add_argument("--output", required=True, help="folder for the merged from_pretrained model")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     delta = Delta.from_pretrained(a.delta_dir, revision=a.revision)
     if a.cmd == "info":

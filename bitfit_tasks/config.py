@@ -25,7 +25,8 @@ class BitFitConfig:
     bias_terms: list[str] = field(
         default_factory=lambda: ["bitfit"],
         metadata={
-            "help": "Bias terms in the paper's notation: q k v m1 LN1 m2 m3 LN2 emb pool, or a "
+            "help": "Bias terms in the paper's notation: q k v m1 LN1 m2 m3 LN2 emb pool (qkv: a fused "
+            "query/key/value projection, final: the LayerNorm after the last layer, in decoder families), or a "
             "preset: bitfit/all (every bias, incl. embedding LayerNorm and pooler), layers "
             "(the 8 per-layer terms), qm2 (query + intermediate, the paper's 0.04 percent), attention, "
             "mlp. Space- or comma-separated.",

@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import UsageError, first_line, read_utf8
 from .fileio import atomic_write_text
+from .model_card import model_card
 from .selection import head_parameter_names
 from .signature import (
     _check_signature,
@@ -170,9 +171,7 @@ class Delta:
         with ``huggingface_hub.upload_folder``; it loads back with :meth:`from_pretrained`."""
         out = write_delta_files(Path(output_dir), self.tensors, self.meta)
         n = sum(t.numel() for t in self.tensors.values())
-        from .model_card import model_card  # the card names this module's files: imported at use
-
-        atomic_write_text(out / "README.md", str(model_card(out, self.meta, n_trainable=n,
+        atomic_write_text(out / "README.md", str(model_card(out, self.meta, weights_file=DELTA_WEIGHTS, n_trainable=n,
                                                             n_total=self.meta.get("n_params") or n)))
         return out
 

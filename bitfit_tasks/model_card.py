@@ -8,11 +8,9 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .delta import DELTA_WEIGHTS
 
-
-def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainable: int, n_total: int,
-               metrics: dict[str, Any] | None = None) -> ModelCard:
+def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, weights_file: str, n_trainable: int,
+               n_total: int, metrics: dict[str, Any] | None = None) -> ModelCard:
     """``README.md`` of a delta folder: what it is (bias-only, not a full model), its base and that
     base's fingerprint, the trained terms and counts, the evaluation of these tensors, and the lines that load it."""
     base = meta.get("base_model") or "BASE_MODEL"
@@ -26,7 +24,7 @@ def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, n_trainab
     lines = [
         f"# BitFit delta: {meta.get('task_class')} on `{base}`", "",
         "This folder is a **bias-only delta** (BitFit, Ben-Zaken et al., 2021), not a full model: "
-        f"`{DELTA_WEIGHTS}` holds only the trained tensors, to be applied onto the base model `{base}`. "
+        f"`{weights_file}` holds only the trained tensors, to be applied onto the base model `{base}`. "
         "It is refused on any other base (fingerprint of the frozen base weights: "
         f"`{meta.get('base_fingerprint')}`; the same base in fp32, bf16 or fp16 is accepted).", "",
         f"- task: {task_config.get('finetuning_task') or meta.get('task_class')}",

@@ -236,9 +236,9 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bitfit_tasks.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runner", default="glue", choices=list(RUNNERS),
                         help="which runner's main() to call (run_glue.py, run_pos.py, run_squad.py)")
@@ -261,13 +261,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--score", default="best", choices=["best", "final"],
                         help="best dev score over epochs (the paper) or the last epoch's")
     parser.add_argument("--shard", default="0/1",
-                        help="i/n: run only every n-th run starting at i, for n parallel workers "
-                        "(e.g. one per GPU); workers share --output_dir and the same table")
+                        help="i/n: run only every n-th run starting at i, for n parallel workers sharing "
+                        "--output_dir and the table; each worker uses the devices its process sees (one GPU "
+                        "per worker: CUDA_VISIBLE_DEVICES=i)")
     parser.add_argument("--dry_run", action="store_true", help="list the runs, train nothing")
     parser.add_argument("runner_args", nargs=argparse.REMAINDER,
                         help="after '--': arguments passed to every run")
+    return parser
+
+
+def split_runner_args(runner_args: list[str]) -> list[str]:
+    """The runner arguments after the sweep's own: what follows ``--``."""
+    return runner_args[1:] if runner_args[:1] == ["--"] else runner_args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    extra = args.runner_args[1:] if args.runner_args[:1] == ["--"] else args.runner_args
+    extra = split_runner_args(args.runner_args)
     if args.bias_lrs is None:
         args.bias_lrs = default_bias_lrs(args.runner, extra)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

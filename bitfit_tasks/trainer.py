@@ -16,7 +16,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import BitFitConfig
 from .core import BitFitState, prepare_model
-from .delta import DELTA_CONFIG, Delta, apply_delta, is_delta_dir, save_delta
+from .delta import DELTA_CONFIG, DELTA_WEIGHTS, Delta, apply_delta, is_delta_dir, save_delta
 from .fileio import atomic_write_text
 from .lean import bf16_supported, cpu_bf16_capability, make_lean
 from .model_card import model_card
@@ -232,7 +232,7 @@ class BitFitTrainer(Trainer):
         evals = [e for e in self.state.log_history if any(k.startswith("eval_") for k in e)]
         metrics = self.saved_metrics or (evals[-1] if evals else None)
         meta = json.loads(Path(output_dir, DELTA_CONFIG).read_text())
-        card = model_card(output_dir, meta, n_trainable=self.bitfit_state.n_trainable,
+        card = model_card(output_dir, meta, weights_file=DELTA_WEIGHTS, n_trainable=self.bitfit_state.n_trainable,
                           n_total=self.bitfit_state.n_total, metrics=metrics)
         atomic_write_text(os.path.join(output_dir, "README.md"), str(card))
         if self.processing_class is not None:

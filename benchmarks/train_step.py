@@ -2,6 +2,7 @@
 
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \
         python benchmarks/train_step.py --shape bert-base --batch 16 --seq 128 --repeats 5
+    python benchmarks/train_step.py --device cuda --precision bf16 --configs full bitfit lean lora --paths trainer
 
 Side by side in one process, interleaved (each round runs every configuration once), after a
 warm-up round: median step time, peak heap in use during the step (glibc mallinfo2 sampled every
@@ -10,7 +11,13 @@ peak (that plus what is held between steps: parameters, buffers, optimizer state
 for backward. Configurations:
 full, bitfit (all biases), bitfit qm2, frozen, and lean bitfit (bf16 frozen weights + autocast +
 bool dropout masks), each through ``BitFitTrainer.training_step`` and a plain
-forward/backward/AdamW loop. Ratios are to full fine-tuning on the same path.
+forward/backward/AdamW loop; and PEFT LoRA (r=8 on the query and value projections, the `bench`
+extra), through transformers' own Trainer and the same loop. Ratios are to full fine-tuning on the
+same path. ``--precision bf16`` runs every forward under bf16 autocast (lean always does).
+
+On a GPU (``--device cuda``) the step is timed between ``torch.cuda.synchronize()`` calls and the
+memory is ``torch.cuda.max_memory_allocated`` during the step (the step's peak, and the total
+peak with what is held between steps); page faults and bytes saved for backward are CPU columns.
 
 Without the GLIBC_TUNABLES above, glibc returns large freed blocks to the OS and faults them back
 in on every step; full fine-tuning (more and larger temporaries) pays far more page faults than
@@ -35,6 +42,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
+    Trainer,
     TrainingArguments,
 )
 
@@ -48,6 +56,7 @@ CONFIGS = {
     "qm2": BitFitConfig(bias_terms=["qm2"]),
     "frozen": BitFitConfig(mode="frozen"),
     "lean": BitFitConfig(lean=True),
+    "lora": None,  # PEFT LoRA r=8 on query/value (plus the head), not a BitFit mode
 }
 
 
@@ -102,35 +111,68 @@ class Batches(Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.y[i]}
 
 
-def build(shape: str):
+def build(shape: str, model_path: str | None = None):
     torch.manual_seed(0)
     if shape == "bert-base":
         return BertForSequenceClassification(BertConfig(num_labels=2))  # 110M, random weights
-    return AutoModelForSequenceClassification.from_pretrained(demo_model_path(), num_labels=2)
+    if shape == "tiny":  # a 2-layer BERT for dry runs of this script
+        return BertForSequenceClassification(BertConfig(num_labels=2, hidden_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=2, intermediate_size=128))
+    return AutoModelForSequenceClassification.from_pretrained(model_path or demo_model_path(), num_labels=2)
+
+
+def lora(model):
+    """PEFT LoRA r=8 on the query and value projections, the task head trained too (PEFT's own setup)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise SystemExit("the lora configuration needs peft: pip install 'bitfit-tasks[bench]'") from None
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"], task_type="SEQ_CLS")
+    return get_peft_model(model, cfg)
+
+
+def device_memory(device: str) -> int:
+    return torch.cuda.memory_allocated() if device == "cuda" else heap_in_use()
 
 
 class Runner:
     """One configuration on one path, ready to run single steps."""
 
-    def __init__(self, shape: str, name: str, path: str, data: Batches, tmp: str):
-        self.name, self.path = name, path
+    def __init__(self, a: argparse.Namespace, name: str, path: str, data: Batches, tmp: str):
+        self.name, self.path, self.device = name, path, a.device
         cfg = CONFIGS[name]
-        model = build(shape).train()
+        model = build(a.shape, a.model_path).train()
+        if cfg is None:
+            model = lora(model)
         self.inputs = {"input_ids": data.ids, "attention_mask": torch.ones_like(data.ids), "labels": data.y}
+        bf16 = a.precision == "bf16"
         if path == "trainer":
             args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=len(data), learning_rate=1e-4,
-                                     report_to=[], use_cpu=True, save_strategy="no", max_steps=10)
-            self.trainer = BitFitTrainer(model=model, args=args, train_dataset=data, bitfit_config=cfg)
+                                     report_to=[], use_cpu=a.device == "cpu", save_strategy="no", max_steps=10,
+                                     bf16=bf16)
+            if cfg is None:  # LoRA: transformers' own Trainer, as PEFT users run it
+                self.trainer = Trainer(model=model, args=args, train_dataset=data)
+            else:
+                self.trainer = BitFitTrainer(model=model, args=args, train_dataset=data, bitfit_config=cfg)
             self.trainer.create_optimizer_and_scheduler(num_training_steps=10)
             self.trainer.current_gradient_accumulation_steps = 1  # set by train() otherwise
+            model = self.trainer.model
+            self.inputs = {k: v.to(self.trainer.args.device) for k, v in self.inputs.items()}
             self.autocast = self.trainer.args.bf16
         else:
-            prepare_model(model, cfg)
-            if cfg.lean:
-                make_lean(model)
+            if cfg is not None:
+                prepare_model(model, cfg)
+                if cfg.lean:
+                    make_lean(model)
+            model.to(a.device)
+            self.inputs = {k: v.to(a.device) for k, v in self.inputs.items()}
             self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            self.autocast = cfg.lean
+            self.autocast = bf16 or (cfg is not None and cfg.lean)
         self.model = model
+
+    def forward(self):
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.model(**self.inputs).loss
 
     def step(self) -> None:
         if self.path == "trainer":
@@ -138,8 +180,7 @@ class Runner:
             self.trainer.optimizer.step()
             self.trainer.optimizer.zero_grad(set_to_none=True)
             return
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            loss = self.model(**self.inputs).loss
+        loss = self.forward()
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -164,8 +205,7 @@ class Runner:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-                loss = self.model(**self.inputs).loss
+            loss = self.forward()
         del loss
         # Frozen weights saved by reference are not activations: leave parameters out.
         params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
@@ -174,8 +214,13 @@ class Runner:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=["bert-base", "minilm"], default="bert-base",
-                    help="bert-base: 110M random weights; minilm: the real pretrained model")
+    ap.add_argument("--shape", choices=["bert-base", "minilm", "tiny"], default="bert-base",
+                    help="bert-base: 110M random weights; minilm: the real pretrained model (--model_path, else the "
+                    "demo package's); tiny: a 2-layer BERT for dry runs")
+    ap.add_argument("--model_path", help="the pretrained model folder for --shape minilm")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: every forward under bf16 autocast (Trainer's --bf16); lean is bf16 either way")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
@@ -186,32 +231,51 @@ def main() -> None:
     vocab = 30522
     data = Batches(a.batch, a.seq, vocab)
     tmp = tempfile.mkdtemp()
-    runners = [Runner(a.shape, c, p, data, tmp) for p in a.paths for c in a.configs]
+    runners = [Runner(a, c, p, data, tmp) for p in a.paths for c in a.configs]
+    cuda = a.device == "cuda"
     times: dict[tuple, list[float]] = {(r.name, r.path): [] for r in runners}
     peaks: dict[tuple, list[int]] = {(r.name, r.path): [] for r in runners}
     faults: dict[tuple, list[int]] = {(r.name, r.path): [] for r in runners}
     for rnd in range(a.repeats + 1):  # round 0 is the warm-up
         for r in runners:
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            with PeakSampler() as s:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
                 t = time.perf_counter()
                 r.step()
+                torch.cuda.synchronize()
                 dt = time.perf_counter() - t
+                step_peak = torch.cuda.max_memory_allocated() - base
+            else:
+                with PeakSampler() as s:
+                    t = time.perf_counter()
+                    r.step()
+                    dt = time.perf_counter() - t
+                step_peak = s.peak - s.base
             if rnd:
                 times[(r.name, r.path)].append(dt)
-                peaks[(r.name, r.path)].append(s.peak - s.base)
+                peaks[(r.name, r.path)].append(step_peak)
                 faults[(r.name, r.path)].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     saved = {(r.name, r.path): r.saved_bytes() for r in runners}
     held = {(r.name, r.path): r.persistent_bytes() for r in runners}
-    print(f"{a.shape}, batch {a.batch} x seq {a.seq}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}; median of {a.repeats} interleaved steps after 1 warm-up")
+    where = torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} threads, " \
+        f"{platform.processor() or platform.machine()}"
+    print(f"{a.shape}, batch {a.batch} x seq {a.seq}, {a.precision}, {where}, torch {torch.__version__}; "
+          f"median of {a.repeats} interleaved steps after 1 warm-up")
     caps = cpu_bf16_capability()
-    print(f"CPU bf16 matmuls: {caps} -> {'native' if any(caps.values()) else 'EMULATED (lean is >50x slower here; '}"
-          f"{'' if any(caps.values()) else 'BitFitTrainer falls back to fp32 for --lean)'}")
+    if not cuda:
+        verdict = "native" if any(caps.values()) else \
+            "EMULATED (lean is >50x slower here; BitFitTrainer falls back to fp32 for --lean)"
+        print(f"CPU bf16 matmuls: {caps} -> {verdict}")
     print("| path | config | step s | vs full | step peak MiB | vs full | total peak MiB | vs full "
           "| saved-for-backward MiB | vs full | page faults/step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    out: dict = {"cpu_bf16": caps}
+    out: dict = {"cpu_bf16": caps, "device": where, "torch": torch.__version__, "shape": a.shape, "batch": a.batch,
+                 "seq": a.seq, "precision": a.precision, "repeats": a.repeats,
+                 "trainable": {f"{r.path}/{r.name}": sum(p.numel() for p in r.model.parameters() if p.requires_grad)
+                               for r in runners}}
     for path in a.paths:
         base: tuple = (None,) * 4
         if "full" in a.configs:

@@ -49,6 +49,8 @@ def known_flags() -> set[str]:
     parsers += list(cli_parser._subparsers._group_actions[0].choices.values())
     for p in parsers:
         flags |= {o for o in p._option_string_actions if o.startswith("--")}
+    for script in (ROOT / "benchmarks" / "device").glob("*.sh"):  # the kit's options: its `case` patterns
+        flags |= set(re.findall(r"^\s+(--[\w-]+)\)", script.read_text(), re.M))
     return flags
 
 

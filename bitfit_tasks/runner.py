@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
+from .arguments import parse_args, runner_dataclasses
 from .best import BestEpochKeeper
 from .checkpoints import checkpoint_step, resolve_resume
 from .config import BitFitConfig
+from .errors import UsageError
 from .fileio import atomic_write_text
 from .output_dir import claim_output_dir, release_output_dir
+from .recipes import apply_recipe
 from .results import eval_history, headline, loss_sum_of_call, run_record, train_loss_record
 from .selection import bias_parameter_ids, head_parameter_names
 from .trainer import BitFitTrainer
@@ -37,14 +40,8 @@ def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, run_args: 
     (checked and locked before any data or model is loaded), the recipe's defaults for this mode
     (recipes.py; ``runner`` picks what ``--recipe auto`` means), seeds. Returns the data seed
     (``--data_seed``, else ``--seed``) for subset sampling."""
-    from transformers import set_seed
-
-    from .recipes import apply_recipe
-
     setup_logging()
     if getattr(run_args, "keep", "best") == "last" and training_args.load_best_model_at_end:
-        from .errors import UsageError
-
         raise UsageError("--keep last contradicts --load_best_model_at_end true (which loads the best checkpoint); "
                          "drop one of them (--keep best keeps the best evaluation without checkpoints).")
     resolve_resume(training_args)
@@ -64,8 +61,6 @@ def ensure_pad_token(tokenizer, config) -> None:
     Pad with the end-of-sequence token, as the HF examples do."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            from .errors import UsageError
-
             raise UsageError(f"the tokenizer of {config.name_or_path!r} has neither a pad nor an eos token to pad "
                              "batches with; add one (tokenizer.add_special_tokens) and save the model folder.")
         tokenizer.pad_token = tokenizer.eos_token
@@ -96,8 +91,6 @@ def parse_and_run(run: Callable[..., dict[str, Any]], task_args: type, argv: lis
                   defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """A runner's ``main``: parse the shared dataclasses plus the task's, call ``run``, and release the
     output-folder lock on any exit (an error before training must not keep it for the process's life)."""
-    from .arguments import parse_args, runner_dataclasses
-
     model_args, data_args, bitfit, run_args, training_args = parse_args(runner_dataclasses(task_args), argv, defaults)
     try:
         return run(model_args, data_args, bitfit, training_args, run_args)

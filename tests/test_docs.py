@@ -42,6 +42,10 @@ def tokens_of(line: str) -> list[str]:
         return line.split()
 
 
+# One TrainingArguments option under its two names (transformers 5.24 renamed it; the docs give both).
+RENAMED = [{"--gradient_checkpointing", "--activation_checkpointing"}]
+
+
 def known_flags() -> set[str]:
     flags = set(FOREIGN_FLAGS)
     parsers = [runner_parser(r) for r in sweep.RUNNERS] + [sweep.build_parser(), analysis.build_parser()]
@@ -51,6 +55,9 @@ def known_flags() -> set[str]:
         flags |= {o for o in p._option_string_actions if o.startswith("--")}
     for script in (ROOT / "benchmarks" / "device").glob("*.sh"):  # the kit's options: its `case` patterns
         flags |= set(re.findall(r"^\s+(--[\w-]+)\)", script.read_text(), re.M))
+    for names in RENAMED:
+        if names & flags:
+            flags |= names
     return flags
 
 

@@ -52,7 +52,9 @@ def claim_output_dir(training_args: TrainingArguments, overwrite: bool = False) 
     if training_args.resume_from_checkpoint:
         return
     finished = (out / "results.json").exists()
-    ckpts = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
+    # By step, not by name: checkpoint-150 comes after checkpoint-50.
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit()
+                   else -1) if out.is_dir() else []
     if not (finished or ckpts):
         return
     if not overwrite:

@@ -111,3 +111,14 @@ def test_a_refused_run_releases_its_folder(tiny_model_dir, tmp_path):
     lock = FileLock(str(out / LOCK_NAME))
     lock.acquire(timeout=0)  # raises Timeout if still held
     lock.release()
+
+
+def test_the_refusal_names_the_newest_checkpoint_by_step(tiny_model_dir, tmp_path):
+    """checkpoint-150 is newer than checkpoint-50, though it sorts before it as a name."""
+    from bitfit_tasks.glue import main as glue_main
+
+    out = tmp_path / "run"
+    for step in (50, 100, 150):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds checkpoints of an unfinished run \(checkpoint-150\)"):
+        glue_main(glue(tiny_model_dir, out))

@@ -1,6 +1,7 @@
 """Print the package's module table for docs/architecture.md: each module of ``bitfit_tasks``, its
 layer (0 imports no other module of the package; a module sits one layer above the highest it
-imports), its size, the package modules it imports, and the first line of its docstring.
+imports), the package modules it imports, and the first sentence of its docstring. No sizes: the
+table changes when the structure does, not with every edit.
 
     python docs/module_graph.py            # the table, as docs/architecture.md holds it
 """
@@ -34,7 +35,7 @@ def modules() -> dict[str, dict]:
         name = path.stem
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         first = " ".join(doc.split("\n\n")[0].split())
-        out[name] = {"lines": len(path.read_text().splitlines()), "doc": first.split(". ")[0].removesuffix("."),
+        out[name] = {"doc": first.split(". ")[0].removesuffix("."),
                      "imports": sorted(package_imports(path) - {name})}
     for info in out.values():
         info["imports"] = [m for m in info["imports"] if m in out]
@@ -59,10 +60,10 @@ def layers(mods: dict[str, dict]) -> dict[str, int]:
 def table() -> str:
     mods = modules()
     depth = layers(mods)
-    rows = ["| layer | module | lines | imports | what it does |", "|---|---|---|---|---|"]
+    rows = ["| layer | module | imports | what it does |", "|---|---|---|---|"]
     for name in sorted(mods, key=lambda m: (-depth[m], m)):
         info = mods[name]
-        rows.append(f"| {depth[name]} | `{name}` | {info['lines']} | {', '.join(info['imports']) or '–'} | "
+        rows.append(f"| {depth[name]} | `{name}` | {', '.join(info['imports']) or '–'} | "
                     f"{info['doc'].replace('|', '/')} |")
     return "\n".join(rows) + "\n"
 

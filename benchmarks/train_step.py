@@ -131,10 +131,6 @@ def lora(model):
     return get_peft_model(model, cfg)
 
 
-def device_memory(device: str) -> int:
-    return torch.cuda.memory_allocated() if device == "cuda" else heap_in_use()
-
-
 class Runner:
     """One configuration on one path, ready to run single steps."""
 

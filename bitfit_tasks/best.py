@@ -18,7 +18,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -104,6 +103,3 @@ class BestEpochKeeper(TrainerCallback):
             for n, t in self.tensors.items():
                 params[n].copy_(t.to(device=params[n].device, dtype=params[n].dtype))
         return True
-
-    def record(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "score": self.score}

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -276,7 +277,6 @@ def upload_delta_folder(write: Any, repo_id: str, *, token: str | bool | None, p
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-
     api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         write(tmp)
@@ -369,8 +369,6 @@ def apply_delta(
 def task_model_class(name: str, source: str = "the delta") -> type:
     """The transformers model class a delta's ``task_class`` names (e.g. BertForSequenceClassification);
     anything else (a module, a function, a typo) is one line."""
-    import transformers
-
     cls = None
     if name.isidentifier():
         try:
@@ -391,8 +389,6 @@ def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revisi
     ``torch.bfloat16``) and ``device`` (e.g. ``"cuda"``) load the base that way; the delta's tensors
     are cast to match, and a delta trained on the fp32 base is accepted on it (see the signature
     comment above). ``from_pretrained_kwargs`` go to the base model's ``from_pretrained``."""
-    import transformers
-
     if not isinstance(delta, Delta):
         delta = Delta.from_pretrained(delta, revision=revision, cache_dir=from_pretrained_kwargs.get("cache_dir"),
                                       token=from_pretrained_kwargs.get("token"))

@@ -3,6 +3,7 @@ user files into it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -34,8 +35,6 @@ def check_json_rows(path: str | Path) -> None:
     """A ``.json``/``.jsonl`` data file holds rows that are JSON objects: one JSON array of them, or one
     object per line. Checked here because datasets' JSON reader handles other rows badly (a first line
     ``null`` crashes the process in pyarrow) or with errors that do not name the line."""
-    import json
-
     text = read_utf8(path)
     try:
         whole = json.loads(text)

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import UsageError, check_json_rows, decode_utf8, first_line, read_utf8
+from .hub_data import load_hub_dataset
 
 Sentence = dict[str, list[str]]
 
@@ -229,8 +230,6 @@ def read_token_tag_dataset(path_or_name: str, split: str = "train", config: str 
             first = first_line(err)
             raise UsageError(f"could not read {path_or_name!r} as {builder}: {first[:200]}") from err
     else:
-        from .hub_data import load_hub_dataset
-
         ds = load_hub_dataset(path_or_name, config, split=split,
                               local_hint="--treebank (a WSJ .mrg folder or zip, e.g. ../shared/data/pos/nltk_data/"
                               "corpora/treebank.zip) or --train_file/--validation_file")

@@ -56,10 +56,6 @@ def signature_id(signature: dict[str, dict]) -> str:
     return "sig-" + hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()
 
 
-def fingerprint(model: nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> str:
-    return signature_id(base_signature(model, exclude))
-
-
 def signature_mismatch(recorded: dict[str, dict], current: dict[str, dict]) -> str | None:
     """None when ``current`` is the base ``recorded`` describes (within the rounding of the coarser
     dtype of each tensor), else what differs first."""

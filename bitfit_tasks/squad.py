@@ -21,6 +21,7 @@ from transformers import (
 from .arguments import ModelArguments, RunArguments
 from .config import BitFitConfig
 from .errors import UsageError, check_positive
+from .hub_data import load_hub_dataset
 from .results import eval_history
 from .runner import parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED
@@ -67,8 +68,6 @@ class SquadArguments:
 def load_rows(a: SquadArguments) -> tuple[list[dict], list[dict]]:
     if a.train_file:
         return read_squad_file(a.train_file, "train"), read_squad_file(a.validation_file, "validation")
-    from .hub_data import load_hub_dataset
-
     ds = load_hub_dataset(a.dataset_name, local_hint="--train_file and --validation_file (the official v1.1 "
                           "JSON, e.g. ../shared/data/squad/train-v1.1.rebuilt.json and dev-v1.1.rebuilt.json)")
     return [dict(r) for r in ds["train"]], [dict(r) for r in ds["validation"]]

@@ -13,6 +13,7 @@ numbers.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -20,12 +21,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from filelock import FileLock, Timeout
+from transformers import HfArgumentParser
 
+from .arguments import parse_args, runner_dataclasses
 from .errors import UsageError
 from .fileio import atomic_write_text
+from .launch import finish_distributed, run_cli
 from .plots import plot_training_size_curve
-from .recipes import OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS, PAPER_FULL_LRS, recipe_for
+from .recipes import OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS, PAPER_FULL_LRS, apply_recipe, recipe_for
 from .report import summarize
 from .selection import PRESETS, resolve_terms
 from .sweep_cells import RECORD, cell_identity, cell_state
@@ -80,8 +85,6 @@ def check_runner_args(extra_args: Sequence[str], task_flags: Sequence[str] = ())
 
 def runner_module(runner: str):
     """The runner's module (``glue``, ``pos``, ``squad``): its ``main``, ``ARGUMENTS`` and ``DEFAULTS``."""
-    import importlib
-
     if runner not in RUNNERS:
         raise UsageError(f"unknown runner {runner!r}; choose one of {list(RUNNERS)}.")
     return importlib.import_module(f"{__package__}.{runner}")
@@ -89,19 +92,12 @@ def runner_module(runner: str):
 
 def runner_parser(runner: str):
     """The runner's own ``HfArgumentParser`` (option table, abbreviations), with its defaults."""
-    from transformers import HfArgumentParser
-
-    from .arguments import runner_dataclasses
-
     return HfArgumentParser(runner_dataclasses(runner_module(runner).ARGUMENTS))
 
 
 def resolved_recipe(runner: str, argv: Sequence[str]) -> dict[str, Any]:
     """``{"recipe", "recipe_applied"}`` that a run with ``argv`` gets (what its results.json records),
     from the runner's own parsing of the arguments."""
-    from .arguments import parse_args, runner_dataclasses
-    from .recipes import apply_recipe
-
     mod = runner_module(runner)
     _, _, bitfit, run_args, training_args = parse_args(runner_dataclasses(mod.ARGUMENTS), list(argv), mod.DEFAULTS)
     return apply_recipe(training_args, bitfit.mode, run_args.recipe, run_args.explicit_args, runner)
@@ -300,10 +296,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     run_grid(runner_module(args.runner).main, runner=args.runner, task_args=task_args, tasks=args.tasks,
              methods=args.methods, seeds=args.seeds, output_dir=args.output_dir, bias_lrs=args.bias_lrs,
              full_lrs=args.full_lrs, extra_args=extra, dry_run=args.dry_run, shard=_parse_shard(args.shard))
-    import torch.distributed as dist
-
-    from .launch import finish_distributed
-
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     summary = {"markdown": ""}
     if is_main and not args.dry_run:  # one writer for the table
@@ -316,6 +308,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from .launch import run_cli
-
     run_cli(main)

@@ -16,7 +16,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import BitFitConfig
 from .core import BitFitState, prepare_model
-from .delta import DELTA_CONFIG, DELTA_WEIGHTS, Delta, apply_delta, is_delta_dir, save_delta
+from .delta import DELTA_CONFIG, DELTA_WEIGHTS, Delta, apply_delta, is_delta_dir, save_delta, upload_delta_folder
 from .fileio import atomic_write_text
 from .lean import bf16_supported, cpu_bf16_capability, make_lean
 from .model_card import model_card
@@ -253,8 +253,6 @@ class BitFitTrainer(Trainer):
         Trainer's own upload. Same arguments as ``Trainer.push_to_hub``."""
         if not self._saves_delta():
             return super().push_to_hub(*args, **kwargs)
-        from .delta import upload_delta_folder
-
         commit_message = args[0] if args else kwargs.get("commit_message") or "Upload BitFit delta"
         token = kwargs.get("token") or self.args.hub_token
         repo_id = kwargs.get("repo_id") or self.args.hub_model_id or Path(self.args.output_dir).name

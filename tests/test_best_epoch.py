@@ -160,7 +160,7 @@ def test_keeper_keeps_the_first_best_and_restores_it():
         snapshots[step] = {n: p.detach().clone() for n, p in params.items()}
         keeper.on_evaluate(None, state(step, float(step)), None, metrics={"eval_f1": score, "eval_loss": 1.0})
         keeper.on_evaluate(None, state(step, float(step)), None, metrics={"eval_mm_accuracy": 0.1})  # other set
-    assert keeper.record() == {"step": 2, "epoch": 2.0, "score": 0.9}  # ties keep the first, NaN never wins
+    assert (keeper.step, keeper.epoch, keeper.score) == (2, 2.0, 0.9)  # ties keep the first, NaN never wins
     assert keeper.restore()
     assert all(torch.equal(p, snapshots[2][n]) for n, p in tr.model.named_parameters())
     # Only trainable tensors are copied (the frozen ones never change).

@@ -20,7 +20,7 @@ from bitfit_tasks import (
     save_delta,
 )
 from bitfit_tasks.delta import DELTA_CONFIG, DELTA_WEIGHTS
-from bitfit_tasks.signature import fingerprint
+from bitfit_tasks.signature import base_signature, signature_id
 
 
 def make_args(tmp_path, **kw):
@@ -77,7 +77,7 @@ def test_mismatched_base_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"is not a BitFit delta"):
         Delta.load(tmp_path)
     # The fingerprint ignores the head (a user's base has a fresh one) and nothing else.
-    assert fingerprint(tiny_model("bert", num_labels=5)) == fingerprint(tiny_model("bert"))
+    assert signature_id(base_signature(tiny_model("bert", num_labels=5))) == signature_id(base_signature(tiny_model("bert")))
 
 
 def test_remove_restores_base_bit_exactly(tmp_path):

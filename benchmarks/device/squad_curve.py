@@ -93,25 +93,22 @@ def main() -> None:
         procs = []
         for recipe, n in per_recipe.items():
             for i in range(n):
-                log = open(logs / f"{recipe}-{i}.log", "w")  # noqa: SIM115 -- closed when the process ends
-                procs.append((subprocess.Popen(sweep_cmd(a, recipe, seed, (i, n)), stdout=log,
-                                               stderr=subprocess.STDOUT, env=env), log))
+                path = logs / f"{recipe}-{i}.log"
+                with open(path, "w") as log:  # the child keeps its own descriptor
+                    procs.append((subprocess.Popen(sweep_cmd(a, recipe, seed, (i, n)), stdout=log,
+                                                   stderr=subprocess.STDOUT, env=env), path))
         print(f"seed {seed}: {len(procs)} cells started", flush=True)
-        for p, log in procs:
+        for p, _ in procs:
             try:
                 p.wait(timeout=max(1.0, end - time.time()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-            log.close()
-        failed = [str(p.args[p.args.index("--shard") + 1]) for p, _ in procs if p.returncode not in (0, -9)]
-        print(f"seed {seed}: done={pack(a.output_dir, a.tar)} cells so far; failed shards: {failed or 'none'}; "
+        failed = [path for p, path in procs if p.returncode not in (0, -9)]  # -9: stopped at the deadline
+        print(f"seed {seed}: done={pack(a.output_dir, a.tar)} cells so far; failed: {[f.name for f in failed]}; "
               f"{max(0, end - time.time()):.0f} s left", flush=True)
-        for p, _ in procs:
-            if p.returncode not in (0, -9):
-                tail = (logs / f"{p.args[p.args.index('--output_dir') + 1].rsplit('/', 1)[-1]}-"
-                        f"{p.args[p.args.index('--shard') + 1].split('/')[0]}.log").read_text()[-1500:]
-                print(tail, flush=True)
+        for path in failed:
+            print(path.read_text()[-1500:], flush=True)
     stop.set()
     print(f"{pack(a.output_dir, a.tar)} finished cells packed into {a.tar}", flush=True)
 

@@ -33,6 +33,13 @@ class BitFitConfig:
             "nargs": "+",
         },
     )
+    add_missing_biases: bool = field(
+        default=True,
+        metadata={"help": "Where a selected term has no bias (Llama, Mistral, Qwen3, Gemma, Phi-3, ModernBERT are "
+                  "built without them), add a zero-initialised bias there and train it (outputs at initialisation are "
+                  "unchanged). --add_missing_biases false trains only the biases the model has, and refuses a "
+                  "model that has none."},
+    )
     train_head: bool = field(
         default=True,
         metadata={"help": "Train the task head (classifier / qa_outputs); --train_head false "

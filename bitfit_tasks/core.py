@@ -11,11 +11,13 @@ from torch import nn
 
 from .config import BitFitConfig
 from .selection import (
+    ADDABLE_BIAS_TYPES,
     BiasMap,
     backbone_of,
     bias_parameter_ids,
+    bias_size,
     head_parameter_names,
-    select_bias_parameters,
+    plan_bias_selection,
 )
 
 logger = logging.getLogger("bitfit_tasks")
@@ -37,6 +39,8 @@ class BitFitState:
     term_counts: dict[str, int] = field(default_factory=dict)
     #: Every head tensor, trained or not (a delta stores the head either way).
     head_all: list[str] = field(default_factory=list)
+    #: Biases BitFit added (zero-initialised) where the model had none: full name -> length.
+    added: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         pct = 100.0 * self.n_trainable / max(self.n_total, 1)
@@ -44,8 +48,13 @@ class BitFitState:
             f"trainable params: {self.n_trainable:,d} || all params: {self.n_total:,d} "
             f"|| trainable%: {pct:.4f}"
         ]
+        added_terms = {t for t, names in self.terms.items() if any(n in self.added for n in names)}
         for term, n in self.term_counts.items():
-            lines.append(f"  {term:>8}: {n:,d} ({100.0 * n / max(self.n_total, 1):.4f}%)")
+            note = " added" if term in added_terms and self.mode == "bitfit" else ""
+            lines.append(f"  {term:>8}: {n:,d} ({100.0 * n / max(self.n_total, 1):.4f}%){note}")
+        if self.added and self.mode == "bitfit":
+            lines.append(f"  added biases: {len(self.added)} tensors, {sum(self.added.values()):,d} values, "
+                         "zero-initialised where the model had none (outputs at initialisation unchanged)")
         return "\n".join(lines)
 
     def _mask_on(self, name: str, device: torch.device) -> torch.Tensor:
@@ -121,6 +130,37 @@ def random_masks(
     return masks
 
 
+@torch.no_grad()
+def add_biases(model: nn.Module, added: dict[str, int]) -> list[str]:
+    """Give each named Linear/LayerNorm a zero bias of the listed length, on its weight's device and in
+    its dtype; a name that is a parameter already is left alone. Returns the names created. Zero
+    bias: ``F.linear``/``F.layer_norm`` add it last, so the outputs are unchanged."""
+    params = dict(model.named_parameters())
+    created = []
+    for name, size in added.items():
+        if name in params:
+            continue
+        mod_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(mod_name)
+        if attr != "bias" or not isinstance(module, ADDABLE_BIAS_TYPES) or getattr(module, "bias", None) is not None:
+            raise ValueError(f"cannot add bias {name}: {mod_name} is a {type(module).__name__}; biases are added to "
+                             "Linear and LayerNorm modules built without one.")
+        if bias_size(module) != size:
+            raise ValueError(f"cannot add bias {name} of length {size}: {mod_name} takes one of {bias_size(module)}.")
+        ref = module.weight if getattr(module, "weight", None) is not None else next(model.parameters())
+        module.bias = nn.Parameter(torch.zeros(size, device=ref.device, dtype=ref.dtype))
+        created.append(name)
+    return created
+
+
+@torch.no_grad()
+def remove_biases(model: nn.Module, names: list[str]) -> None:
+    """Undo :func:`add_biases`: the modules go back to having no bias."""
+    for name in names:
+        mod_name, _, _ = name.rpartition(".")
+        model.get_submodule(mod_name).bias = None
+
+
 def prepare_model(
     model: nn.Module,
     config: BitFitConfig | None = None,
@@ -139,20 +179,32 @@ def prepare_model(
     n_total = sum(p.numel() for p in all_params.values())
     terms: dict[str, list[str]] = {}
     masks: dict[str, torch.Tensor] = {}
+    added: dict[str, int] = {}
 
     if config.mode == "full":
         trainable = [n for n in all_params if config.train_head or n not in head_all]
     elif config.mode == "frozen":
         trainable = list(head)
     else:
-        terms = select_bias_parameters(model, config.bias_terms, bias_map=bias_map)
+        plan = plan_bias_selection(model, config.bias_terms, bias_map=bias_map, add_missing=config.add_missing_biases)
+        terms = plan.terms
         if config.mode == "bitfit":
+            added = plan.added
+            add_biases(model, added)
+            all_params = dict(model.named_parameters())
+            n_total = sum(p.numel() for p in all_params.values())
             trainable = [n for names in terms.values() for n in names] + head
+            for name, ranges in plan.slices.items():
+                # q/k/v of a fused projection: the other parts of its bias keep their values.
+                mask = torch.zeros(all_params[name].shape, dtype=torch.bool, device=all_params[name].device)
+                for a, b in ranges:
+                    mask[a:b] = True
+                masks[name] = mask
         else:
-            k = sum(all_params[n].numel() for names in terms.values() for n in names)
+            # The random baselines train as many weights as BitFit would train bias values.
             masks = random_masks(
                 model,
-                k,
+                sum(plan.counts.values()),
                 row_col=config.mode == "rand_row_col",
                 seed=config.mask_seed if config.mask_seed is not None else seed,
             )
@@ -175,10 +227,10 @@ def prepare_model(
         term_counts = {"backbone": n_total - head_n if config.train_head else n_total}
     elif config.mode == "frozen":
         term_counts = {}
-    elif masks:
+    elif config.mode != "bitfit":
         term_counts = {config.mode: sum(int(m.sum()) for m in masks.values())}
     else:
-        term_counts = {t: sum(all_params[n].numel() for n in names) for t, names in terms.items()}
+        term_counts = dict(plan.counts)
     if head:
         term_counts["head"] = head_n
     n_trainable = sum(term_counts.values())
@@ -194,6 +246,7 @@ def prepare_model(
         originals={n: all_params[n].detach().clone() for n in masks},
         term_counts=term_counts,
         head_all=head_all,
+        added=added,
     )
     for name in masks:
         # Zero the gradient outside the mask, so clipping norms and Adam moments see only the
@@ -202,4 +255,4 @@ def prepare_model(
     return state
 
 
-__all__ = ["BitFitState", "prepare_model", "random_masks"]
+__all__ = ["BitFitState", "add_biases", "prepare_model", "random_masks", "remove_biases"]

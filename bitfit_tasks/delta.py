@@ -16,6 +16,7 @@ A delta folder holds
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .core import add_biases, remove_biases
 from .errors import UsageError, first_line, read_utf8
 from .fileio import atomic_write_text
 from .model_card import model_card
@@ -64,10 +66,12 @@ def save_delta(
     terms: dict[str, list[str]] | None = None,
     base_model: str | None = None,
     signature: dict[str, dict] | None = None,
+    added: dict[str, int] | None = None,
 ) -> Path:
     """Write the trained tensors of ``model`` (``names``, default: those with requires_grad).
     ``signature``: the base's signature taken earlier (before lean mode rounded it), else computed
-    now."""
+    now. ``added``: the biases BitFit added to a base built without them (name -> length); applying
+    the delta re-creates them."""
     out = Path(output_dir)
     names = names if names is not None else delta_tensor_names(model)
     if not names:
@@ -86,6 +90,7 @@ def save_delta(
         "head": [n for n in head_parameter_names(model) if n in tensors],
         "shapes": {n: list(t.shape) for n, t in tensors.items()},
         "n_params": sum(p.numel() for p in model.parameters()),
+        "added_biases": {n: int(v) for n, v in (added or {}).items()},
     }
     signature = signature if signature is not None else base_signature(model, exclude=set(names))
     meta["base_fingerprint"] = signature_id(signature)
@@ -243,6 +248,12 @@ class Delta:
             if absent:
                 raise UsageError(f"{p / DELTA_CONFIG}: field {field_name!r} names tensor(s) {absent[:3]} that "
                                  f"{DELTA_WEIGHTS} lacks; the JSON was edited or damaged: save the delta again.")
+        added = meta.setdefault("added_biases", {})
+        if not (isinstance(added, dict) and all(isinstance(n, str) and n in tensors and isinstance(v, int)
+                                                and not isinstance(v, bool) and shapes[n] == [v]
+                                                for n, v in added.items())):
+            raise UsageError(f"{p / DELTA_CONFIG}: field 'added_biases' must map bias tensors of the delta to their "
+                             f"lengths, got {str(added)[:60]}; the JSON was edited or damaged: save the delta again.")
         task_model_class(meta["task_class"], source=str(p / DELTA_CONFIG))
         if "base_signature" in meta:
             _check_signature(meta["base_signature"], str(p / DELTA_CONFIG))
@@ -290,13 +301,17 @@ class AppliedDelta:
 
     model: nn.Module
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Biases the delta added to a base built without them: removed again, not zeroed.
+    created: list[str] = field(default_factory=list)
 
     @torch.no_grad()
     def remove(self) -> None:
         params = dict(self.model.named_parameters())
         for name, value in self.originals.items():
-            params[name].copy_(value)
-        self.originals = {}
+            if name not in self.created:
+                params[name].copy_(value)
+        remove_biases(self.model, self.created)
+        self.originals, self.created = {}, []
 
 
 def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool = True,
@@ -347,6 +362,18 @@ def base_mismatch(delta: Delta, frozen: list[tuple[str, torch.Tensor]],
     return None if why is None else f"{why}; fingerprint {delta.meta.get('base_fingerprint', '')[:16]}…"
 
 
+def create_added_biases(model: nn.Module, delta: Delta) -> list[str]:
+    """The zero biases a delta trained where its base had none, created on ``model`` if it lacks them
+    (a base loaded fresh); returns the names created. A module that cannot take one is one line."""
+    added = delta.meta.get("added_biases") or {}
+    try:
+        return add_biases(model, added)
+    except (AttributeError, ValueError) as err:  # get_submodule: no such module
+        raise ValueError(f"delta {delta.path} adds biases this model cannot hold ({first_line(err)}); load the base "
+                         f"the delta was trained on ({delta.meta.get('base_model')!r}, "
+                         f"{delta.meta.get('task_class')}).") from None
+
+
 @torch.no_grad()
 def apply_delta(
     model: nn.Module, delta: Delta | str | os.PathLike, *, verify_fingerprint: bool = True,
@@ -356,9 +383,14 @@ def apply_delta(
     (cast to each parameter's dtype and device); keep the replaced values for ``remove()``.
     ``signature``: see :func:`check_compatible`."""
     delta = delta if isinstance(delta, Delta) else Delta.from_pretrained(delta, **hub_kwargs)
-    check_compatible(model, delta, verify_fingerprint=verify_fingerprint, signature=signature)
+    created = create_added_biases(model, delta)
+    try:
+        check_compatible(model, delta, verify_fingerprint=verify_fingerprint, signature=signature)
+    except BaseException:
+        remove_biases(model, created)  # a refused delta leaves the model as it was
+        raise
     params = dict(model.named_parameters())
-    handle = AppliedDelta(model)
+    handle = AppliedDelta(model, created=created)
     for name, value in delta.tensors.items():
         p = params[name]
         handle.originals[name] = p.detach().clone()
@@ -409,10 +441,71 @@ def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revisi
     return model
 
 
-def export_merged(base_model: str, delta_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+def _skeleton(cls: type, config) -> nn.Module:
+    with torch.device("meta"):
+        return cls(config)
+
+
+def flags_for_added_biases(config, delta: Delta) -> dict[str, bool]:
+    """The config flags (``attention_bias``, ``mlp_bias``, ``norm_bias``, from the family's bias map) that
+    make a standard model of ``config``'s class hold every bias the delta added; refused in one line
+    when the config cannot express some (Mistral has no such flag, Qwen3 none for its MLP)."""
+    from .selection import DEFAULT_BIAS_MAPS, _user_maps
+
+    added = set(delta.meta.get("added_biases") or {})
+    cls = task_model_class(delta.meta["task_class"])
+    task_cfg = delta.meta.get("task_config") or {}
+    bmap = _user_maps.get(config.model_type) or DEFAULT_BIAS_MAPS.get(config.model_type)
+    base_names = {n for n, _ in _skeleton(cls, type(config).from_dict({**config.to_dict(), **task_cfg}))
+                  .named_parameters()}
+    flags: dict[str, bool] = {}
+    covered: set[str] = set()
+    for flag in (bmap.config_flags if bmap is not None else ()):
+        if getattr(config, flag, None) is not False:
+            continue
+        on = type(config).from_dict({**config.to_dict(), **task_cfg, flag: True})
+        new = {n for n, _ in _skeleton(cls, on).named_parameters()} - base_names
+        if new & added:
+            flags[flag] = True
+            covered |= new
+    left = sorted(added - covered)
+    if left:
+        terms = sorted(t for t, names in delta.meta.get("terms", {}).items() if set(names) & set(left))
+        have = f"its flags {list(bmap.config_flags)} cover the others" if bmap and bmap.config_flags else \
+            "it has no flag that adds biases"
+        raise UsageError(
+            f"cannot merge: {type(config).__name__} cannot express the biases this delta added for term(s) {terms} "
+            f"(e.g. {left[0]}; {have}), so a merged model would lose them. Serve the delta on its base instead "
+            "(load_task_model(base, delta) or MultiTaskBitFit), or train with --bias_terms limited to terms the "
+            "config can express.")
+    return flags
+
+
+@torch.no_grad()
+def with_config_flags(model: nn.Module, flags: dict[str, bool]) -> nn.Module:
+    """``model`` rebuilt as its own class with ``flags`` switched on in its config, holding the same tensors;
+    the biases a flag builds that the delta did not train are zeros (their value in the delta's model)."""
+    config = copy.deepcopy(model.config)
+    for flag, value in flags.items():
+        setattr(config, flag, value)
+    merged = _skeleton(type(model), config)
+    state = model.state_dict()
+    for name, t in merged.state_dict().items():
+        if name not in state:
+            if not name.endswith(".bias"):
+                raise UsageError(f"cannot merge: config flags {sorted(flags)} add {name}, which is not a bias.")
+            state[name] = torch.zeros(t.shape, dtype=next(model.parameters()).dtype)
+    merged.load_state_dict(state, strict=True, assign=True)
+    return merged.eval()
+
+
+def export_merged(base_model: str, delta_dir: str | os.PathLike | Delta, output_dir: str | os.PathLike) -> Path:
     """Write a full ``from_pretrained``-loadable model (base + delta merged), plus the tokenizer.
-    The folder is built under a temporary name and renamed, and an existing file or non-empty
-    folder at ``output_dir`` is refused, never overwritten."""
+    A delta that added biases to a base built without them (Llama, ModernBERT, ...) merges by
+    switching on the config's own flags (``attention_bias``, ``mlp_bias``, ``norm_bias``); where the
+    config cannot express them, the merge is refused in one line. The folder is built under a
+    temporary name and renamed, and an existing file or non-empty folder at ``output_dir`` is
+    refused, never overwritten."""
     import shutil
     import tempfile
 
@@ -422,7 +515,15 @@ def export_merged(base_model: str, delta_dir: str | os.PathLike, output_dir: str
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         kind = "a file" if not out.is_dir() else "a folder that is not empty"
         raise UsageError(f"--output {out} is {kind}; give a new or empty folder for the merged model.")
-    model = load_task_model(base_model, delta_dir)
+    delta = Delta.from_pretrained(delta_dir) if not isinstance(delta_dir, Delta) else delta_dir
+    delta_dir = delta.path
+    if delta.meta.get("added_biases"):
+        # Refused before the base is loaded: which config flags would build the added biases.
+        config = transformers.AutoConfig.from_pretrained(base_model)
+        flags = flags_for_added_biases(config, delta)
+    model = load_task_model(base_model, delta)
+    if delta.meta.get("added_biases"):
+        model = with_config_flags(model, flags)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -26,12 +26,15 @@ a pre-LN stack (``ln_f``, ``final_layer_norm``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
+import torch
 from torch import nn
 
 logger = logging.getLogger("bitfit_tasks")
@@ -70,6 +73,14 @@ class BiasMap:
     layer_prefix: str
     layer_modules: Mapping[str, str | Sequence[str]]
     global_modules: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    #: A fused query/key/value projection (module path inside the layer) whose one bias vector is
+    #: ``[q; k; v]``: the terms ``q``/``k``/``v`` select their slice of it, ``qkv`` the whole.
+    fused_qkv: str | None = None
+    #: The sizes of the q, k and v parts of ``fused_qkv``'s output, read from the model config.
+    qkv_sizes: Callable[[Any], tuple[int, int, int]] | None = None
+    #: Config flags that build biases the architecture lacks by default (``attention_bias``,
+    #: ``mlp_bias``, ``norm_bias``): what lets a delta with added biases merge into a standard model.
+    config_flags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = (set(self.layer_modules) - set(LAYER_TERMS)) | (
@@ -80,6 +91,9 @@ class BiasMap:
                 f"BiasMap names unknown term(s) {sorted(unknown)}; per-layer terms are "
                 f"{list(LAYER_TERMS)} and global terms are {list(GLOBAL_TERMS)}."
             )
+        if (self.fused_qkv is None) != (self.qkv_sizes is None):
+            raise ValueError("BiasMap.fused_qkv and BiasMap.qkv_sizes go together: the fused projection's path "
+                             "and the sizes of its q, k and v parts.")
         if re.compile(self.layer_prefix).groups != 1:
             raise ValueError(
                 f"BiasMap.layer_prefix {self.layer_prefix!r} must have exactly one group "
@@ -100,6 +114,14 @@ class BiasMap:
             out[term] = re.compile(rf"(?:{alts(paths)})\.bias")
         return out
 
+    def module_patterns(self) -> dict[str, re.Pattern[str]]:
+        """The same, over backbone-relative *module* names (where a bias is, or could be added)."""
+        out = {t: re.compile(p.pattern.removesuffix(r"\.bias")) for t, p in self.patterns().items()}
+        if self.fused_qkv is not None:
+            for term in ("q", "k", "v"):
+                out.setdefault(term, re.compile(rf"{self.layer_prefix}\.{re.escape(self.fused_qkv)}"))
+        return out
+
 
 _BERT_LAYER = {
     "q": "attention.self.query",
@@ -115,6 +137,23 @@ _BERT = BiasMap(
     layer_prefix=r"encoder\.layer\.(\d+)",
     layer_modules=_BERT_LAYER,
     global_modules={"emb": ["embeddings.LayerNorm"], "pool": ["pooler.dense"]},
+)
+
+def _gqa_qkv_sizes(config: Any) -> tuple[int, int, int]:
+    """q, k, v widths of a fused projection under grouped-query attention (Phi-3's qkv_proj)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_attention_heads * head_dim, kv * head_dim, kv * head_dim
+
+
+_LLAMA_STYLE = BiasMap(
+    layer_prefix=r"layers\.(\d+)",
+    layer_modules={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "m1": "self_attn.o_proj",
+                   # A gated MLP has two intermediate projections, the gate and the up projection.
+                   "m2": ["mlp.gate_proj", "mlp.up_proj"], "m3": "mlp.down_proj",
+                   "LN1": "input_layernorm", "LN2": "post_attention_layernorm"},
+    global_modules={"final": ["norm"]},
+    config_flags=("attention_bias", "mlp_bias"),
 )
 
 # Read-only: a new architecture goes through register_bias_map (or bias_map=), not by editing this table.
@@ -182,6 +221,31 @@ DEFAULT_BIAS_MAPS: Mapping[str, BiasMap] = MappingProxyType({
     "qwen2": BiasMap(
         layer_prefix=r"layers\.(\d+)",
         layer_modules={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"},
+    ),
+    # Built without biases (attention_bias / mlp_bias / norm_bias False by default): BitFit adds zero-initialised
+    # ones where a term has none (BitFitConfig.add_missing_biases). Their norms are RMSNorms, which have no bias.
+    "llama": _LLAMA_STYLE,
+    "mistral": dataclasses.replace(_LLAMA_STYLE, config_flags=()),
+    "qwen3": dataclasses.replace(_LLAMA_STYLE, config_flags=("attention_bias",)),
+    "gemma3_text": dataclasses.replace(
+        _LLAMA_STYLE, config_flags=("attention_bias",),
+        layer_modules={**_LLAMA_STYLE.layer_modules, "LN1": ["input_layernorm", "post_attention_layernorm"],
+                       "LN2": ["pre_feedforward_layernorm", "post_feedforward_layernorm"]}),
+    "phi3": BiasMap(
+        layer_prefix=r"layers\.(\d+)",
+        layer_modules={"qkv": "self_attn.qkv_proj", "m1": "self_attn.o_proj", "LN1": "input_layernorm",
+                       "m2": "mlp.gate_up_proj", "m3": "mlp.down_proj", "LN2": "post_attention_layernorm"},
+        global_modules={"final": ["norm"]},
+        fused_qkv="self_attn.qkv_proj", qkv_sizes=_gqa_qkv_sizes,
+    ),
+    "modernbert": BiasMap(
+        layer_prefix=r"layers\.(\d+)",
+        # Layer 0's attn_norm is an Identity (the embedding norm precedes it); Wi is the fused GLU input.
+        layer_modules={"qkv": "attn.Wqkv", "m1": "attn.Wo", "LN1": "attn_norm", "m2": "mlp.Wi", "m3": "mlp.Wo",
+                       "LN2": "mlp_norm"},
+        global_modules={"emb": ["embeddings.norm"], "final": ["final_norm"]},
+        fused_qkv="attn.Wqkv", qkv_sizes=lambda c: (c.hidden_size,) * 3,
+        config_flags=("attention_bias", "mlp_bias", "norm_bias"),
     ),
     "gpt_neox": BiasMap(
         layer_prefix=r"layers\.(\d+)",
@@ -294,67 +358,186 @@ def full_names(model: nn.Module) -> dict[str, str]:
     return {n: by_id[id(p)] for n, p in backbone_of(model).named_parameters() if id(p) in by_id}
 
 
-def select_bias_parameters(
+#: Module types BitFit can give a bias they were built without: both add their bias last, so a
+#: zero bias leaves their output unchanged and a merged model has it in the usual place.
+ADDABLE_BIAS_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm)
+
+
+def bias_size(module: nn.Module) -> int | None:
+    """The length of the bias ``module`` could be given (None: it cannot take one)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.LayerNorm):
+        shape = module.normalized_shape
+        return int(torch.Size(shape).numel()) if shape else None
+    return None
+
+
+@dataclass
+class BiasSelection:
+    """What a BitFit term selection trains: ``terms`` maps each term to full parameter names (some
+    may not exist yet: ``added`` lists the biases BitFit adds, name -> length), and ``slices`` the
+    (start, stop) ranges of a fused q/k/v bias that q/k/v alone train (absent: the whole tensor)."""
+
+    terms: dict[str, list[str]]
+    added: dict[str, int] = field(default_factory=dict)
+    slices: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    #: Term -> number of bias values it trains.
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _rmsnorm_reason(term: str, kinds: list[str]) -> str:
+    return (f"bias term {term!r} is a norm without a bias ({', '.join(sorted(set(kinds)))}): an RMSNorm has no "
+            "bias term, and BitFit adds none there because in a pre-norm block a shift of the norm's output "
+            "equals a change of the next projections' biases (q/k/v after LN1, m2 after LN2), which BitFit "
+            "trains directly.")
+
+
+def plan_bias_selection(
     model: nn.Module,
     terms: str | Iterable[str] = "bitfit",
     *,
     bias_map: BiasMap | None = None,
-) -> dict[str, list[str]]:
+    add_missing: bool = False,
+) -> BiasSelection:
     """Map each requested term to the full names of the bias parameters it selects.
 
-    Pure: reads parameter names only, changes nothing. Raises ``ValueError`` for an unknown
-    term or preset, a model with no bias parameters, an architecture without a map, or an
-    explicitly requested term the architecture does not have.
+    Pure: reads module and parameter names only, changes nothing. With ``add_missing``, a term's
+    Linear/LayerNorm built without a bias (Llama, ModernBERT, Mistral, ...) is selected too, its
+    name listed in ``added`` for :func:`~bitfit_tasks.core.add_biases` to create. Raises
+    ``ValueError`` for an unknown term or preset, a model with nothing to train, an architecture
+    without a map, or an explicitly requested term the architecture does not have.
     """
     wanted, from_preset = resolve_terms(terms)
-    if not has_bias_parameters(backbone_of(model)):
+    backbone = backbone_of(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    found_map = _find_bias_map(model, bias_map)
+    if not has_bias_parameters(backbone) and not (add_missing and found_map is not None):
+        if found_map is not None:
+            raise ValueError(
+                f"{type(model).__name__} has no bias parameters in its backbone (model_type {model_type!r} is built "
+                "without them) and add_missing_biases is off, so BitFit has nothing to train. Drop "
+                "--add_missing_biases false (BitFit then adds zero-initialised biases and trains them).")
         raise ValueError(
-            f"{type(model).__name__} has no bias parameters in its backbone (Llama-style models are built "
-            "without them), so BitFit has nothing to train. Use a model with biases (BERT, "
-            "RoBERTa, ELECTRA, DistilBERT, DeBERTa-v2, MPNet, ALBERT, GPT-2, OPT, BLOOM, Qwen2, GPT-NeoX) "
-            "or another PEFT method."
-        )
+            f"{type(model).__name__} has no bias parameters in its backbone and BitFit has no per-term bias map "
+            f"for model_type {model_type!r} that would say where to add them; supported: {supported_model_types()}. "
+            "Register one with bitfit_tasks.register_bias_map(model_type, BiasMap(...)) or pass bias_map=.")
     tokens = {t.strip() for item in ([terms] if isinstance(terms, str) else terms) for t in str(item).split(",")}
-    if _find_bias_map(model, bias_map) is None and tokens - {""} <= ALL_BIASES_PRESETS:
+    rel_to_full = full_names(model)
+    params = dict(backbone.named_parameters())
+    if found_map is None and tokens - {""} <= ALL_BIASES_PRESETS:
         # "All biases" needs no per-term map: every bias a backbone module owns.
-        backbone = backbone_of(model)
-        rel_to_full = full_names(model)
         ids = bias_parameter_ids(backbone)
         names = [rel_to_full[n] for n, p in backbone.named_parameters() if id(p) in ids and n in rel_to_full]
         if names:
             logger.info("no per-term bias map for model_type %r: training every backbone bias (%d tensors) "
                         "as term 'all'; per-term subsets (q, m2, ...) need a map (register_bias_map).",
-                        getattr(getattr(model, "config", None), "model_type", None), len(names))
-            return {"all": names}
-    patterns = _get_bias_map(model, bias_map).patterns()
-    rel_to_full = full_names(model)
-    selected: dict[str, list[str]] = {}
-    for term in wanted:
+                        model_type, len(names))
+            sizes = {n: p.numel() for n, p in model.named_parameters()}
+            return BiasSelection({"all": names}, counts={"all": sum(sizes[n] for n in names)})
+    bmap = _get_bias_map(model, bias_map)
+    patterns = bmap.module_patterns()
+    modules = dict(backbone.named_modules())
+    prefix = full_prefix(model)
+    fused = re.compile(rf"{bmap.layer_prefix}\.{re.escape(bmap.fused_qkv)}") if bmap.fused_qkv else None
+    sel = BiasSelection(terms={})
+    sizes: dict[str, int] = {}
+    unbiasable: dict[str, list[str]] = {}
+
+    def candidates(term: str) -> list[str]:
+        """Backbone-relative bias names of ``term``, existing or (with add_missing) addable."""
         pat = patterns.get(term)
-        names = [rel_to_full[n] for n in rel_to_full if pat is not None and pat.fullmatch(n)]
-        if names:
-            selected[term] = names
-        elif not from_preset:
-            have = [t for t in TERMS if t in patterns and any(map(patterns[t].fullmatch, rel_to_full))]
+        out = []
+        for mod_name, mod in modules.items():
+            if pat is None or not pat.fullmatch(mod_name):
+                continue
+            rel = f"{mod_name}.bias" if mod_name else "bias"
+            if rel in params:
+                out.append(rel)
+                sizes[prefix + rel] = params[rel].numel()
+            elif add_missing and isinstance(mod, ADDABLE_BIAS_TYPES) and getattr(mod, "bias", None) is None \
+                    and bias_size(mod):
+                out.append(rel)
+                sel.added[prefix + rel] = sizes[prefix + rel] = bias_size(mod)
+            elif bias_size(mod) is None and not isinstance(mod, nn.Identity):  # e.g. an RMSNorm
+                unbiasable.setdefault(term, []).append(type(mod).__name__)
+        return out
+
+    for term in wanted:
+        names = candidates(term)
+        full = [rel_to_full.get(n, prefix + n) for n in names]
+        if fused is not None and term in ("q", "k", "v"):
+            if "qkv" in wanted:  # the whole fused bias is trained anyway: q/k/v add nothing
+                continue
+            part = ("q", "k", "v").index(term)
+            for name in full:
+                widths = bmap.qkv_sizes(model.config)
+                if sum(widths) != sizes[name]:
+                    raise ValueError(f"BiasMap.qkv_sizes gives {widths} for {name}, whose bias has {sizes[name]} "
+                                     "values; fix the bias map's qkv_sizes.")
+                start = sum(widths[:part])
+                sel.slices.setdefault(name, []).append((start, start + widths[part]))
+            sel.counts[term] = sum(bmap.qkv_sizes(model.config)[part] for _ in full)
+        else:
+            sel.counts[term] = sum(sizes[n] for n in full)
+        if full:
+            sel.terms[term] = full
+        else:
+            sel.counts.pop(term, None)
+        if not full and not from_preset:
+            if term in unbiasable:
+                raise ValueError(_rmsnorm_reason(term, unbiasable[term]) + f" Drop {term!r} from --bias_terms.")
+            have = [t for t in TERMS if t in patterns and any(
+                patterns[t].fullmatch(m) and (f"{m}.bias" in params or (add_missing and bias_size(mod)))
+                for m, mod in modules.items())]
+            hint = "" if add_missing else " (add_missing_biases is off: terms BitFit would add are not counted)"
             raise ValueError(
                 f"bias term {term!r} matches no parameter of {type(model).__name__} "
-                f"(model_type {getattr(model.config, 'model_type', None)!r}); the terms this "
-                f"model has are {have}. Drop {term!r} or use a preset such as 'bitfit'."
+                f"(model_type {model_type!r}); the terms this model has are {have}{hint}. Drop {term!r} or use a "
+                "preset such as 'bitfit'."
             )
-    if not selected:
+    if not sel.terms:
         raise ValueError(
             f"bias terms {wanted} select no parameter of {type(model).__name__}; check the "
             "bias map for this architecture."
         )
-    skipped = [t for t in wanted if t not in selected and t in LAYER_TERMS and t != "qkv"]
+    skipped = [t for t in wanted if t not in sel.terms and t in LAYER_TERMS and t != "qkv"
+               and not (fused is not None and t in ("q", "k", "v") and "qkv" in sel.terms)]
+    norms = [t for t in skipped if t in unbiasable]
+    if norms:
+        logger.info("%s: %s skipped. %s", type(model).__name__, norms, _rmsnorm_reason("/".join(norms),
+                    [k for t in norms for k in unbiasable[t]]))
+    skipped = [t for t in skipped if t not in unbiasable]
     # "Every bias" presets take what the model has; a named subset (qm2, attention, mlp) that loses a
     # term trains less than its name says.
-    fused = "qkv" in selected and set(skipped) <= {"q", "k", "v"}
-    if skipped and not fused and not tokens <= ALL_BIASES_PRESETS | {"layers", ""}:
+    fused_only = "qkv" in sel.terms and set(skipped) <= {"q", "k", "v"}
+    if skipped and not fused_only and not tokens <= ALL_BIASES_PRESETS | {"layers", ""}:
         # e.g. qm2 on GPT-2: it has no separate query bias, so the preset trains less than its name says.
         logger.warning("preset %s: %s has no %s bias term(s), skipped; fused q/k/v projections are the "
                        "term 'qkv'.", terms, type(model).__name__, skipped)
-    return selected
+    return sel
+
+
+def select_bias_parameters(
+    model: nn.Module,
+    terms: str | Iterable[str] = "bitfit",
+    *,
+    bias_map: BiasMap | None = None,
+    add_missing: bool = False,
+) -> dict[str, list[str]]:
+    """Term -> full names of the biases it selects (see :func:`plan_bias_selection`)."""
+    return plan_bias_selection(model, terms, bias_map=bias_map, add_missing=add_missing).terms
+
+
+def full_prefix(model: nn.Module) -> str:
+    """The backbone's name inside ``model`` plus a dot ('' when the model is its own backbone)."""
+    backbone = backbone_of(model)
+    if backbone is model:
+        return ""
+    for name, mod in model.named_children():
+        if mod is backbone:
+            return name + "."
+    return ""
 
 
 def layer_index(model: nn.Module, full_name: str, *, bias_map: BiasMap | None = None) -> int | None:

@@ -227,7 +227,7 @@ class BitFitTrainer(Trainer):
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         save_delta(model, output_dir, names=self._delta_names(), mode=self.bitfit_config.mode,
-                   terms=self.bitfit_state.terms, signature=self._base_signature)
+                   terms=self.bitfit_state.terms, signature=self._base_signature, added=self.bitfit_state.added)
         # The model card says what the folder is (a delta, not a model) and how to load it.
         evals = [e for e in self.state.log_history if any(k.startswith("eval_") for k in e)]
         metrics = self.saved_metrics or (evals[-1] if evals else None)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .core import add_biases
 from .delta import Delta, base_mismatch, task_model_class
 
 
@@ -124,6 +125,11 @@ class MultiTaskBitFit(nn.Module):
             if why is not None:
                 raise ValueError(f"task {name!r}: delta {delta.path} was trained on a different base model "
                                  f"({delta.meta.get('base_model')!r}; {why}); refusing to apply it to this backbone.")
+        # Biases the delta added to a base built without them: zero biases on the shared backbone (its
+        # outputs unchanged), so switching and mixed batches treat them as any other bias.
+        add_biases(self.backbone, {n[len(prefix) + 1:]: v for n, v in delta.meta.get("added_biases", {}).items()
+                                   if n.startswith(prefix + ".")})
+        shared = dict(self.backbone.named_parameters())
         setattr(skeleton, prefix, self.backbone)
         ref = next(self.backbone.parameters())  # the head lives where the backbone does, in its dtype
         head = {n: t for n, t in delta.tensors.items() if not n.startswith(prefix + ".")}

@@ -138,3 +138,61 @@ def tiny_gpt2_dir(tmp_path_factory):
                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     T.GPT2ForSequenceClassification(cfg).save_pretrained(out)
     return str(out)
+
+
+def _fixture_texts() -> list[str]:
+    import glob
+    import json
+
+    texts: list[str] = []
+    for path in glob.glob(os.path.join(FIXTURES, "**", "*.jsonl"), recursive=True):
+        for line in open(path):
+            texts += [v for v in json.loads(line).values() if isinstance(v, str)]
+    for path in glob.glob(os.path.join(FIXTURES, "**", "*.json"), recursive=True):
+        texts.append(open(path).read())
+    for path in glob.glob(os.path.join(FIXTURES, "pos", "**", "*.mrg"), recursive=True):
+        texts.append(open(path).read())
+    return texts
+
+
+# Families built without biases (BitFit adds them): tiny configs, hidden 16, 2 layers, GQA where the family has it.
+BIAS_FREE = ["modernbert", "llama", "mistral", "qwen3", "gemma3_text", "phi3"]
+
+
+def bias_free_config(arch: str, vocab_size: int = 100, **extra) -> T.PretrainedConfig:
+    small = dict(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=32, max_position_embeddings=512, pad_token_id=0)
+    gqa = dict(small, num_key_value_heads=1)
+    if arch == "modernbert":
+        return T.ModernBertConfig(**{**small, "global_attn_every_n_layers": 2, "local_attention": 16, "bos_token_id": 1,
+                                     "eos_token_id": 2, "cls_token_id": 1, "sep_token_id": 2, **extra})
+    cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen3": T.Qwen3Config,
+           "gemma3_text": T.Gemma3TextConfig, "phi3": T.Phi3Config}[arch]
+    head_dim = {"head_dim": 8} if arch in ("qwen3", "gemma3_text") else {}
+    return cls(**{**gqa, **head_dim, **extra})
+
+
+@pytest.fixture(scope="session")
+def tiny_bias_free_dirs(tmp_path_factory):
+    """Saved 2-layer ModernBERT and Llama folders (no biases anywhere in their backbones) with byte-level BPE
+    tokenizers trained on the fixtures' text; the Llama tokenizer, like the real one, has no pad token."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_fixture_texts(), vocab_size=500, min_frequency=1,
+                            special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<mask>"])
+    out = {}
+    for arch in ("modernbert", "llama"):
+        folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+        if arch == "modernbert":
+            tok = T.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", cls_token="<s>",
+                                            sep_token="</s>", unk_token="<unk>", mask_token="<mask>")
+        else:
+            tok = T.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                            unk_token="<unk>")
+        tok.save_pretrained(folder)
+        torch.manual_seed(0)
+        cfg = bias_free_config(arch, vocab_size=len(tok), pad_token_id=0 if arch == "modernbert" else None)
+        T.AutoModelForSequenceClassification.from_config(cfg).save_pretrained(folder)
+        out[arch] = str(folder)
+    return out

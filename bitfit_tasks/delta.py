@@ -427,7 +427,8 @@ def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revisi
     cls = task_model_class(delta.meta["task_class"])
     config = transformers.AutoConfig.from_pretrained(base_model)
     task_cfg = delta.meta.get("task_config") or {}
-    for key in ("num_labels", "id2label", "label2id", "problem_type"):
+    # pad_token_id: a decoder trained with the eos token as padding finds each row's last token by it.
+    for key in ("num_labels", "id2label", "label2id", "problem_type", "pad_token_id"):
         if key in task_cfg:
             setattr(config, key, task_cfg[key])
     if "id2label" in task_cfg:

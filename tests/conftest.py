@@ -193,6 +193,6 @@ def tiny_bias_free_dirs(tmp_path_factory):
         tok.save_pretrained(folder)
         torch.manual_seed(0)
         cfg = bias_free_config(arch, vocab_size=len(tok), pad_token_id=0 if arch == "modernbert" else None)
-        T.AutoModelForSequenceClassification.from_config(cfg).save_pretrained(folder)
+        T.AutoModel.from_config(cfg).save_pretrained(folder)  # a backbone, as pretrained models come
         out[arch] = str(folder)
     return out

@@ -490,7 +490,13 @@ def plan_bias_selection(
             have = [t for t in TERMS if t in patterns and any(
                 patterns[t].fullmatch(m) and (f"{m}.bias" in params or (add_missing and bias_size(mod)))
                 for m, mod in modules.items())]
-            hint = "" if add_missing else " (add_missing_biases is off: terms BitFit would add are not counted)"
+            pat = patterns.get(term)
+            if pat is not None and any(pat.fullmatch(m) and bias_size(mod) for m, mod in modules.items()):
+                raise ValueError(
+                    f"bias term {term!r} has no bias in {type(model).__name__} (model_type {model_type!r} is built "
+                    "without it) and add_missing_biases is off; drop --add_missing_biases false to add and train "
+                    f"one, or drop {term!r}.")
+            hint = ""
             raise ValueError(
                 f"bias term {term!r} matches no parameter of {type(model).__name__} "
                 f"(model_type {model_type!r}); the terms this model has are {have}{hint}. Drop {term!r} or use a "

@@ -130,6 +130,12 @@ def test_rmsnorm_terms_and_refusing_to_add():
                                          r"\(model_type 'llama' is built without them\) and add_missing_biases is "
                                          r"off.*Drop --add_missing_biases false"):
         prepare_model(make("llama"), BitFitConfig(add_missing_biases=False))
+    qwen3 = make("qwen3")
+    qwen3.model.layers[0].self_attn.q_proj.bias = torch.nn.Parameter(torch.zeros(16))  # one bias, so not refused whole
+    with pytest.raises(ValueError, match=r"bias term 'm2' has no bias in Qwen3ForSequenceClassification \(model_type "
+                                         r"'qwen3' is built without it\) and add_missing_biases is off; drop "
+                                         r"--add_missing_biases false to add and train one, or drop 'm2'"):
+        prepare_model(qwen3, BitFitConfig(bias_terms=["q", "m2"], add_missing_biases=False))
     # The pure selection adds nothing unless asked to, and names what it would add.
     model = make("llama")
     assert select_bias_parameters(model, ["q"], add_missing=True) == {
@@ -311,3 +317,21 @@ def test_two_process_ddp_with_added_biases(tiny_bias_free_dirs, tmp_path):
     delta = Delta.load(tmp_path / "ddp")
     assert sum(delta.meta["added_biases"].values()) == sum(LLAMA_COUNTS.values())
     assert all(delta.tensors[n].abs().max() > 0 for n in delta.meta["added_biases"])
+
+
+def test_docs_counts_table_is_what_bitfit_trains():
+    """docs/architectures.md's added-bias table, row by row, against the selection on each tiny family."""
+    text = open(os.path.join(REPO, "docs", "architectures.md")).read()
+    table = text.split("<!-- added-bias counts: tests/test_added_biases.py -->")[1].split("<!-- end")[0]
+    rows = [r.strip("|").split("|") for r in table.strip().splitlines()]
+    header = [c.strip() for c in rows[0]]
+    documented = {}
+    for row in rows[2:]:
+        cells = dict(zip(header, (c.strip() for c in row), strict=True))
+        family = cells.pop("family")
+        documented[family] = {t: int(v) for t, v in cells.items() if v != "–"}
+    assert set(documented) == set(BIAS_FREE)
+    for arch in BIAS_FREE:
+        state = prepare_model(make(arch), BitFitConfig())
+        measured = {t: n for t, n in state.term_counts.items() if t != "head"}
+        assert documented[arch] == {**measured, "added values": sum(state.added.values())}, arch

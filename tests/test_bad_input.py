@@ -208,10 +208,24 @@ case("keep-last-best", "`--keep last --load_best_model_at_end true`", r"--keep l
 case("term-missing", "`--bias_terms pool` on RoBERTa", r"bias term 'pool' matches no parameter of "
      r"RobertaForSequenceClassification .* the terms this model has are")(
     lambda d: __import__("bitfit_tasks").select_bias_parameters(tiny_model("roberta"), ["q", "pool"]))
-case("no-biases", "a Llama-style model without biases", r"LlamaForCausalLM has no bias parameters in its backbone")(
-    lambda d: __import__("bitfit_tasks").select_bias_parameters(__import__("transformers").LlamaForCausalLM(
-        __import__("transformers").LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                               num_attention_heads=2, num_key_value_heads=2)), "bitfit"))
+case("no-biases", "a Llama model (built without biases) with `--add_missing_biases false`",
+     r"LlamaForCausalLM has no bias parameters in its backbone \(model_type 'llama' is built without them\) and "
+     r"add_missing_biases is off")(
+    lambda d: __import__("bitfit_tasks").prepare_model(_llama(), __import__("bitfit_tasks").BitFitConfig(
+        add_missing_biases=False)))
+case("rmsnorm-term", "`--bias_terms q LN1` on Llama (LN1 is an RMSNorm)",
+     r"bias term 'LN1' is a norm without a bias \(LlamaRMSNorm\).*Drop 'LN1' from --bias_terms")(
+    lambda d: __import__("bitfit_tasks").prepare_model(_llama(), __import__("bitfit_tasks").BitFitConfig(
+        bias_terms=["q", "LN1"])))
+
+
+def _llama():
+    import transformers
+
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2))
+
 
 # ---- SQuAD runner -----------------------------------------------------------------------------
 

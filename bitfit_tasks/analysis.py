@@ -26,12 +26,13 @@ def bias_change(
     """term -> layer -> mean |b_0 - b_F| for the per-layer terms found in ``trained``."""
     params = dict(base.named_parameters())
     out: dict[str, dict[int, float]] = {}
-    for term, names in select_bias_parameters(base, "layers", bias_map=bias_map).items():
+    # add_missing: a bias BitFit added to a base built without it started at zero.
+    for term, names in select_bias_parameters(base, "layers", bias_map=bias_map, add_missing=True).items():
         for name in names:
             if name not in trained:
                 continue
             layer = layer_index(base, name, bias_map=bias_map)
-            b0 = params[name].detach().float().cpu()
+            b0 = params[name].detach().float().cpu() if name in params else torch.zeros_like(trained[name].float())
             out.setdefault(term, {})[layer] = float((trained[name].float() - b0).abs().mean())
     if not out:
         raise ValueError("the trained tensors hold none of the base model's per-layer biases; is this "

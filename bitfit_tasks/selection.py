@@ -548,9 +548,11 @@ def full_prefix(model: nn.Module) -> str:
 
 def layer_index(model: nn.Module, full_name: str, *, bias_map: BiasMap | None = None) -> int | None:
     """Layer number of a per-layer bias (for the Figure 1 analysis), else ``None``."""
-    prefix = re.compile(_get_bias_map(model, bias_map).layer_prefix)
-    rel = {v: k for k, v in full_names(model).items()}.get(full_name, full_name)
-    m = prefix.match(rel)
+    layer_re = re.compile(_get_bias_map(model, bias_map).layer_prefix)
+    prefix = full_prefix(model)
+    # A bias BitFit would add is not a parameter yet: its name is the backbone's prefix + the relative name.
+    rel = {v: k for k, v in full_names(model).items()}.get(full_name, full_name.removeprefix(prefix))
+    m = layer_re.match(rel)
     return int(m.group(1)) if m else None
 
 

@@ -335,3 +335,30 @@ def test_docs_counts_table_is_what_bitfit_trains():
         state = prepare_model(make(arch), BitFitConfig())
         measured = {t: n for t, n in state.term_counts.items() if t != "head"}
         assert documented[arch] == {**measured, "added values": sum(state.added.values())}, arch
+
+
+def test_bias_change_analysis_counts_added_biases_from_zero(tmp_path):
+    from bitfit_tasks.analysis import bias_change
+
+    model = make("llama")
+    trainer = train(model, tmp_path)
+    trainer.train()
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if n in trainer.bitfit_state.added}
+    change = bias_change(make("llama"), trained)
+    assert set(change) == {"q", "k", "v", "m1", "m2", "m3"} and set(change["q"]) == {0, 1}
+    q0 = trained["model.layers.0.self_attn.q_proj.bias"].abs().mean().item()
+    assert change["q"][0] == pytest.approx(q0) and q0 > 0
+
+
+def test_bitfit_delta_export_refuses_in_one_line(tmp_path):
+    make("mistral").save_pretrained(tmp_path / "base")
+    model = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    trainer = train(model, tmp_path / "run")
+    trainer.save_model(str(tmp_path / "delta"))
+    proc = subprocess.run([sys.executable, "-m", "bitfit_tasks.cli", "export", str(tmp_path / "delta"), "--base",
+                           str(tmp_path / "base"), "--output", str(tmp_path / "merged")], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "cannot merge: MistralConfig cannot express the biases" in lines[0], proc.stderr
+    assert not (tmp_path / "merged").exists()

@@ -413,6 +413,18 @@ def task_model_class(name: str, source: str = "the delta") -> type:
     return cls
 
 
+def task_config_for(config, delta: Delta):
+    """The base's config with the delta's task settings (labels, problem type, padding token)."""
+    task_cfg = delta.meta.get("task_config") or {}
+    # pad_token_id: a decoder trained with the eos token as padding finds each row's last token by it.
+    for key in ("num_labels", "id2label", "label2id", "problem_type", "pad_token_id"):
+        if key in task_cfg:
+            setattr(config, key, task_cfg[key])
+    if "id2label" in task_cfg:
+        config.id2label = {int(k): v for k, v in task_cfg["id2label"].items()}
+    return config
+
+
 def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revision: str | None = None,
                     dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
                     verify_fingerprint: bool = True, **from_pretrained_kwargs):
@@ -425,14 +437,7 @@ def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revisi
         delta = Delta.from_pretrained(delta, revision=revision, cache_dir=from_pretrained_kwargs.get("cache_dir"),
                                       token=from_pretrained_kwargs.get("token"))
     cls = task_model_class(delta.meta["task_class"])
-    config = transformers.AutoConfig.from_pretrained(base_model)
-    task_cfg = delta.meta.get("task_config") or {}
-    # pad_token_id: a decoder trained with the eos token as padding finds each row's last token by it.
-    for key in ("num_labels", "id2label", "label2id", "problem_type", "pad_token_id"):
-        if key in task_cfg:
-            setattr(config, key, task_cfg[key])
-    if "id2label" in task_cfg:
-        config.id2label = {int(k): v for k, v in task_cfg["id2label"].items()}
+    config = task_config_for(transformers.AutoConfig.from_pretrained(base_model), delta)
     if dtype is not None:
         from_pretrained_kwargs["dtype"] = dtype
     model = cls.from_pretrained(base_model, config=config, **from_pretrained_kwargs)

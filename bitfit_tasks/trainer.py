@@ -15,7 +15,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import BitFitConfig
-from .core import BitFitState, prepare_model
+from .core import BitFitState, is_peft_model, prepare_model
 from .delta import DELTA_CONFIG, DELTA_WEIGHTS, Delta, apply_delta, is_delta_dir, save_delta, upload_delta_folder
 from .fileio import atomic_write_text
 from .lean import bf16_supported, cpu_bf16_capability, make_lean
@@ -37,6 +37,8 @@ def loss_takes_num_items(model) -> bool:
     trusted; an undeclared task head is a per-process mean (Trainer would otherwise guess True from
     its ``**kwargs`` and rescale the loss: x2 gradients on 2 processes, no division by accumulation
     steps); anything else keeps Trainer's own reading of the forward signature."""
+    if is_peft_model(model) and hasattr(model, "get_base_model"):
+        model = model.get_base_model()  # as Trainer reads it: the wrapped model's own forward and loss
     if hasattr(model, "accepts_loss_kwargs"):
         return bool(model.accepts_loss_kwargs)
     if type(model).__name__.endswith(TASK_HEAD_SUFFIXES):
@@ -102,17 +104,21 @@ class BitFitTrainer(Trainer):
         bias_map: BiasMap | None = None,
         **kwargs,
     ) -> None:
+        bitfit_config = bitfit_config or BitFitConfig()
+        full = bitfit_config.mode == "full"
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if targs is not None:
+        if targs is not None and not full:
             # Work on our own copy: the settings changed below must not leak into the caller's object
-            # (reused for another Trainer, or read back to report what was asked for).
+            # (reused for another Trainer, or read back to report what was asked for). Full mode
+            # changes nothing, so it keeps the caller's object, as Trainer does.
             targs = copy.copy(targs)
             if "args" in kwargs or len(args) <= 1:
                 kwargs["args"] = targs
             else:
                 args = (args[0], targs, *args[2:])
+        if targs is not None:
             refuse_unsupported_parallelism(targs)
-        if bitfit_config is not None and bitfit_config.lean and targs is not None:
+        if bitfit_config.lean and targs is not None:
             if targs.fp16:
                 raise ValueError("lean=True trains under bf16 autocast; it cannot be combined with --fp16 (fp16 "
                                  "autocast). Drop --fp16 (lean sets bf16 itself), or drop --lean.")
@@ -130,11 +136,13 @@ class BitFitTrainer(Trainer):
             elif not targs.bf16:
                 # Lean mode is bf16 autocast by definition; the accelerator reads mixed_precision.
                 targs.bf16, targs.mixed_precision = True, "bf16"
-        if targs is not None and targs.ddp_find_unused_parameters is None:
-            # Every selected bias and the head take part in each forward, so DDP needs no
-            # per-step search for unused parameters (Trainer's default turns it on).
+        if targs is not None and not full and targs.ddp_find_unused_parameters is None:
+            # Bias-only modes: every selected bias and the head take part in each forward, so DDP
+            # needs no per-step search for unused parameters (Trainer's default turns it on). Not in
+            # full mode: any parameter of the user's model may go unused in a step (Trainer's default
+            # is there for that), so full mode leaves the flag, and the arguments, as given.
             targs.ddp_find_unused_parameters = False
-        self.bitfit_config = bitfit_config or BitFitConfig()
+        self.bitfit_config = bitfit_config
         self._bias_map = bias_map
         self._bitfit_model: torch.nn.Module | None = None
         # With model_init, Trainer builds the model inside __init__ (and again in every train() /

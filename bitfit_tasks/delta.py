@@ -243,7 +243,11 @@ class Delta:
             if absent:
                 raise UsageError(f"{p / DELTA_CONFIG}: field {field_name!r} names tensor(s) {absent[:3]} that "
                                  f"{DELTA_WEIGHTS} lacks; the JSON was edited or damaged: save the delta again.")
-        task_model_class(meta["task_class"], source=str(p / DELTA_CONFIG))
+        if not meta["task_class"].isidentifier():
+            # Any class name is fine here (resume and apply_delta take the user's model); which class
+            # load_task_model can build is its own check.
+            raise UsageError(f"{p / DELTA_CONFIG}: task_class {meta['task_class'][:60]!r} is not a class name; the JSON "
+                             "was edited or damaged: save the delta again.")
         if "base_signature" in meta:
             _check_signature(meta["base_signature"], str(p / DELTA_CONFIG))
         return cls(tensors=tensors, meta=meta, path=str(p))
@@ -367,8 +371,9 @@ def apply_delta(
 
 
 def task_model_class(name: str, source: str = "the delta") -> type:
-    """The transformers model class a delta's ``task_class`` names (e.g. BertForSequenceClassification);
-    anything else (a module, a function, a typo) is one line."""
+    """The transformers model class a delta's ``task_class`` names (e.g. BertForSequenceClassification).
+    Anything else is one line: a delta saved from the user's own ``nn.Module`` applies onto that
+    module (built by the user), which :func:`load_task_model` cannot build."""
     cls = None
     if name.isidentifier():
         try:
@@ -377,7 +382,8 @@ def task_model_class(name: str, source: str = "the delta") -> type:
             cls = None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise UsageError(f"{source}: task_class {name[:60]!r} is not a transformers model class (e.g. "
-                         "BertForSequenceClassification); the JSON was edited or damaged: save the delta again.")
+                         "BertForSequenceClassification), the kind of class built from a base model's name. A delta "
+                         f"of your own module applies onto that module: build it, then apply_delta(model, {source!r}).")
     return cls
 
 
@@ -392,7 +398,7 @@ def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revisi
     if not isinstance(delta, Delta):
         delta = Delta.from_pretrained(delta, revision=revision, cache_dir=from_pretrained_kwargs.get("cache_dir"),
                                       token=from_pretrained_kwargs.get("token"))
-    cls = task_model_class(delta.meta["task_class"])
+    cls = task_model_class(delta.meta["task_class"], source=delta.path or "the delta")
     config = transformers.AutoConfig.from_pretrained(base_model)
     task_cfg = delta.meta.get("task_config") or {}
     for key in ("num_labels", "id2label", "label2id", "problem_type"):

@@ -180,15 +180,19 @@ class BitFitTrainer(Trainer):
         if self.bitfit_config.lean:
             logger.info("lean mode: %s", make_lean(model))
         self._bitfit_model = model
-        # Shown whatever the user's logging setup (PEFT prints it too); only the main process, so N
-        # processes don't print N copies.
+        # Logged, not printed (a library leaves stdout to its user), and only by the main process, so
+        # N processes don't log N copies; print_trainable_parameters() prints it on request.
         if args.process_index == 0:
-            self.print_trainable_parameters()
+            logger.info("%s", self.trainable_table())
 
-    def print_trainable_parameters(self) -> None:
+    def trainable_table(self) -> str:
         """PEFT's line ``trainable params: N || all params: M || trainable%: P``, then the count of
         every bias term and the head."""
-        print(f"BitFit mode {self.bitfit_config.mode!r}\n{self.bitfit_state.summary()}", flush=True)
+        return f"BitFit mode {self.bitfit_config.mode!r}\n{self.bitfit_state.summary()}"
+
+    def print_trainable_parameters(self) -> None:
+        """Print :meth:`trainable_table` to stdout, as PEFT's ``print_trainable_parameters()`` does."""
+        print(self.trainable_table(), flush=True)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

@@ -246,8 +246,8 @@ class Delta:
         if not meta["task_class"].isidentifier():
             # Any class name is fine here (resume and apply_delta take the user's model); which class
             # load_task_model can build is its own check.
-            raise UsageError(f"{p / DELTA_CONFIG}: task_class {meta['task_class'][:60]!r} is not a class name; the JSON "
-                             "was edited or damaged: save the delta again.")
+            raise UsageError(f"{p / DELTA_CONFIG}: task_class {meta['task_class'][:60]!r} is not a class name; the "
+                             "JSON was edited or damaged: save the delta again.")
         if "base_signature" in meta:
             _check_signature(meta["base_signature"], str(p / DELTA_CONFIG))
         return cls(tensors=tensors, meta=meta, path=str(p))

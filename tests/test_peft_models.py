@@ -4,7 +4,6 @@ them); the bias-only modes refuse it in one line, before anything is built."""
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import tiny_model
 from test_trainer_parity import Pairs, assert_same, params, targs
 from transformers import Trainer

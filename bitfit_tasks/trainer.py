@@ -148,9 +148,25 @@ class BitFitTrainer(Trainer):
         # With model_init, Trainer builds the model inside __init__ (and again in every train() /
         # hyperparameter-search trial) through call_model_init, which applies BitFit below.
         super().__init__(*args, **kwargs)
+        trainers_reading = self.model_accepts_loss_kwargs
         self.model_accepts_loss_kwargs = loss_takes_num_items(self.model)
+        if trainers_reading and not self.model_accepts_loss_kwargs:
+            self._note_loss_scaling()
         if self._bitfit_model is not self.model:
             self._apply_bitfit(self.model)
+
+    def _note_loss_scaling(self) -> None:
+        """Once per trainer, on the main process: where Trainer would take this model's per-batch mean
+        loss for a sum (and so skip the division by the accumulation steps), say that the loss here
+        differs from Trainer's, and by how much. A warning in full mode, whose user compares with Trainer."""
+        steps = self.args.gradient_accumulation_steps
+        if steps <= 1 or self.compute_loss_func is not None or self.args.process_index != 0:
+            return
+        logger.log(logging.WARNING if self.bitfit_config.mode == "full" else logging.INFO,
+                   "gradient accumulation over %d batches: BitFitTrainer divides %s's loss (a per-batch mean) by %d, "
+                   "so the logged loss and the gradients are those of one batch of %d x the per-device batch; "
+                   "transformers' Trainer reads its forward's **kwargs as a summed loss and does not divide, so it "
+                   "logs and steps with %dx this loss.", steps, type(self.model).__name__, steps, steps, steps)
 
     def call_model_init(self, trial=None):
         """Every model Trainer creates from ``model_init`` (at ``train()``, in each hyperparameter

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,46 @@ def test_full_mode_counts_only_what_trains(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"mode 'full' trains what the model marks trainable, and every parameter "
                                          r"of BertForSequenceClassification has requires_grad=False"):
         FULL(model=model, args=targs(tmp_path))
+
+
+# ---- gradient accumulation: the one deliberate difference ---------------------------------------
+
+def losses(trainer) -> list[float]:
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def test_without_accumulation_full_mode_matches_trainer_bit_for_bit(tmp_path, caplog):
+    def run(cls, name):
+        trainer = cls(model=tiny_model("bert"), args=targs(tmp_path / name, max_steps=3), train_dataset=Pairs())
+        trainer.train()
+        return {"losses": losses(trainer), "params": params(trainer.model)}
+
+    with caplog.at_level(logging.INFO, logger="bitfit_tasks"):
+        result = both(run)
+    assert len(result["losses"]) == 3 and "gradient accumulation" not in caplog.text
+
+
+def test_accumulation_normalises_the_loss_and_says_so_once(tmp_path, caplog):
+    """With accumulation 2 Trainer sums the two per-batch means of a classification head (it reads the
+    forward's **kwargs as a summed loss); BitFitTrainer averages them, and warns once in full mode."""
+    runs = {}
+    for name, cls in CLASSES.items():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="bitfit_tasks"):
+            trainer = cls(model=tiny_model("bert"), args=targs(tmp_path / name, max_steps=3,
+                                                               gradient_accumulation_steps=2), train_dataset=Pairs())
+            trainer.train()
+        notes = [r for r in caplog.records if "gradient accumulation" in r.getMessage()]
+        runs[name] = losses(trainer), notes
+    (plain, none), (full, notes) = runs["trainer"], runs["bitfit-full"]
+    assert not none and len(notes) == 1 and notes[0].levelno == logging.WARNING
+    assert re.fullmatch(r"gradient accumulation over 2 batches: BitFitTrainer divides BertForSequenceClassification's "
+                        r"loss \(a per-batch mean\) by 2, .* logs and steps with 2x this loss\.", notes[0].getMessage())
+    # The first step sees the same two batches and weights: Trainer logs exactly twice the mean.
+    assert plain[0] == pytest.approx(2 * full[0], rel=1e-6)
+    assert 0.6 < full[0] < 0.8  # a 2-class head at init: about ln 2
+    # Bias-only modes normalise the same way; the note is INFO there.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bitfit_tasks"):
+        BitFitTrainer(model=tiny_model("bert"), args=targs(tmp_path / "b", gradient_accumulation_steps=2))
+    assert [r.levelno for r in caplog.records if "gradient accumulation" in r.getMessage()] == [logging.INFO]

@@ -31,7 +31,7 @@ class DummyModel(nn.Module):
 
 def run(out, **kw):
     trainer = BitFitTrainer(model=DummyModel(), args=targs(out, save_strategy="steps", save_steps=2, **kw),
-                            train_dataset=Pairs(), bitfit_config=BitFitConfig())
+                            train_dataset=Pairs(), eval_dataset=Pairs(n=12, seed=1), bitfit_config=BitFitConfig())
     return trainer
 
 
@@ -64,3 +64,14 @@ def test_a_plain_module_delta_applies_onto_the_users_model_and_says_how(tmp_path
                                          r"BertForSequenceClassification\).* A delta of your own module applies onto "
                                          r"that module: build it, then apply_delta\(model, '.*delta'\)"):
         load_task_model("unused-base", tmp_path / "delta")
+
+
+def test_a_plain_module_loads_its_best_checkpoint_at_end(tmp_path):
+    trainer = run(tmp_path / "run", max_steps=6, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                  learning_rate=5e-2)
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")  # not the last: loading it shows
+    best = Delta.load(trainer.state.best_model_checkpoint)
+    live = params(trainer.model)
+    assert best.meta["task_class"] == "DummyModel"
+    assert_same({n: live[n] for n in best.tensors}, best.tensors)

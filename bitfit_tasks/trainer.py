@@ -91,6 +91,8 @@ class BitFitTrainer(Trainer):
     The model is frozen in place at construction (``requires_grad=False`` outside the selection),
     so the optimizer built by ``Trainer`` -- any ``--optim`` -- sees only the selected biases and
     the head. Everything else is the parent's: arguments, callbacks, evaluation, distribution.
+    ``mode="full"`` is Trainer's own training: the model's ``requires_grad`` and the arguments
+    object are kept as given (only the loss normalisation under gradient accumulation differs).
     """
 
     # The evaluation whose tensors the model holds when it is saved (a runner that puts the best
@@ -176,7 +178,7 @@ class BitFitTrainer(Trainer):
         return model
 
     def _apply_bitfit(self, model: torch.nn.Module) -> None:
-        """Freeze and select in place, fingerprint the base, lean mode, print the table."""
+        """Freeze and select in place, fingerprint the base, lean mode, log the table."""
         args = self.args
         self.bitfit_state: BitFitState = prepare_model(
             model, self.bitfit_config, bias_map=self._bias_map, seed=args.seed

@@ -12,24 +12,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
-from torch.utils.data import Dataset
+from test_trainer import RandomPairs
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer
 
-
-class Pairs(Dataset):
-    def __init__(self, n: int = 24, seq: int = 10, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(5, 100, (n, seq), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
-
+# The shared random pairs, smaller: every behaviour below runs twice.
+Pairs = functools.partial(RandomPairs, n=24, seq=10)
 
 FULL = functools.partial(BitFitTrainer, bitfit_config=BitFitConfig(mode="full"))
 CLASSES = {"trainer": Trainer, "bitfit-full": FULL}

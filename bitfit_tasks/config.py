@@ -15,10 +15,10 @@ class BitFitConfig:
     mode: str = field(
         default="bitfit",
         metadata={
-            "help": "What to train. 'bitfit': the chosen bias terms + head; 'full': everything "
-            "(full fine-tuning); 'frozen': the head only; 'rand_uniform' / 'rand_row_col': as "
-            "many randomly drawn backbone weights (single entries / whole rows or columns) as "
-            "BitFit's --bias_terms would train, the paper's Table 3 baselines.",
+            "help": "What to train. 'bitfit': the chosen bias terms + head; 'full': full fine-tuning as "
+            "Trainer does it (every parameter the model leaves trainable); 'frozen': the head only; "
+            "'rand_uniform' / 'rand_row_col': as many randomly drawn backbone weights (single entries / whole "
+            "rows or columns) as BitFit's --bias_terms would train, the paper's Table 3 baselines.",
             "choices": list(MODES),
         },
     )

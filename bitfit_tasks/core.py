@@ -161,6 +161,23 @@ def remove_biases(model: nn.Module, names: list[str]) -> None:
         model.get_submodule(mod_name).bias = None
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether PEFT has wrapped ``model`` or injected adapter layers into it (checked by the modules'
+    classes, so peft need not be installed or imported)."""
+    return any(type(m).__module__.split(".")[0] == "peft" for m in model.modules())
+
+
+def refuse_peft_model(model: nn.Module, mode: str) -> None:
+    """Bias-only modes select by the base model's own parameter names and save those tensors as a
+    delta onto the plain base; a PEFT model renames them (``base_model.model.``, ``base_layer``) and
+    saves adapters its own way, so the two would not combine into one loadable result."""
+    if is_peft_model(model):
+        raise ValueError(f"mode {mode!r} does not take a PEFT model ({type(model).__name__}): BitFit selects and saves "
+                         "biases of the plain base model, and PEFT renames and saves its own. Pass the base model "
+                         "unwrapped for BitFit, or train the PEFT model with mode 'full' (its adapters as PEFT set "
+                         "them; LoraConfig(bias='all') adds the biases).")
+
+
 def prepare_model(
     model: nn.Module,
     config: BitFitConfig | None = None,
@@ -173,6 +190,8 @@ def prepare_model(
     Frozen tensors get ``requires_grad=False`` so autograd does no weight-gradient work for them.
     """
     config = config or BitFitConfig()
+    if config.mode != "full":
+        refuse_peft_model(model, config.mode)
     head_all = head_parameter_names(model)
     head = head_all if config.train_head else []
     all_params = dict(model.named_parameters())
@@ -182,7 +201,10 @@ def prepare_model(
     added: dict[str, int] = {}
 
     if config.mode == "full":
-        trainable = [n for n in all_params if config.train_head or n not in head_all]
+        # Full fine-tuning as Trainer does it: what the model itself marks trainable (a frozen
+        # embedding, a frozen encoder half, a PEFT model's adapters stay as the user set them).
+        trainable = [n for n, p in all_params.items() if p.requires_grad and (config.train_head or n not in head_all)]
+        head = [n for n in head if n in trainable]
     elif config.mode == "frozen":
         trainable = list(head)
     else:
@@ -212,6 +234,10 @@ def prepare_model(
             trainable = list(masks) + head
 
     trainable = list(dict.fromkeys(trainable))
+    if not trainable and config.mode == "full":
+        raise ValueError(f"mode 'full' trains what the model marks trainable, and every parameter of "
+                         f"{type(model).__name__}{' outside the head' if not config.train_head else ''} has "
+                         "requires_grad=False; unfreeze what should train (p.requires_grad_(True)).")
     if not trainable:
         raise ValueError(
             f"mode {config.mode!r} with bias_terms={config.bias_terms} and "
@@ -224,7 +250,7 @@ def prepare_model(
 
     head_n = sum(all_params[n].numel() for n in head)
     if config.mode == "full":
-        term_counts = {"backbone": n_total - head_n if config.train_head else n_total}
+        term_counts = {"backbone": sum(all_params[n].numel() for n in trainable if n not in head_all)}
     elif config.mode == "frozen":
         term_counts = {}
     elif config.mode != "bitfit":
@@ -255,4 +281,4 @@ def prepare_model(
     return state
 
 
-__all__ = ["BitFitState", "add_biases", "prepare_model", "random_masks", "remove_biases"]
+__all__ = ["BitFitState", "add_biases", "is_peft_model", "prepare_model", "random_masks", "remove_biases"]

@@ -254,7 +254,11 @@ class Delta:
                                                 for n, v in added.items())):
             raise UsageError(f"{p / DELTA_CONFIG}: field 'added_biases' must map bias tensors of the delta to their "
                              f"lengths, got {str(added)[:60]}; the JSON was edited or damaged: save the delta again.")
-        task_model_class(meta["task_class"], source=str(p / DELTA_CONFIG))
+        if not meta["task_class"].isidentifier():
+            # Any class name is fine here (resume and apply_delta take the user's model); which class
+            # load_task_model can build is its own check.
+            raise UsageError(f"{p / DELTA_CONFIG}: task_class {meta['task_class'][:60]!r} is not a class name; the "
+                             "JSON was edited or damaged: save the delta again.")
         if "base_signature" in meta:
             _check_signature(meta["base_signature"], str(p / DELTA_CONFIG))
         return cls(tensors=tensors, meta=meta, path=str(p))
@@ -399,8 +403,9 @@ def apply_delta(
 
 
 def task_model_class(name: str, source: str = "the delta") -> type:
-    """The transformers model class a delta's ``task_class`` names (e.g. BertForSequenceClassification);
-    anything else (a module, a function, a typo) is one line."""
+    """The transformers model class a delta's ``task_class`` names (e.g. BertForSequenceClassification).
+    Anything else is one line: a delta saved from the user's own ``nn.Module`` applies onto that
+    module (built by the user), which :func:`load_task_model` cannot build."""
     cls = None
     if name.isidentifier():
         try:
@@ -409,7 +414,8 @@ def task_model_class(name: str, source: str = "the delta") -> type:
             cls = None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise UsageError(f"{source}: task_class {name[:60]!r} is not a transformers model class (e.g. "
-                         "BertForSequenceClassification); the JSON was edited or damaged: save the delta again.")
+                         "BertForSequenceClassification), the kind of class built from a base model's name. A delta "
+                         f"of your own module applies onto that module: build it, then apply_delta(model, {source!r}).")
     return cls
 
 
@@ -436,7 +442,7 @@ def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revisi
     if not isinstance(delta, Delta):
         delta = Delta.from_pretrained(delta, revision=revision, cache_dir=from_pretrained_kwargs.get("cache_dir"),
                                       token=from_pretrained_kwargs.get("token"))
-    cls = task_model_class(delta.meta["task_class"])
+    cls = task_model_class(delta.meta["task_class"], source=delta.path or "the delta")
     config = task_config_for(transformers.AutoConfig.from_pretrained(base_model), delta)
     if dtype is not None:
         from_pretrained_kwargs["dtype"] = dtype

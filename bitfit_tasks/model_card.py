@@ -36,6 +36,13 @@ def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, weights_f
     if scores:
         lines.append("- evaluation of these tensors: " + ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}"
                                                               for k, v in scores.items()))
+    if meta.get("task_config") is None:
+        # Saved from the user's own nn.Module (no transformers config): only the user can build it.
+        lines += ["", f"Load it onto the `{meta.get('task_class')}` it was trained from (base + delta = the "
+                  "fine-tuned model):", "", "```python", "from bitfit_tasks import apply_delta", "",
+                  f"model = {meta.get('task_class')}(...)  # built and loaded as for training",
+                  f"apply_delta(model, {str(output_dir)!r})", "```", ""]
+        return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     lines += ["", "Load it (base + delta = the fine-tuned model):", "", "```python",
               "from bitfit_tasks import load_task_model",
               "",

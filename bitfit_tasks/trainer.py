@@ -15,7 +15,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import BitFitConfig
-from .core import BitFitState, prepare_model
+from .core import BitFitState, is_peft_model, prepare_model
 from .delta import DELTA_CONFIG, DELTA_WEIGHTS, Delta, apply_delta, is_delta_dir, save_delta, upload_delta_folder
 from .fileio import atomic_write_text
 from .lean import bf16_supported, cpu_bf16_capability, make_lean
@@ -37,6 +37,8 @@ def loss_takes_num_items(model) -> bool:
     trusted; an undeclared task head is a per-process mean (Trainer would otherwise guess True from
     its ``**kwargs`` and rescale the loss: x2 gradients on 2 processes, no division by accumulation
     steps); anything else keeps Trainer's own reading of the forward signature."""
+    if is_peft_model(model) and hasattr(model, "get_base_model"):
+        model = model.get_base_model()  # as Trainer reads it: the wrapped model's own forward and loss
     if hasattr(model, "accepts_loss_kwargs"):
         return bool(model.accepts_loss_kwargs)
     if type(model).__name__.endswith(TASK_HEAD_SUFFIXES):
@@ -89,6 +91,8 @@ class BitFitTrainer(Trainer):
     The model is frozen in place at construction (``requires_grad=False`` outside the selection),
     so the optimizer built by ``Trainer`` -- any ``--optim`` -- sees only the selected biases and
     the head. Everything else is the parent's: arguments, callbacks, evaluation, distribution.
+    ``mode="full"`` is Trainer's own training: the model's ``requires_grad`` and the arguments
+    object are kept as given (only the loss normalisation under gradient accumulation differs).
     """
 
     # The evaluation whose tensors the model holds when it is saved (a runner that puts the best
@@ -102,17 +106,21 @@ class BitFitTrainer(Trainer):
         bias_map: BiasMap | None = None,
         **kwargs,
     ) -> None:
+        bitfit_config = bitfit_config or BitFitConfig()
+        full = bitfit_config.mode == "full"
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if targs is not None:
+        if targs is not None and not full:
             # Work on our own copy: the settings changed below must not leak into the caller's object
-            # (reused for another Trainer, or read back to report what was asked for).
+            # (reused for another Trainer, or read back to report what was asked for). Full mode
+            # changes nothing, so it keeps the caller's object, as Trainer does.
             targs = copy.copy(targs)
             if "args" in kwargs or len(args) <= 1:
                 kwargs["args"] = targs
             else:
                 args = (args[0], targs, *args[2:])
+        if targs is not None:
             refuse_unsupported_parallelism(targs)
-        if bitfit_config is not None and bitfit_config.lean and targs is not None:
+        if bitfit_config.lean and targs is not None:
             if targs.fp16:
                 raise ValueError("lean=True trains under bf16 autocast; it cannot be combined with --fp16 (fp16 "
                                  "autocast). Drop --fp16 (lean sets bf16 itself), or drop --lean.")
@@ -130,19 +138,37 @@ class BitFitTrainer(Trainer):
             elif not targs.bf16:
                 # Lean mode is bf16 autocast by definition; the accelerator reads mixed_precision.
                 targs.bf16, targs.mixed_precision = True, "bf16"
-        if targs is not None and targs.ddp_find_unused_parameters is None:
-            # Every selected bias and the head take part in each forward, so DDP needs no
-            # per-step search for unused parameters (Trainer's default turns it on).
+        if targs is not None and not full and targs.ddp_find_unused_parameters is None:
+            # Bias-only modes: every selected bias and the head take part in each forward, so DDP
+            # needs no per-step search for unused parameters (Trainer's default turns it on). Not in
+            # full mode: any parameter of the user's model may go unused in a step (Trainer's default
+            # is there for that), so full mode leaves the flag, and the arguments, as given.
             targs.ddp_find_unused_parameters = False
-        self.bitfit_config = bitfit_config or BitFitConfig()
+        self.bitfit_config = bitfit_config
         self._bias_map = bias_map
         self._bitfit_model: torch.nn.Module | None = None
         # With model_init, Trainer builds the model inside __init__ (and again in every train() /
         # hyperparameter-search trial) through call_model_init, which applies BitFit below.
         super().__init__(*args, **kwargs)
+        trainers_reading = self.model_accepts_loss_kwargs
         self.model_accepts_loss_kwargs = loss_takes_num_items(self.model)
+        if trainers_reading and not self.model_accepts_loss_kwargs:
+            self._note_loss_scaling()
         if self._bitfit_model is not self.model:
             self._apply_bitfit(self.model)
+
+    def _note_loss_scaling(self) -> None:
+        """Once per trainer, on the main process: where Trainer would take this model's per-batch mean
+        loss for a sum (and so skip the division by the accumulation steps), say that the loss here
+        differs from Trainer's, and by how much. A warning in full mode, whose user compares with Trainer."""
+        steps = self.args.gradient_accumulation_steps
+        if steps <= 1 or self.compute_loss_func is not None or self.args.process_index != 0:
+            return
+        logger.log(logging.WARNING if self.bitfit_config.mode == "full" else logging.INFO,
+                   "gradient accumulation over %d batches: BitFitTrainer divides %s's loss (a per-batch mean) by %d, "
+                   "so the logged loss and the gradients are those of one batch of %d x the per-device batch; "
+                   "transformers' Trainer reads its forward's **kwargs as a summed loss and does not divide, so it "
+                   "logs and steps with %dx this loss.", steps, type(self.model).__name__, steps, steps, steps)
 
     def call_model_init(self, trial=None):
         """Every model Trainer creates from ``model_init`` (at ``train()``, in each hyperparameter
@@ -152,7 +178,7 @@ class BitFitTrainer(Trainer):
         return model
 
     def _apply_bitfit(self, model: torch.nn.Module) -> None:
-        """Freeze and select in place, fingerprint the base, lean mode, print the table."""
+        """Freeze and select in place, fingerprint the base, lean mode, log the table."""
         args = self.args
         self.bitfit_state: BitFitState = prepare_model(
             model, self.bitfit_config, bias_map=self._bias_map, seed=args.seed
@@ -172,15 +198,19 @@ class BitFitTrainer(Trainer):
         if self.bitfit_config.lean:
             logger.info("lean mode: %s", make_lean(model))
         self._bitfit_model = model
-        # Shown whatever the user's logging setup (PEFT prints it too); only the main process, so N
-        # processes don't print N copies.
+        # Logged, not printed (a library leaves stdout to its user), and only by the main process, so
+        # N processes don't log N copies; print_trainable_parameters() prints it on request.
         if args.process_index == 0:
-            self.print_trainable_parameters()
+            logger.info("%s", self.trainable_table())
 
-    def print_trainable_parameters(self) -> None:
+    def trainable_table(self) -> str:
         """PEFT's line ``trainable params: N || all params: M || trainable%: P``, then the count of
         every bias term and the head."""
-        print(f"BitFit mode {self.bitfit_config.mode!r}\n{self.bitfit_state.summary()}", flush=True)
+        return f"BitFit mode {self.bitfit_config.mode!r}\n{self.bitfit_state.summary()}"
+
+    def print_trainable_parameters(self) -> None:
+        """Print :meth:`trainable_table` to stdout, as PEFT's ``print_trainable_parameters()`` does."""
+        print(self.trainable_table(), flush=True)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

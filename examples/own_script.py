@@ -26,6 +26,7 @@ trainer = BitFitTrainer(                      # was: Trainer(
     data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
     bitfit_config=BitFitConfig(bias_terms=["bitfit"]),   # or ["qm2"], ["q", "m2", "LN2"], mode="full", ...
 )
+trainer.print_trainable_parameters()          # the table (also logged at INFO by the "bitfit_tasks" logger)
 trainer.train()
 print(trainer.evaluate())
 trainer.save_model("out/sst2")                # writes only the biases + head (a "delta")

@@ -372,6 +372,10 @@ case("delta-task-class", "a delta JSON whose `task_class` is not a model class",
      r"transformers model class \(e\.g\. BertForSequenceClassification\)")(
     lambda d: edit_json(saved_delta(d) / "bitfit_delta.json", lambda m: m.__setitem__("task_class", "os")) or
     __import__("bitfit_tasks").load_task_model("unused", d / "delta"))
+case("delta-task-class-name", "a delta JSON whose `task_class` is not a class name", r"bitfit_delta\.json: task_class "
+     r"'os\.system\(1\)' is not a class name; the JSON was edited or damaged")(
+    lambda d: edit_json(saved_delta(d) / "bitfit_delta.json", lambda m: m.__setitem__("task_class", "os.system(1)"))
+    or __import__("bitfit_tasks").Delta.load(d / "delta"))
 
 # ---- sweeps -------------------------------------------------------------------------------------
 

@@ -321,17 +321,29 @@ def test_squad_sweep_checks_matplotlib_before_training(tmp_path, capsys):
 
 # ---- the trainable-parameter table -----------------------------------------------------------
 
-def test_trainable_table_printed_without_any_logging_setup(tmp_path, capsys):
+def test_trainable_table_logged_on_the_main_process_and_printed_on_request(tmp_path, capsys, caplog):
+    """Before: every construction printed the table to stdout, on every process."""
+    import logging
+
     from transformers import TrainingArguments
 
-    trainer = BitFitTrainer(model=tiny_model("bert"), bitfit_config=BitFitConfig(bias_terms=["qm2"]),
-                            args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
-    out = capsys.readouterr().out
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with caplog.at_level(logging.INFO, logger="bitfit_tasks"):
+        trainer = BitFitTrainer(model=tiny_model("bert"), bitfit_config=BitFitConfig(bias_terms=["qm2"]), args=args)
+    assert capsys.readouterr().out == ""
+    logged = [r.getMessage() for r in caplog.records if "trainable params:" in r.getMessage()]
+    assert len(logged) == 1 and logged[0] == trainer.trainable_table()
     n = trainer.bitfit_state.n_trainable
-    assert re.search(rf"trainable params: {n:,d} \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{{4}}", out)
-    assert re.search(r"^\s+q: [\d,]+ \(", out, re.M) and re.search(r"^\s+head: [\d,]+ \(", out, re.M)
+    table = trainer.trainable_table()
+    assert re.search(rf"trainable params: {n:,d} \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{{4}}", table)
+    assert re.search(r"^\s+q: [\d,]+ \(", table, re.M) and re.search(r"^\s+head: [\d,]+ \(", table, re.M)
     trainer.print_trainable_parameters()
-    assert capsys.readouterr().out.count("trainable params:") == 1
+    assert capsys.readouterr().out == table + "\n"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bitfit_tasks"), \
+            mock.patch.object(TrainingArguments, "process_index", new_callable=mock.PropertyMock, return_value=1):
+        BitFitTrainer(model=tiny_model("bert"), bitfit_config=BitFitConfig(bias_terms=["qm2"]), args=args)
+    assert "trainable params:" not in caplog.text and capsys.readouterr().out == ""
     assert sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) == n
     assert isinstance(trainer.model.bert.encoder.layer[0].attention.self.query.bias, torch.nn.Parameter)
 

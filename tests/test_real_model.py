@@ -42,6 +42,8 @@ def test_run_glue_script_on_packaged_sst2(tmp_path):
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "trainable params: 26,882 || all params: 22,713,986" in proc.stdout  # printed, not logged
+    # Logged (the runners log at INFO, to stderr), not printed: stdout is the runner's own output.
+    assert "trainable params: 26,882 || all params: 22,713,986" in proc.stderr
+    assert "trainable params:" not in proc.stdout
     res = json.loads((out / "results.json").read_text())
     assert res["task"] == "sst2" and res["train_examples"] == 64 and 0.0 <= res["best"] <= 1.0

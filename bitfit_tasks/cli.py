@@ -3,6 +3,7 @@
     bitfit-delta info runs/rte
     bitfit-delta export runs/rte --output merged-rte
     bitfit-delta info user/minilm-rte-bitfit --revision main      (a delta on the Hugging Face Hub)
+    bitfit-delta export-peft runs/rte peft-rte                 (a PEFT BEFT adapter: PeftModel.from_pretrained)
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--revision", help="Hub revision (branch, tag or commit) of a Hub delta")
     exp.add_argument("--base", help="base model id/folder (default: the one recorded in the delta)")
     exp.add_argument("--output", required=True, help="folder for the merged from_pretrained model")
+    pe = sub.add_parser("export-peft", help="write the delta as a PEFT BEFT adapter folder (needs peft)")
+    pe.add_argument("delta_dir", help="delta folder or Hub repository id")
+    pe.add_argument("output", help="new or empty folder for the adapter")
+    pe.add_argument("--revision", help="Hub revision (branch, tag or commit) of a Hub delta")
+    pe.add_argument("--base", help="base model id/folder (default: the one recorded in the delta)")
     return p
 
 
@@ -42,6 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = a.base or delta.meta.get("base_model")
     if not base:
         p.error("the delta records no base model; pass --base")
+    if a.cmd == "export-peft":
+        from .peft_io import export_peft
+
+        out = export_peft(base, delta, a.output)
+        print(f"PEFT BEFT adapter written to {out}; load it with PeftModel.from_pretrained(base_model, {str(out)!r})")
+        return 0
     out = export_merged(base, delta.path, a.output)
     print(f"merged model written to {out}")
     return 0

@@ -136,20 +136,26 @@ def add_biases(model: nn.Module, added: dict[str, int]) -> list[str]:
     its dtype; a name that is a parameter already is left alone. Returns the names created. Zero
     bias: ``F.linear``/``F.layer_norm`` add it last, so the outputs are unchanged."""
     params = dict(model.named_parameters())
-    created = []
-    for name, size in added.items():
-        if name in params:
-            continue
-        mod_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(mod_name)
-        if attr != "bias" or not isinstance(module, ADDABLE_BIAS_TYPES) or getattr(module, "bias", None) is not None:
-            raise ValueError(f"cannot add bias {name}: {mod_name} is a {type(module).__name__}; biases are added to "
-                             "Linear and LayerNorm modules built without one.")
-        if bias_size(module) != size:
-            raise ValueError(f"cannot add bias {name} of length {size}: {mod_name} takes one of {bias_size(module)}.")
-        ref = module.weight if getattr(module, "weight", None) is not None else next(model.parameters())
-        module.bias = nn.Parameter(torch.zeros(size, device=ref.device, dtype=ref.dtype))
-        created.append(name)
+    created: list[str] = []
+    try:
+        for name, size in added.items():
+            if name in params:
+                continue
+            mod_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(mod_name)
+            addable = isinstance(module, ADDABLE_BIAS_TYPES) and getattr(module, "bias", None) is None
+            if attr != "bias" or not addable:
+                raise ValueError(f"cannot add bias {name}: {mod_name} is a {type(module).__name__}; biases are added "
+                                 "to Linear and LayerNorm modules built without one.")
+            if bias_size(module) != size:
+                raise ValueError(f"cannot add bias {name} of length {size}: {mod_name} takes one of "
+                                 f"{bias_size(module)}.")
+            ref = module.weight if getattr(module, "weight", None) is not None else next(model.parameters())
+            module.bias = nn.Parameter(torch.zeros(size, device=ref.device, dtype=ref.dtype))
+            created.append(name)
+    except BaseException:
+        remove_biases(model, created)  # all or nothing
+        raise
     return created
 
 

@@ -33,7 +33,7 @@ from .core import add_biases, remove_biases
 from .errors import UsageError, first_line, read_utf8
 from .fileio import atomic_write_text
 from .model_card import model_card
-from .selection import head_parameter_names
+from .selection import added_bias_sizes, head_parameter_names
 from .signature import (
     _check_signature,
     base_signature,
@@ -90,7 +90,9 @@ def save_delta(
         "head": [n for n in head_parameter_names(model) if n in tensors],
         "shapes": {n: list(t.shape) for n, t in tensors.items()},
         "n_params": sum(p.numel() for p in model.parameters()),
-        "added_biases": {n: int(v) for n, v in (added or {}).items()},
+        # Given by the trainer; otherwise read off the model: biases its own class does not build.
+        "added_biases": {n: int(v) for n, v in
+                         (added if added is not None else added_bias_sizes(model, names)).items()},
     }
     signature = signature if signature is not None else base_signature(model, exclude=set(names))
     meta["base_fingerprint"] = signature_id(signature)
@@ -249,11 +251,15 @@ class Delta:
                 raise UsageError(f"{p / DELTA_CONFIG}: field {field_name!r} names tensor(s) {absent[:3]} that "
                                  f"{DELTA_WEIGHTS} lacks; the JSON was edited or damaged: save the delta again.")
         added = meta.setdefault("added_biases", {})
-        if not (isinstance(added, dict) and all(isinstance(n, str) and n in tensors and isinstance(v, int)
-                                                and not isinstance(v, bool) and shapes[n] == [v]
-                                                for n, v in added.items())):
+        if not isinstance(added, dict):
             raise UsageError(f"{p / DELTA_CONFIG}: field 'added_biases' must map bias tensors of the delta to their "
-                             f"lengths, got {str(added)[:60]}; the JSON was edited or damaged: save the delta again.")
+                             f"lengths, got {type(added).__name__}; the JSON was edited or damaged: save the delta "
+                             "again.")
+        for n, v in added.items():
+            if not (n in tensors and isinstance(v, int) and not isinstance(v, bool) and shapes[n] == [v]):
+                have = f"a tensor of shape {shapes[n]}" if n in tensors else "no such tensor"
+                raise UsageError(f"{p / DELTA_CONFIG}: field 'added_biases' gives {n[:80]} length {v!r}, but the delta "
+                                 f"holds {have}; the JSON was edited or damaged: save the delta again.")
         if not meta["task_class"].isidentifier():
             # Any class name is fine here (resume and apply_delta take the user's model); which class
             # load_task_model can build is its own check.
@@ -312,7 +318,8 @@ class AppliedDelta:
     def remove(self) -> None:
         params = dict(self.model.named_parameters())
         for name, value in self.originals.items():
-            if name not in self.created:
+            # A bias another (earlier) delta created and already took away again is gone: skip it.
+            if name not in self.created and name in params:
                 params[name].copy_(value)
         remove_biases(self.model, self.created)
         self.originals, self.created = {}, []
@@ -387,8 +394,9 @@ def apply_delta(
     (cast to each parameter's dtype and device); keep the replaced values for ``remove()``.
     ``signature``: see :func:`check_compatible`."""
     delta = delta if isinstance(delta, Delta) else Delta.from_pretrained(delta, **hub_kwargs)
-    created = create_added_biases(model, delta)
+    created: list[str] = []
     try:
+        created = create_added_biases(model, delta)
         check_compatible(model, delta, verify_fingerprint=verify_fingerprint, signature=signature)
     except BaseException:
         remove_biases(model, created)  # a refused delta leaves the model as it was

@@ -386,11 +386,15 @@ class BiasSelection:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+_TURN_ON = ("turn it on (--add_missing_biases true; BitFitConfig(add_missing_biases=True); "
+            "select_bias_parameters(..., add_missing=True))")
+
+
 def _rmsnorm_reason(term: str, kinds: list[str]) -> str:
     return (f"bias term {term!r} is a norm without a bias ({', '.join(sorted(set(kinds)))}): an RMSNorm has no "
-            "bias term, and BitFit adds none there because in a pre-norm block a shift of the norm's output "
-            "equals a change of the next projections' biases (q/k/v after LN1, m2 after LN2), which BitFit "
-            "trains directly.")
+            "bias term, and BitFit adds none to it, since no model class of these families holds one (such a "
+            "delta could neither merge nor export) and a shift of a pre-norm's output (LN1 before attention, LN2 "
+            "before the MLP) equals a change of the next projections' biases, which BitFit trains.")
 
 
 def plan_bias_selection(
@@ -416,8 +420,8 @@ def plan_bias_selection(
         if found_map is not None:
             raise ValueError(
                 f"{type(model).__name__} has no bias parameters in its backbone (model_type {model_type!r} is built "
-                "without them) and add_missing_biases is off, so BitFit has nothing to train. Drop "
-                "--add_missing_biases false (BitFit then adds zero-initialised biases and trains them).")
+                f"without them) and add_missing_biases is off, so BitFit has nothing to train; {_TURN_ON} to add "
+                "zero-initialised biases and train them.")
         raise ValueError(
             f"{type(model).__name__} has no bias parameters in its backbone and BitFit has no per-term bias map "
             f"for model_type {model_type!r} that would say where to add them; supported: {supported_model_types()}. "
@@ -441,6 +445,7 @@ def plan_bias_selection(
     prefix = full_prefix(model)
     fused = re.compile(rf"{bmap.layer_prefix}\.{re.escape(bmap.fused_qkv)}") if bmap.fused_qkv else None
     sel = BiasSelection(terms={})
+    native = native_parameter_names(model) if add_missing else None
     sizes: dict[str, int] = {}
     unbiasable: dict[str, list[str]] = {}
 
@@ -455,6 +460,8 @@ def plan_bias_selection(
             if rel in params:
                 out.append(rel)
                 sizes[prefix + rel] = params[rel].numel()
+                if native is not None and prefix + rel not in native:  # added earlier (a delta applied, a re-run)
+                    sel.added[prefix + rel] = params[rel].numel()
             elif add_missing and isinstance(mod, ADDABLE_BIAS_TYPES) and getattr(mod, "bias", None) is None \
                     and bias_size(mod):
                 out.append(rel)
@@ -494,12 +501,10 @@ def plan_bias_selection(
             if pat is not None and any(pat.fullmatch(m) and bias_size(mod) for m, mod in modules.items()):
                 raise ValueError(
                     f"bias term {term!r} has no bias in {type(model).__name__} (model_type {model_type!r} is built "
-                    "without it) and add_missing_biases is off; drop --add_missing_biases false to add and train "
-                    f"one, or drop {term!r}.")
-            hint = ""
+                    f"without it) and add_missing_biases is off; {_TURN_ON} to add and train one, or drop {term!r}.")
             raise ValueError(
                 f"bias term {term!r} matches no parameter of {type(model).__name__} "
-                f"(model_type {model_type!r}); the terms this model has are {have}{hint}. Drop {term!r} or use a "
+                f"(model_type {model_type!r}); the terms this model has are {have}. Drop {term!r} or use a "
                 "preset such as 'bitfit'."
             )
     if not sel.terms:
@@ -533,6 +538,30 @@ def select_bias_parameters(
 ) -> dict[str, list[str]]:
     """Term -> full names of the biases it selects (see :func:`plan_bias_selection`)."""
     return plan_bias_selection(model, terms, bias_map=bias_map, add_missing=add_missing).terms
+
+
+def native_parameter_names(model: nn.Module) -> set[str] | None:
+    """The parameter names ``model``'s class builds from its config (a skeleton on the meta device, no
+    memory), so a bias BitFit added earlier is told apart from the model's own; None for a model
+    without a config."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(type(model), "config_class"):
+        return None
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)(config)
+    except Exception:  # a class that cannot be rebuilt from its config alone: assume nothing was added
+        return None
+    return {n for n, _ in skeleton.named_parameters()}
+
+
+def added_bias_sizes(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
+    """Which of ``names`` are biases ``model``'s own class does not build (BitFit added them), with lengths."""
+    native = native_parameter_names(model)
+    params = dict(model.named_parameters())
+    if native is None:
+        return {}
+    return {n: params[n].numel() for n in names if n.endswith(".bias") and n in params and n not in native}
 
 
 def full_prefix(model: nn.Module) -> str:

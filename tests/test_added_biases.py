@@ -124,17 +124,18 @@ def test_rmsnorm_terms_and_refusing_to_add():
     from bitfit_tasks.selection import select_bias_parameters
 
     with pytest.raises(ValueError, match=r"bias term 'LN1' is a norm without a bias \(LlamaRMSNorm\): an RMSNorm "
-                                         r"has no bias term.*Drop 'LN1' from --bias_terms"):
+                                         r"has no bias term, and BitFit adds none to it.*Drop 'LN1' from --bias_terms"):
         prepare_model(make("llama"), BitFitConfig(bias_terms=["q", "LN1"]))
     with pytest.raises(ValueError, match=r"LlamaForSequenceClassification has no bias parameters in its backbone "
                                          r"\(model_type 'llama' is built without them\) and add_missing_biases is "
-                                         r"off.*Drop --add_missing_biases false"):
+                                         r"off, so BitFit has nothing to train; turn it on \(--add_missing_biases true; "
+                                         r"BitFitConfig\(add_missing_biases=True\)"):
         prepare_model(make("llama"), BitFitConfig(add_missing_biases=False))
     qwen3 = make("qwen3")
     qwen3.model.layers[0].self_attn.q_proj.bias = torch.nn.Parameter(torch.zeros(16))  # one bias, so not refused whole
     with pytest.raises(ValueError, match=r"bias term 'm2' has no bias in Qwen3ForSequenceClassification \(model_type "
-                                         r"'qwen3' is built without it\) and add_missing_biases is off; drop "
-                                         r"--add_missing_biases false to add and train one, or drop 'm2'"):
+                                         r"'qwen3' is built without it\) and add_missing_biases is off; turn it on "
+                                         r"\(--add_missing_biases true.* to add and train one, or drop 'm2'"):
         prepare_model(qwen3, BitFitConfig(bias_terms=["q", "m2"], add_missing_biases=False))
     # The pure selection adds nothing unless asked to, and names what it would add.
     model = make("llama")
@@ -362,3 +363,115 @@ def test_bitfit_delta_export_refuses_in_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "cannot merge: MistralConfig cannot express the biases" in lines[0], proc.stderr
     assert not (tmp_path / "merged").exists()
+
+
+def test_fused_slice_gradient_is_masked_and_frozen_entries_are_restored():
+    """Both guards of a fused q/k/v slice, each on its own: the gradient outside the slice is zero, and
+    entries moved outside it (by weight decay or any optimizer) are put back after a step."""
+    model = make("modernbert")
+    state = prepare_model(model, BitFitConfig(bias_terms=["k"]))
+    bias = dict(model.named_parameters())["model.layers.0.attn.Wqkv.bias"]
+    model.train()
+    out = model(input_ids=X, labels=torch.tensor([0, 1, 2]))
+    out.loss.backward()
+    assert bias.grad[16:32].abs().sum() > 0
+    assert torch.equal(bias.grad[:16], torch.zeros(16)) and torch.equal(bias.grad[32:], torch.zeros(16))
+    with torch.no_grad():
+        bias.add_(0.5)  # what a decaying optimizer could do to every entry
+    state.restore_frozen_entries(model)
+    assert torch.equal(bias[:16], torch.zeros(16)) and torch.equal(bias[32:], torch.zeros(16))
+    assert torch.equal(bias[16:32], torch.full((16,), 0.5))
+
+
+def test_a_model_that_carries_added_biases_saves_a_delta_that_loads_on_its_base(tmp_path):
+    """Training on from a delta (the biases exist already), or prepare_model twice: the biases are still
+    recorded as added, so the delta re-creates them on the bias-free base."""
+    from bitfit_tasks import save_delta
+
+    make("llama").model.save_pretrained(tmp_path / "base")
+    first = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3)
+    trainer = train(first, tmp_path / "one")
+    trainer.train()
+    trainer.save_model(str(tmp_path / "d1"))
+    again = load_task_model(str(tmp_path / "base"), str(tmp_path / "d1"))
+    trainer = train(again, tmp_path / "two")
+    assert trainer.bitfit_state.added == Delta.load(tmp_path / "d1").meta["added_biases"]
+    assert "added biases: 14 tensors" in trainer.bitfit_state.summary()
+    trainer.train()
+    trainer.save_model(str(tmp_path / "d2"))
+    assert torch.equal(logits(load_task_model(str(tmp_path / "base"), str(tmp_path / "d2")), X), logits(again, X))
+    model = make("llama")
+    prepare_model(model, BitFitConfig())
+    assert len(prepare_model(model, BitFitConfig()).added) == 14
+    save_delta(model, tmp_path / "d3")  # no added= : read off the model
+    assert len(Delta.load(tmp_path / "d3").meta["added_biases"]) == 14
+
+
+def test_refused_apply_leaves_the_model_as_it_was_and_stacked_deltas_remove(tmp_path):
+    model = make("llama")
+    trainer = train(model, tmp_path / "run")
+    trainer.train()
+    trainer.save_model(str(tmp_path / "delta"))
+    one_layer = TASK_CLASSES["seq"].from_config(bias_free_config("llama", num_labels=3, num_hidden_layers=1))
+    with pytest.raises(ValueError, match=r"adds biases this model cannot hold .* load the base the delta was "
+                                         r"trained on"):
+        apply_delta(one_layer, str(tmp_path / "delta"))
+    assert not [n for n, _ in one_layer.named_parameters() if n.endswith(".bias")]
+    base = make("llama")
+    h1 = apply_delta(base, str(tmp_path / "delta"))
+    h2 = apply_delta(base, str(tmp_path / "delta"), verify_fingerprint=False)
+    h1.remove()
+    h2.remove()
+    assert not [n for n, _ in base.named_parameters() if n.endswith(".bias")]
+
+
+def test_error_messages_of_added_biases(tmp_path):
+    from bitfit_tasks.core import add_biases
+    from bitfit_tasks.selection import BiasMap, plan_bias_selection
+
+    model = make("llama")
+    with pytest.raises(ValueError, match=r"cannot add bias model\.norm\.bias: model\.norm is a LlamaRMSNorm; biases "
+                                         r"are added to Linear and LayerNorm modules built without one"):
+        add_biases(model, {"model.layers.0.self_attn.q_proj.bias": 16, "model.norm.bias": 16})
+    assert not [n for n, _ in model.named_parameters() if n.endswith(".bias")]  # all or nothing
+    with pytest.raises(ValueError, match=r"cannot add bias model\.layers\.0\.self_attn\.q_proj\.bias of length 5: "
+                                         r"model\.layers\.0\.self_attn\.q_proj takes one of 16"):
+        add_biases(model, {"model.layers.0.self_attn.q_proj.bias": 5})
+    with pytest.raises(ValueError, match=r"BiasMap\.fused_qkv and BiasMap\.qkv_sizes go together"):
+        BiasMap(layer_prefix=r"layers\.(\d+)", layer_modules={"qkv": "attn.Wqkv"}, fused_qkv="attn.Wqkv")
+    bad = BiasMap(layer_prefix=r"layers\.(\d+)", layer_modules={"qkv": "attn.Wqkv"}, fused_qkv="attn.Wqkv",
+                  qkv_sizes=lambda c: (1, 2, 3))
+    with pytest.raises(ValueError, match=r"BiasMap\.qkv_sizes gives \(1, 2, 3\) for model\.layers\.0\.attn\.Wqkv\.bias, "
+                                         r"whose bias has 48 values; fix the bias map's qkv_sizes"):
+        plan_bias_selection(make("modernbert"), ["q"], bias_map=bad, add_missing=True)
+    gemma2 = T.AutoModelForSequenceClassification.from_config(T.Gemma2Config(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, intermediate_size=32, pad_token_id=0))
+    with pytest.raises(ValueError, match=r"Gemma2ForSequenceClassification has no bias parameters in its backbone and "
+                                         r"BitFit has no per-term bias map for model_type 'gemma2' that would say where "
+                                         r"to add them"):
+        prepare_model(gemma2, BitFitConfig())
+    # A delta whose JSON lists a wrong length for an added bias.
+    trainer = train(make("llama"), tmp_path / "run")
+    trainer.save_model(str(tmp_path / "delta"))
+    meta_path = tmp_path / "delta" / "bitfit_delta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["added_biases"]["model.layers.0.self_attn.q_proj.bias"] = 15
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match=r"field 'added_biases' gives model\.layers\.0\.self_attn\.q_proj\.bias length "
+                                         r"15, but the delta holds a tensor of shape \[16\]; the JSON was edited"):
+        Delta.load(tmp_path / "delta")
+    meta["added_biases"] = ["x"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match=r"field 'added_biases' must map bias tensors of the delta to their lengths, "
+                                         r"got list"):
+        Delta.load(tmp_path / "delta")
+
+
+def test_merge_refuses_flags_that_add_more_than_biases():
+    from bitfit_tasks.delta import with_config_flags
+
+    model = make("llama")
+    with pytest.raises(UsageError, match=r"cannot merge: config flags \['num_hidden_layers'\] add model\.layers\.2\.\S+, "
+                                         r"which is not a bias"):
+        with_config_flags(model, {"num_hidden_layers": 3})

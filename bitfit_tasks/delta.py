@@ -72,8 +72,15 @@ def save_delta(
     ``signature``: the base's signature taken earlier (before lean mode rounded it), else computed
     now. ``added``: the biases BitFit added to a base built without them (name -> length); applying
     the delta re-creates them."""
-    out = Path(output_dir)
     names = names if names is not None else delta_tensor_names(model)
+    delta = delta_of(model, names, mode=mode, terms=terms, base_model=base_model, signature=signature, added=added)
+    return write_delta_files(Path(output_dir), delta.tensors, delta.meta)
+
+
+def delta_of(model: nn.Module, names: list[str], *, mode: str = "bitfit", terms: dict[str, list[str]] | None = None,
+             base_model: str | None = None, signature: dict[str, dict] | None = None,
+             added: dict[str, int] | None = None) -> Delta:
+    """The :class:`Delta` of ``model``'s tensors ``names`` (in memory; :func:`save_delta` writes it)."""
     if not names:
         raise ValueError("nothing to save: the model has no trainable tensors; pass names= explicitly.")
     params = dict(model.named_parameters())
@@ -97,7 +104,7 @@ def save_delta(
     signature = signature if signature is not None else base_signature(model, exclude=set(names))
     meta["base_fingerprint"] = signature_id(signature)
     meta["base_signature"] = signature
-    return write_delta_files(out, tensors, meta)
+    return Delta(tensors=tensors, meta=meta)
 
 
 def write_delta_files(out: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

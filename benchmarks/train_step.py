@@ -9,8 +9,9 @@
 Side by side in one process, interleaved (each round runs every configuration once), after a
 warm-up round: median step time, peak heap in use during the step (glibc mallinfo2 sampled every
 millisecond, minus the heap in use before the step: activations, gradients, temporaries), the total
-peak (that plus what is held between steps: parameters, buffers, optimizer state), and bytes saved
-for backward. Configurations:
+peak (that plus what is held between steps: parameters, buffers, optimizer state), bytes saved
+for backward, and the CPU seconds the process used in the step (all threads; on a machine shared
+with other work it moves less than the wall time does). Configurations:
 full, bitfit (all biases), bitfit qm2, frozen, and lean bitfit (bf16 frozen weights + autocast +
 bool dropout masks), each through ``BitFitTrainer.training_step`` and a plain
 forward/backward/AdamW loop; and two PEFT methods (the `bench` extra), through transformers' own
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import resource
 import statistics
@@ -264,9 +266,13 @@ def main() -> None:
     times: dict[tuple, list[float]] = {(r.name, r.path): [] for r in runners}
     peaks: dict[tuple, list[int]] = {(r.name, r.path): [] for r in runners}
     faults: dict[tuple, list[int]] = {(r.name, r.path): [] for r in runners}
+    # CPU seconds the process used in the step (all its threads): less sensitive than wall time to other
+    # processes taking the cores of a shared machine.
+    cpu: dict[tuple, list[float]] = {(r.name, r.path): [] for r in runners}
     for rnd in range(a.repeats + 1):  # round 0 is the warm-up
         for r in runners:
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            c0 = time.process_time()
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -283,6 +289,7 @@ def main() -> None:
                     dt = time.perf_counter() - t
                 step_peak = s.peak - s.base
             if rnd:
+                cpu[(r.name, r.path)].append(time.process_time() - c0)
                 times[(r.name, r.path)].append(dt)
                 peaks[(r.name, r.path)].append(step_peak)
                 faults[(r.name, r.path)].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
@@ -298,8 +305,8 @@ def main() -> None:
             "EMULATED (lean is >50x slower here; BitFitTrainer falls back to fp32 for --lean)"
         print(f"CPU bf16 matmuls: {caps} -> {verdict}")
     print("| path | config | step s | vs full | step peak MiB | vs full | total peak MiB | vs full "
-          "| saved-for-backward MiB | vs full | page faults/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| saved-for-backward MiB | vs full | page faults/step | CPU s | vs full |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out: dict = {"cpu_bf16": caps, "device": where, "torch": torch.__version__, "shape": a.shape, "batch": a.batch,
                  "seq": a.seq, "precision": a.precision, "repeats": a.repeats,
                  "model_config": LLAMA_1024 if a.shape == "llama-1024" else None,
@@ -307,27 +314,32 @@ def main() -> None:
                  "trainable": {f"{r.path}/{r.name}": sum(p.numel() for p in r.model.parameters() if p.requires_grad)
                                for r in runners}}
     for path in a.paths:
-        base: tuple = (None,) * 4
+        base: tuple = (None,) * 5
         if "full" in a.configs:
             f = ("full", path)
             full_peak = statistics.median(peaks[f])
-            base = (statistics.median(times[f]), full_peak, full_peak + held[f], saved[f])
+            base = (statistics.median(times[f]), full_peak, full_peak + held[f], saved[f], statistics.median(cpu[f]))
         for c in a.configs:
             k = (c, path)
-            st, pk, sv = statistics.median(times[k]), statistics.median(peaks[k]), saved[k]
+            st, pk, cs = statistics.median(times[k]), statistics.median(peaks[k]), statistics.median(cpu[k])
+            sv = saved[k]
             total = pk + held[k]  # what the process needs at the step's peak, weights and Adam state included
-            ratio = [f"{x / b:.2f}" if b else "-" for x, b in zip((st, pk, total, sv), base, strict=True)]
+            ratio = [f"{x / b:.2f}" if b else "-" for x, b in zip((st, pk, total, sv, cs), base, strict=True)]
             print(f"| {path} | {c} | {st:.3f} | {ratio[0]} | {pk / 2**20:.0f} | {ratio[1]} | {total / 2**20:.0f} | "
-                  f"{ratio[2]} | {sv / 2**20:.0f} | {ratio[3]} | {statistics.median(faults[k]):.0f} |")
+                  f"{ratio[2]} | {sv / 2**20:.0f} | {ratio[3]} | {statistics.median(faults[k]):.0f} | {cs:.3f} | "
+                  f"{ratio[4]} |")
             out[f"{path}/{c}"] = {"step_s": st, "peak_bytes": pk, "persistent_bytes": held[k],
-                                  "total_peak_bytes": total, "saved_bytes": sv, "times": times[k]}
+                                  "total_peak_bytes": total, "saved_bytes": sv, "times": times[k], "cpu_s": cs,
+                                  "cpu_times": cpu[k]}
     if "trainer" in a.paths and "loop" in a.paths:
         for c in a.configs:
             t, lp = statistics.median(times[(c, "trainer")]), statistics.median(times[(c, "loop")])
             print(f"Trainer overhead over the plain loop, {c}: {100 * (t / lp - 1):+.1f}%")
-    if a.json:
-        with open(a.json, "w") as f:
+    if a.json:  # written whole or not at all
+        tmp_json = f"{a.json}.tmp"
+        with open(tmp_json, "w") as f:
             json.dump(out, f, indent=2)
+        os.replace(tmp_json, a.json)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,9 @@ class Runner:
                 self.trainer = BitFitTrainer(model=model, args=args, train_dataset=data, bitfit_config=cfg)
             self.trainer.create_optimizer_and_scheduler(num_training_steps=10)
             self.trainer.current_gradient_accumulation_steps = 1  # set by train() otherwise
-            model = self.trainer.model
+            # train() hands the model to accelerate, whose wrapper runs the forward under --bf16's autocast;
+            # without it training_step would run fp32 whatever --precision says.
+            model = self.trainer.accelerator.prepare_model(self.trainer.model)
             self.inputs = {k: v.to(self.trainer.args.device) for k, v in self.inputs.items()}
             self.autocast = self.trainer.args.bf16
         else:

@@ -3,17 +3,28 @@
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \
         python benchmarks/train_step.py --shape bert-base --batch 16 --seq 128 --repeats 5
     python benchmarks/train_step.py --device cuda --precision bf16 --configs full bitfit lean lora --paths trainer
+    python benchmarks/train_step.py --shape llama-1024 --batch 4 --seq 256 --configs full bitfit beft lora lean \
+        --paths trainer --repeats 3
 
 Side by side in one process, interleaved (each round runs every configuration once), after a
 warm-up round: median step time, peak heap in use during the step (glibc mallinfo2 sampled every
 millisecond, minus the heap in use before the step: activations, gradients, temporaries), the total
-peak (that plus what is held between steps: parameters, buffers, optimizer state), and bytes saved
-for backward. Configurations:
+peak (that plus what is held between steps: parameters, buffers, optimizer state), bytes saved
+for backward, and the CPU seconds the process used in the step (all threads; on a machine shared
+with other work it moves less than the wall time does). Configurations:
 full, bitfit (all biases), bitfit qm2, frozen, and lean bitfit (bf16 frozen weights + autocast +
 bool dropout masks), each through ``BitFitTrainer.training_step`` and a plain
-forward/backward/AdamW loop; and PEFT LoRA (r=8 on the query and value projections, the `bench`
-extra), through transformers' own Trainer and the same loop. Ratios are to full fine-tuning on the
-same path. ``--precision bf16`` runs every forward under bf16 autocast (lean always does).
+forward/backward/AdamW loop; and two PEFT methods (the `bench` extra), through transformers' own
+Trainer and the same loop: LoRA (r=8 on the query and value projections) and BEFT (a zero-initialised
+bias vector added to every Linear layer of the backbone, ``target_modules="all-linear"``). Both train
+the task head too (PEFT's ``SEQ_CLS`` setup). Ratios are to full fine-tuning on the same path.
+``--precision bf16`` runs every forward under bf16 autocast (lean always does).
+
+``--shape llama-1024`` is a Llama-shaped decoder (hidden 1024, 8 layers, 16 heads, MLP 2816, vocab
+32000, sequence-classification head reading the last token), random weights. Llama is built without
+biases: BitFit's ``bitfit`` preset adds zero-initialised ones to its seven Linear layers per block
+(q, k, v, o, gate, up, down; its RMSNorms have no bias term), the same vectors BEFT adds on
+``all-linear``, so the two differ only in how the bias enters the layer.
 
 On a GPU (``--device cuda``) the step is timed between ``torch.cuda.synchronize()`` calls and the
 memory is ``torch.cuda.max_memory_allocated`` during the step (the step's peak, and the total
@@ -29,12 +40,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import resource
 import statistics
 import tempfile
 import threading
 import time
+import warnings
 
 import torch
 from torch.utils.data import Dataset
@@ -42,6 +55,8 @@ from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
     Trainer,
     TrainingArguments,
 )
@@ -57,7 +72,13 @@ CONFIGS = {
     "frozen": BitFitConfig(mode="frozen"),
     "lean": BitFitConfig(lean=True),
     "lora": None,  # PEFT LoRA r=8 on query/value (plus the head), not a BitFit mode
+    "beft": None,  # PEFT BEFT on all Linear layers (plus the head), not a BitFit mode
 }
+
+#: A Llama-shaped decoder of ~136M parameters (103M in the blocks), built without biases.
+LLAMA_1024 = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=16, intermediate_size=2816, max_position_embeddings=2048, attention_dropout=0.0,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)  # the head reads the last non-pad token
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -115,20 +136,31 @@ def build(shape: str, model_path: str | None = None):
     torch.manual_seed(0)
     if shape == "bert-base":
         return BertForSequenceClassification(BertConfig(num_labels=2))  # 110M, random weights
+    if shape == "llama-1024":
+        return LlamaForSequenceClassification(LlamaConfig(num_labels=2, **LLAMA_1024))
     if shape == "tiny":  # a 2-layer BERT for dry runs of this script
         return BertForSequenceClassification(BertConfig(num_labels=2, hidden_size=64, num_hidden_layers=2,
                                                         num_attention_heads=2, intermediate_size=128))
     return AutoModelForSequenceClassification.from_pretrained(model_path or demo_model_path(), num_labels=2)
 
 
-def lora(model):
-    """PEFT LoRA r=8 on the query and value projections, the task head trained too (PEFT's own setup)."""
+def peft_model(name: str, model):
+    """A PEFT method on ``model``, the task head trained too (PEFT's own ``SEQ_CLS`` setup): LoRA r=8
+    on the query and value projections, or BEFT on every Linear layer of the backbone."""
     try:
-        from peft import LoraConfig, get_peft_model
+        import peft
     except ImportError:
-        raise SystemExit("the lora configuration needs peft: pip install 'bitfit-tasks[bench]'") from None
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"], task_type="SEQ_CLS")
-    return get_peft_model(model, cfg)
+        raise SystemExit(f"the {name} configuration needs peft: pip install 'bitfit-tasks[bench]'") from None
+    if name == "lora":
+        targets = ["q_proj", "v_proj"] if model.config.model_type == "llama" else ["query", "value"]
+        cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=targets, task_type="SEQ_CLS")
+        return peft.get_peft_model(model, cfg)
+    if not hasattr(peft, "BeftConfig"):
+        raise SystemExit(f"the beft configuration needs peft >= 0.20 (BeftConfig); this is peft {peft.__version__}: "
+                         "pip install -U 'bitfit-tasks[bench]'")
+    with warnings.catch_warnings():  # "cannot merge" on bias-free layers: a merge note, nothing to do with cost
+        warnings.filterwarnings("ignore", message="Detected that the base layer has no bias term")
+        return peft.get_peft_model(model, peft.BeftConfig(target_modules="all-linear", task_type="SEQ_CLS"))
 
 
 class Runner:
@@ -139,20 +171,22 @@ class Runner:
         cfg = CONFIGS[name]
         model = build(a.shape, a.model_path).train()
         if cfg is None:
-            model = lora(model)
+            model = peft_model(name, model)
         self.inputs = {"input_ids": data.ids, "attention_mask": torch.ones_like(data.ids), "labels": data.y}
         bf16 = a.precision == "bf16"
         if path == "trainer":
             args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=len(data), learning_rate=1e-4,
                                      report_to=[], use_cpu=a.device == "cpu", save_strategy="no", max_steps=10,
                                      bf16=bf16)
-            if cfg is None:  # LoRA: transformers' own Trainer, as PEFT users run it
+            if cfg is None:  # LoRA, BEFT: transformers' own Trainer, as PEFT users run it
                 self.trainer = Trainer(model=model, args=args, train_dataset=data)
             else:
                 self.trainer = BitFitTrainer(model=model, args=args, train_dataset=data, bitfit_config=cfg)
             self.trainer.create_optimizer_and_scheduler(num_training_steps=10)
             self.trainer.current_gradient_accumulation_steps = 1  # set by train() otherwise
-            model = self.trainer.model
+            # train() hands the model to accelerate, whose wrapper runs the forward under --bf16's autocast;
+            # without it training_step would run fp32 whatever --precision says.
+            model = self.trainer.accelerator.prepare_model(self.trainer.model)
             self.inputs = {k: v.to(self.trainer.args.device) for k, v in self.inputs.items()}
             self.autocast = self.trainer.args.bf16
         else:
@@ -210,9 +244,10 @@ class Runner:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=["bert-base", "minilm", "tiny"], default="bert-base",
-                    help="bert-base: 110M random weights; minilm: the real pretrained model (--model_path, else the "
-                    "demo package's); tiny: a 2-layer BERT for dry runs")
+    ap.add_argument("--shape", choices=["bert-base", "llama-1024", "minilm", "tiny"], default="bert-base",
+                    help="bert-base: 110M random weights; llama-1024: a Llama-shaped decoder, 136M random weights, "
+                    "no biases; minilm: the real pretrained model (--model_path, else the demo package's); tiny: a "
+                    "2-layer BERT for dry runs")
     ap.add_argument("--model_path", help="the pretrained model folder for --shape minilm")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -220,11 +255,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "beft"], choices=list(CONFIGS),
+                    help="default: all but beft (the bert-base records above were taken without it)")
     ap.add_argument("--paths", nargs="+", default=["trainer", "loop"], choices=["trainer", "loop"])
     ap.add_argument("--json", help="write the measurements here")
     a = ap.parse_args()
-    vocab = 30522
+    vocab = LLAMA_1024["vocab_size"] if a.shape == "llama-1024" else 30522
     data = Batches(a.batch, a.seq, vocab)
     tmp = tempfile.mkdtemp()
     runners = [Runner(a, c, p, data, tmp) for p in a.paths for c in a.configs]
@@ -232,9 +268,13 @@ def main() -> None:
     times: dict[tuple, list[float]] = {(r.name, r.path): [] for r in runners}
     peaks: dict[tuple, list[int]] = {(r.name, r.path): [] for r in runners}
     faults: dict[tuple, list[int]] = {(r.name, r.path): [] for r in runners}
+    # CPU seconds the process used in the step (all its threads): less sensitive than wall time to other
+    # processes taking the cores of a shared machine.
+    cpu: dict[tuple, list[float]] = {(r.name, r.path): [] for r in runners}
     for rnd in range(a.repeats + 1):  # round 0 is the warm-up
         for r in runners:
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            c0 = time.process_time()
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -251,6 +291,7 @@ def main() -> None:
                     dt = time.perf_counter() - t
                 step_peak = s.peak - s.base
             if rnd:
+                cpu[(r.name, r.path)].append(time.process_time() - c0)
                 times[(r.name, r.path)].append(dt)
                 peaks[(r.name, r.path)].append(step_peak)
                 faults[(r.name, r.path)].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
@@ -266,34 +307,41 @@ def main() -> None:
             "EMULATED (lean is >50x slower here; BitFitTrainer falls back to fp32 for --lean)"
         print(f"CPU bf16 matmuls: {caps} -> {verdict}")
     print("| path | config | step s | vs full | step peak MiB | vs full | total peak MiB | vs full "
-          "| saved-for-backward MiB | vs full | page faults/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| saved-for-backward MiB | vs full | page faults/step | CPU s | vs full |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     out: dict = {"cpu_bf16": caps, "device": where, "torch": torch.__version__, "shape": a.shape, "batch": a.batch,
                  "seq": a.seq, "precision": a.precision, "repeats": a.repeats,
+                 "model_config": LLAMA_1024 if a.shape == "llama-1024" else None,
+                 "params": {f"{r.path}/{r.name}": sum(p.numel() for p in r.model.parameters()) for r in runners},
                  "trainable": {f"{r.path}/{r.name}": sum(p.numel() for p in r.model.parameters() if p.requires_grad)
                                for r in runners}}
     for path in a.paths:
-        base: tuple = (None,) * 4
+        base: tuple = (None,) * 5
         if "full" in a.configs:
             f = ("full", path)
             full_peak = statistics.median(peaks[f])
-            base = (statistics.median(times[f]), full_peak, full_peak + held[f], saved[f])
+            base = (statistics.median(times[f]), full_peak, full_peak + held[f], saved[f], statistics.median(cpu[f]))
         for c in a.configs:
             k = (c, path)
-            st, pk, sv = statistics.median(times[k]), statistics.median(peaks[k]), saved[k]
+            st, pk, cs = statistics.median(times[k]), statistics.median(peaks[k]), statistics.median(cpu[k])
+            sv = saved[k]
             total = pk + held[k]  # what the process needs at the step's peak, weights and Adam state included
-            ratio = [f"{x / b:.2f}" if b else "-" for x, b in zip((st, pk, total, sv), base, strict=True)]
+            ratio = [f"{x / b:.2f}" if b else "-" for x, b in zip((st, pk, total, sv, cs), base, strict=True)]
             print(f"| {path} | {c} | {st:.3f} | {ratio[0]} | {pk / 2**20:.0f} | {ratio[1]} | {total / 2**20:.0f} | "
-                  f"{ratio[2]} | {sv / 2**20:.0f} | {ratio[3]} | {statistics.median(faults[k]):.0f} |")
+                  f"{ratio[2]} | {sv / 2**20:.0f} | {ratio[3]} | {statistics.median(faults[k]):.0f} | {cs:.3f} | "
+                  f"{ratio[4]} |")
             out[f"{path}/{c}"] = {"step_s": st, "peak_bytes": pk, "persistent_bytes": held[k],
-                                  "total_peak_bytes": total, "saved_bytes": sv, "times": times[k]}
+                                  "total_peak_bytes": total, "saved_bytes": sv, "times": times[k], "cpu_s": cs,
+                                  "cpu_times": cpu[k]}
     if "trainer" in a.paths and "loop" in a.paths:
         for c in a.configs:
             t, lp = statistics.median(times[(c, "trainer")]), statistics.median(times[(c, "loop")])
             print(f"Trainer overhead over the plain loop, {c}: {100 * (t / lp - 1):+.1f}%")
-    if a.json:
-        with open(a.json, "w") as f:
+    if a.json:  # written whole or not at all
+        tmp_json = f"{a.json}.tmp"
+        with open(tmp_json, "w") as f:
             json.dump(out, f, indent=2)
+        os.replace(tmp_json, a.json)
 
 
 if __name__ == "__main__":

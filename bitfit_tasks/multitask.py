@@ -105,9 +105,10 @@ class MultiTaskBitFit(nn.Module):
     # ---- registry ----------------------------------------------------------------------------
 
     def add_task(self, name: str, delta: Delta | str | os.PathLike, *, verify_fingerprint: bool = True) -> None:
+        """Serve ``delta`` (a :class:`Delta`, a delta folder, or a PEFT BEFT adapter folder) as task ``name``."""
         if name in self._task_models:
             raise ValueError(f"task {name!r} is loaded already; remove_task({name!r}) first.")
-        delta = delta if isinstance(delta, Delta) else Delta.load(delta)
+        delta = delta if isinstance(delta, Delta) else load_delta_or_adapter(delta)
         cls = task_model_class(delta.meta["task_class"], source=str(delta.path or "the delta"))
         config = type(self.backbone.config).from_dict(delta.meta["task_config"])
         with torch.device("meta"):  # the skeleton only: its backbone is replaced by the shared one
@@ -231,6 +232,13 @@ class MultiTaskBitFit(nn.Module):
             for j, r in enumerate(rows.tolist()):
                 results[r] = {k: v[j] for k, v in task_out.items() if torch.is_tensor(v) and v.dim() > 0}
         return results
+
+
+def load_delta_or_adapter(path: str | os.PathLike) -> Delta:
+    """A BitFit delta folder, or a PEFT BEFT adapter folder read as one (on the adapter's recorded base)."""
+    from .peft_io import delta_from_peft, is_peft_adapter_dir
+
+    return delta_from_peft(path) if is_peft_adapter_dir(path) else Delta.load(path)
 
 
 def _row_bias_hook(offsets: torch.Tensor, task_index: torch.Tensor, name: str):

@@ -1,5 +1,6 @@
-"""Deltas to PEFT: a BitFit delta written as a PEFT BEFT adapter folder, which ``PeftModel.from_pretrained``
-loads onto the base.
+"""Deltas to and from PEFT: a BitFit delta written as a PEFT BEFT adapter folder, which
+``PeftModel.from_pretrained`` loads onto the base; and a BEFT adapter read as a delta, which
+``MultiTaskBitFit`` serves beside BitFit's own (mixed-task batches included).
 
 BEFT (PEFT's bias-term fine-tuning) adds a vector to the output of chosen ``nn.Linear`` layers, so a
 changed Linear bias ``b`` over a base bias ``b0`` (zero where BitFit added the bias) is the BEFT vector
@@ -120,3 +121,88 @@ def export_peft(base_model: str, delta: Delta | str | os.PathLike, output_dir: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+PEFT_TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+                     "QUESTION_ANS": "AutoModelForQuestionAnswering"}
+
+
+def is_peft_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+@torch.no_grad()
+def delta_from_peft(adapter: str | os.PathLike, base_model: str | None = None) -> Delta:
+    """A PEFT BEFT adapter (a folder, or a Hub id PEFT can fetch) as a BitFit delta on ``base_model`` (default:
+    the adapter's ``base_model_name_or_path``): each BEFT vector added to its Linear's base bias (a bias created
+    where the base has none), the ``modules_to_save`` modules' changed tensors, and the head. The delta then
+    serves through ``apply_delta``, ``load_task_model`` and ``MultiTaskBitFit``, mixed-task batches included."""
+    import transformers
+
+    from .core import add_biases
+    from .delta import delta_of
+    from .selection import bias_size, head_parameter_names
+    from .signature import base_signature
+
+    peft = _peft()
+    try:
+        config = peft.PeftConfig.from_pretrained(str(adapter))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{adapter}: not a PEFT adapter folder ({str(err).splitlines()[0][:160]}).") from None
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if kind != "BEFT":
+        raise UsageError(f"{adapter} is a PEFT {kind} adapter; only BEFT adapters (bias vectors) are "
+                         "BitFit deltas. Serve other adapters with PEFT.")
+    task = str(getattr(config.task_type, "value", config.task_type))
+    if task not in PEFT_TASK_CLASSES:
+        raise UsageError(f"{adapter}: PEFT task_type {config.task_type!r} has no BitFit task class; adapters of task "
+                         f"types {sorted(PEFT_TASK_CLASSES)} load as deltas.")
+    base = base_model or config.base_model_name_or_path
+    if not base:
+        raise UsageError(f"{adapter}: the adapter records no base model; pass base_model=.")
+    peft_model = peft.PeftModel.from_pretrained(_head_sized_base(base, adapter, task, transformers), str(adapter))
+    model = peft_model.base_model.model  # the task model, its layers wrapped by PEFT
+    modules = dict(model.named_modules())
+    targets = {n: m for n, m in modules.items() if hasattr(m, "beft_bias") and "default" in m.beft_bias}
+    saved = {n: m for n, m in modules.items() if hasattr(m, "modules_to_save") and "default" in m.modules_to_save}
+    # The plain task model (the base's own modules back in place) receives the merged values.
+    plain = peft_model.unload()
+    params = dict(plain.named_parameters())
+    head = set(head_parameter_names(plain))
+    names = [f"{n}.bias" for n in targets]
+    # Signature of the base before any value changes: everything outside the delta's tensors and the head.
+    changed: dict[str, torch.Tensor] = {}
+    for mod_name, wrapper in saved.items():
+        for rel, p in wrapper.modules_to_save["default"].named_parameters():
+            name = f"{mod_name}.{rel}"
+            if name in head or not torch.equal(p, params[name]):
+                changed[name] = p.detach().clone()
+    signature = base_signature(plain, exclude=set(names) | set(changed))
+    added = {n: bias_size(modules[n.rpartition(".")[0]].get_base_layer()) for n in names if n not in params}
+    add_biases(plain, added)
+    params = dict(plain.named_parameters())
+    for name in names:
+        vec = targets[name.rpartition(".")[0]].beft_bias["default"].detach().reshape(-1)
+        params[name].add_(vec.to(params[name].dtype))
+    for name, value in changed.items():
+        params[name].copy_(value)
+    delta = delta_of(plain, names + [n for n in changed if n not in names], mode="bitfit",
+                     terms={"beft": names}, base_model=base, signature=signature, added=added)
+    delta.path = str(adapter)
+    return delta
+
+
+def _head_sized_base(base: str, adapter, task: str, transformers) -> nn.Module:
+    """The base loaded with the task class of the adapter's task type and the head size its saved head has."""
+    from safetensors import safe_open
+
+    cls = getattr(transformers, PEFT_TASK_CLASSES[task])
+    num_labels = None
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as f:
+            for key in f.keys():
+                if key.endswith((".score.weight", ".classifier.weight", ".qa_outputs.weight")):
+                    num_labels = f.get_slice(key).get_shape()[0]
+    kwargs = {"num_labels": num_labels} if num_labels else {}
+    return cls.from_pretrained(base, **kwargs)

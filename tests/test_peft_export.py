@@ -89,3 +89,67 @@ def test_export_peft_on_the_packaged_model_through_the_cli(tmp_path):
     diff = (peft_logits(base, cfg, tmp_path / "peft", x) - want).abs().max().item()
     print(f"all-MiniLM-L6-v2: PEFT adapter vs base + delta, max abs logit difference {diff:.3g}")
     assert diff <= 1e-5
+
+
+def beft_trained(tmp_path, cfg, targets, steps=12):
+    """An adapter trained in PEFT itself: BEFT on ``targets`` plus the head, AdamW, a few steps."""
+    torch.manual_seed(0)
+    T.AutoModel.from_config(cfg).save_pretrained(tmp_path / "base")
+    model = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", config=cfg)
+    pm = peft.get_peft_model(model, peft.BeftConfig(task_type="SEQ_CLS", target_modules=targets))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    data = RandomTokens(num_labels=cfg.num_labels)
+    pm.train()
+    for i in range(steps):
+        batch = [data[j] for j in range(i % 4 * 8, i % 4 * 8 + 8)]
+        out = pm(input_ids=torch.stack([b["input_ids"] for b in batch]),
+                 labels=torch.stack([b["labels"] for b in batch]))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    pm.save_pretrained(str(tmp_path / "beft"))
+    return str(tmp_path / "base")
+
+
+@pytest.mark.parametrize("name,cfg,targets", [
+    ("bert", tiny_config("bert", num_labels=3), ["query", "value", "dense"]),
+    ("llama", bias_free_config("llama", num_labels=3), ["q_proj", "k_proj", "v_proj", "o_proj"]),
+])
+def test_a_beft_adapter_serves_as_a_delta_in_mixed_batches(name, cfg, targets, tmp_path):
+    from bitfit_tasks import MultiTaskBitFit, apply_delta
+    from bitfit_tasks.peft_io import delta_from_peft
+
+    base = beft_trained(tmp_path, cfg, targets)
+    with torch.no_grad():
+        want = peft_logits(base, cfg, tmp_path / "beft")
+    delta = delta_from_peft(tmp_path / "beft")
+    model = T.AutoModelForSequenceClassification.from_pretrained(base, config=cfg)
+    apply_delta(model, delta)
+    with torch.no_grad():
+        diff = (model.eval()(input_ids=X).logits - want).abs().max().item()
+    print(f"{name}: BEFT adapter as a delta vs PEFT's own forward, max abs logit difference {diff:.3g}")
+    assert diff <= 1e-5
+    # Served beside a BitFit delta on one backbone, rows of both tasks in one batch.
+    (tmp_path / "bitfit").mkdir()
+    trained_delta(tmp_path / "bitfit", cfg, ["bitfit"], base=base)
+    mt = MultiTaskBitFit(T.AutoModel.from_pretrained(base))
+    mt.add_task("beft", str(tmp_path / "beft"))
+    mt.add_task("bitfit", str(tmp_path / "bitfit" / "delta"))
+    with torch.no_grad():
+        own = load_task_model(base, str(tmp_path / "bitfit" / "delta")).eval()(input_ids=X).logits
+    rows = mt.forward_mixed(["beft", "bitfit", "beft"], input_ids=X)
+    assert torch.allclose(rows[0]["logits"], want[0], atol=1e-5) and torch.allclose(rows[2]["logits"], want[2], atol=1e-5)
+    assert torch.allclose(rows[1]["logits"], own[1], atol=1e-5)
+
+
+def test_a_lora_adapter_is_not_a_delta(tmp_path):
+    from bitfit_tasks.peft_io import delta_from_peft
+
+    cfg = tiny_config("bert", num_labels=2)
+    T.AutoModel.from_config(cfg).save_pretrained(tmp_path / "base")
+    model = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", config=cfg)
+    peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"], r=2)).save_pretrained(
+        str(tmp_path / "lora"))
+    with pytest.raises(UsageError, match=r"is a PEFT LORA adapter; only BEFT adapters \(bias vectors\) are BitFit "
+                                         r"deltas"):
+        delta_from_peft(tmp_path / "lora")

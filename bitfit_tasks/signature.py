@@ -16,11 +16,12 @@ from .selection import head_parameter_names
 
 # A delta records, per frozen tensor, its shape, dtype and exact integer hashes of its values
 # rounded to bf16 and to fp16: per chunk of 2^15 values, the sum over places i of w_i x bits_i, with
-# bits_i the 16-bit pattern of value i and w_i in [1, 32768] a fixed pseudo-random weight of place i
+# bits_i the 16-bit pattern of value i and w_i a fixed pseudo-random permutation of 1..32768 over places
 # (int32 products, int64 sums: all exact), computed on the tensor's own device; only the chunk sums
 # reach the host (one transfer per device), where sha256 condenses them. One changed value always
-# changes its chunk's sum (w_i != 0); moved values change it unless their weights happen to cancel
-# (about one chance in 2^30 per chunk; this is no defence against a deliberately forged base).
+# changes its chunk's sum (w_i != 0), and so does a swap of two values (the weights of a chunk are
+# distinct); other moves (rows swapped, values shifted) change it unless their weighted differences
+# cancel exactly. It guards against mistakes, not against a base forged to match.
 # Which hash is compared depends on the two dtypes (the record's and the base's): fp32, bf16 or
 # lean (bf16 matrices, fp32 vectors) against an fp32 or bf16 record: the bf16-rounded bits, which
 # the same checkpoint gives in each of these; fp16 against an fp32 or fp16 record, or fp32 against
@@ -32,9 +33,11 @@ from .selection import head_parameter_names
 
 SIGNATURE_FORMAT = 2
 CHUNK = 1 << 15
-# Values hashed per step: one chunk. Larger steps (several chunks as the rows of one matrix) need
-# fewer operations but MB-sized temporaries, measured 3-10x slower on a busy 2-core CPU.
-_BLOCK = CHUNK
+# Values hashed per step on a CPU: one chunk. Larger steps (several chunks as the rows of one
+# matrix) need fewer operations but MB-sized temporaries, measured 3-10x slower on a busy 2-core
+# CPU; an accelerator takes 256 chunks per step (fewer kernel launches; the sums are the same).
+_CPU_BLOCK = CHUNK
+_DEVICE_BLOCK = CHUNK << 8
 _HASHES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 _FP16_SUBNORMAL = 2.0**-25  # half the spacing of fp16's subnormals: an absolute error per value
@@ -45,14 +48,14 @@ def _kind(dtype: str) -> str:
 
 
 def _weights(device: torch.device) -> torch.Tensor:
-    """w_i for the places of a chunk: a fixed integer mix of i (numpy's wrapping uint64), so every
-    machine and device uses the same weights."""
-    i = np.arange(CHUNK, dtype=np.uint64)
-    h = (i * np.uint64(0x9E3779B1)) & np.uint64(0xFFFFFFFF)
-    h ^= h >> np.uint64(15)
-    h = (h * np.uint64(0x85EBCA77)) & np.uint64(0xFFFFFFFF)
-    h ^= h >> np.uint64(13)
-    return torch.from_numpy(((h & np.uint64(0x7FFF)) + np.uint64(1)).astype(np.int32)).to(device)
+    """w_i for the places of a chunk: a fixed pseudo-random permutation of 1..2^15 (odd multipliers and
+    xor-shifts modulo 2^15 are bijections), the same on every machine and device. Distinct weights
+    make any swap of two values within a chunk change its sum: (w_i - w_j)(x_j - x_i) != 0."""
+    h = np.arange(CHUNK, dtype=np.int64)
+    for mult, shift in ((0x9E37, 7), (0x6A5D, 8), (0x2C1B, 6)):
+        h = (h * mult) % CHUNK
+        h ^= h >> shift
+    return torch.from_numpy((h + 1).astype(np.int32)).to(device)
 
 
 def _chunk_sums(block: torch.Tensor, dtype: torch.dtype, w: torch.Tensor) -> torch.Tensor:
@@ -77,7 +80,8 @@ def sign(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, dict]:
         sums: dict[str, list[torch.Tensor]] = {h: [] for h in _HASHES}
         l1 = torch.zeros((), dtype=torch.float64, device=flat.device)
         top = torch.zeros((), dtype=flat.dtype, device=flat.device)
-        for block in flat.split(_BLOCK) if flat.numel() else []:
+        step = _CPU_BLOCK if flat.device.type == "cpu" else _DEVICE_BLOCK
+        for block in flat.split(step) if flat.numel() else []:
             for h, dtype in _HASHES.items():
                 sums[h].append(_chunk_sums(block, dtype, w))
             a = block.abs()

@@ -77,6 +77,33 @@ def test_one_changed_or_moved_value_anywhere_is_refused(dtype):
     assert signature_mismatch(record, sign(moved.items())).startswith("big: its ")
 
 
+def test_any_two_values_swapped_within_a_chunk_are_refused():
+    """The weights of a chunk are a permutation of 1..CHUNK, so a swap of two different values changes
+    the chunk's sum whatever the pair: checked on 300 random pairs of one chunk."""
+    from bitfit_tasks.signature import _weights
+
+    assert sorted(_weights(torch.device("cpu")).tolist()) == list(range(1, CHUNK + 1))
+    t = torch.randn(CHUNK, generator=torch.Generator().manual_seed(1))
+    record = sign([("t", t)])
+    pairs = torch.randint(0, CHUNK, (300, 2), generator=torch.Generator().manual_seed(2))
+    for i, j in pairs.tolist():
+        if t[i].to(torch.bfloat16) == t[j].to(torch.bfloat16):
+            continue
+        swapped = t.clone()
+        swapped[[i, j]] = t[[j, i]]
+        assert signature_mismatch(record, sign([("t", swapped)])) is not None, (i, j)
+
+
+def test_the_hashes_do_not_depend_on_how_many_chunks_a_step_takes(monkeypatch):
+    """An accelerator hashes 256 chunks per step, a CPU one: the sums are the same."""
+    import bitfit_tasks.signature as signature
+
+    tensors = _tensors()
+    one = sign(tensors.items())
+    monkeypatch.setattr(signature, "_CPU_BLOCK", CHUNK * 2)
+    assert sign(tensors.items()) == one
+
+
 def test_fp16_against_a_bf16_record_sees_only_what_the_rounding_cannot_hide():
     """The documented limit: sum and max of |w| within both roundings -- a large edit is refused, a swap is not."""
     base = _tensors()

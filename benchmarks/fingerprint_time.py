@@ -1,15 +1,18 @@
 """How long one process takes to fingerprint a bert-base-shaped backbone (110M parameters), with the
-earlier method (sha256 over fp32 host bytes of every frozen tensor, bit-exact, so only an fp32
-base matched) and the base signature deltas record now (per-tensor float64 sums and a strided
-sample, reduced on the tensor's device), and whether the same base in bf16 / fp16 is accepted.
+first method (sha256 over fp32 host bytes of every frozen tensor, bit-exact, so only an fp32
+base matched), the signature's first format (per-tensor float64 sums and a strided sample, within
+the rounding of the coarser dtype) and the signature deltas record now (exact integer hashes of the
+bf16-, fp16- and fp32-rounded bits, reduced on the tensor's device), and whether the same base in
+bf16 / fp16 is accepted and one changed weight refused.
 
-    python benchmarks/fingerprint_time.py --json benchmarks/results/fingerprint_time.json
+    python benchmarks/fingerprint_time.py --repeats 5 --json benchmarks/results/fingerprint_time.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -18,10 +21,9 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from bitfit_tasks.delta import legacy_fingerprint
 from bitfit_tasks.fileio import atomic_write_text
 from bitfit_tasks.selection import head_parameter_names
-from bitfit_tasks.signature import base_signature, signature_mismatch
+from bitfit_tasks.signature import base_signature, format1_stats, legacy_fingerprint, signature_mismatch
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -44,6 +46,7 @@ def main() -> None:
     frozen = [(n, p) for n, p in model.named_parameters() if n not in head and not n.endswith(".bias")]
     exclude = {n for n, _ in model.named_parameters() if n.endswith(".bias")}  # BitFit's delta: the biases
     legacy_s, _ = timed(lambda: legacy_fingerprint(frozen), a.repeats)
+    format1_s, _ = timed(lambda: {n: format1_stats(p) for n, p in frozen}, a.repeats)
     sig_s, sig = timed(lambda: base_signature(model, exclude=exclude), a.repeats)
     legacy = legacy_fingerprint(frozen)
 
@@ -65,11 +68,13 @@ def main() -> None:
     record = {
         "model": "BertForSequenceClassification(BertConfig()) — bert-base shape, random init",
         "frozen_tensors": len(frozen), "frozen_values": sum(p.numel() for _, p in frozen),
-        "legacy_sha256_fp32_seconds": round(legacy_s, 4), "signature_seconds": round(sig_s, 4),
+        "legacy_sha256_fp32_seconds": round(legacy_s, 4), "signature_format1_seconds": round(format1_s, 4),
+        "signature_seconds": round(sig_s, 4), "signature_over_format1": round(sig_s / format1_s, 2),
         "signature_json_bytes": len(json.dumps(sig)), "accepted_in": accepted,
         "one_weight_plus_0.05_refused": perturbed_refused, "legacy_accepted_in": legacy_accepted,
         "legacy_one_weight_plus_0.05_refused": legacy_perturbed_refused,
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other processes on the machine skew the times
         "torch": torch.__version__, "repeats": a.repeats,
     }
     print(json.dumps(record, indent=2))

@@ -62,8 +62,6 @@ def _readable_json(path: Path) -> bool:
         return False
 
 
-
-
 def checkpoint_step(path: str) -> int:
     """The optimizer step a checkpoint was written at (its ``trainer_state.json``)."""
     return int(json.loads((Path(path) / "trainer_state.json").read_text()).get("global_step", 0))

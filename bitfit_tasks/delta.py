@@ -34,14 +34,7 @@ from .errors import UsageError, first_line, read_utf8
 from .fileio import atomic_write_text
 from .model_card import model_card
 from .selection import added_bias_sizes, head_parameter_names
-from .signature import (
-    _check_signature,
-    base_signature,
-    legacy_fingerprint,
-    signature_id,
-    signature_mismatch,
-    tensor_stats,
-)
+from .signature import base_mismatch, base_signature, check_signature_field, frozen_tensors, signature_id
 
 DELTA_WEIGHTS = "bitfit_delta.safetensors"
 DELTA_CONFIG = "bitfit_delta.json"
@@ -273,7 +266,7 @@ class Delta:
             raise UsageError(f"{p / DELTA_CONFIG}: task_class {meta['task_class'][:60]!r} is not a class name; the "
                              "JSON was edited or damaged: save the delta again.")
         if "base_signature" in meta:
-            _check_signature(meta["base_signature"], str(p / DELTA_CONFIG))
+            check_signature_field(meta["base_signature"], str(p / DELTA_CONFIG))
         return cls(tensors=tensors, meta=meta, path=str(p))
 
     def num_bytes(self) -> int:
@@ -356,28 +349,11 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
         )
     if not verify_fingerprint:
         return
-    head = set(head_parameter_names(model))
-    frozen = [(n, p) for n, p in model.named_parameters() if n not in delta.tensors and n not in head]
-    why = base_mismatch(delta, frozen, signature)
+    why = base_mismatch(delta.meta, frozen_tensors(model, delta.tensors), signature)
     if why is not None:
         raise ValueError(
             f"delta {delta.path} was trained on a different base model ({why}; delta base: "
             f"{delta.meta.get('base_model')!r}). Load that base, or pass verify_fingerprint=False if you know better.")
-
-
-def base_mismatch(delta: Delta, frozen: list[tuple[str, torch.Tensor]],
-                  signature: dict[str, dict] | None = None) -> str | None:
-    """None when ``frozen`` (the named frozen tensors outside the delta and head) is the base ``delta``
-    was trained on, else what differs. ``signature``: theirs, if taken already. A delta saved before
-    signatures carries only a bit-exact fp32 fingerprint."""
-    recorded = delta.meta.get("base_signature")
-    if recorded is None:
-        want, got = str(delta.meta.get("base_fingerprint")), legacy_fingerprint(frozen)
-        return None if got == want else (f"fingerprint {want[:12]}… vs this model's {got[:12]}…; this delta predates "
-                                         "dtype-tolerant checks, so the base must be loaded in fp32")
-    current = signature if signature is not None else {n: tensor_stats(t) for n, t in frozen}
-    why = signature_mismatch(recorded, current)
-    return None if why is None else f"{why}; fingerprint {delta.meta.get('base_fingerprint', '')[:16]}…"
 
 
 def create_added_biases(model: nn.Module, delta: Delta) -> list[str]:

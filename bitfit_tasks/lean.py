@@ -9,6 +9,8 @@ forward pass differs from fp32 training by bf16 rounding, the same order as bf16
 from __future__ import annotations
 
 import functools
+import types
+import warnings
 
 import torch
 from torch import nn
@@ -59,20 +61,62 @@ def bf16_supported(device: str = "cuda") -> bool:
     return any(cpu_bf16_capability().values())
 
 
+def accelerator_type(args) -> str:
+    """The device type training will run on: 'cpu' under ``--use_cpu``, else torch's current
+    accelerator (cuda, xpu, mps, npu, ...), else 'cpu'."""
+    if args.use_cpu:
+        return "cpu"
+    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator().type
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def lean_runs(args) -> bool:
+    """Whether a run asked for lean mode with these ``TrainingArguments`` really runs lean: refused in
+    one line with --fp16 or on an accelerator without bf16; False, with a warning, on a CPU without
+    native bf16 matmuls (the run trains in fp32, and its results.json says so)."""
+    if args.fp16:
+        raise ValueError("lean=True trains under bf16 autocast; it cannot be combined with --fp16 (fp16 "
+                         "autocast). Drop --fp16 (lean sets bf16 itself), or drop --lean.")
+    device = accelerator_type(args)
+    if bf16_supported(device):
+        return True
+    if device != "cpu":
+        raise ValueError(f"lean=True needs bf16 autocast, which this {device} device does not support; "
+                         "drop --lean.")
+    # Without native bf16 matmuls oneDNN emulates them: a lean step measured >50x slower than fp32 on
+    # an AVX2-only CPU. Train in fp32 instead and say so.
+    warnings.warn(f"--lean needs native bf16 matmuls (AVX512-BF16 or AMX); this CPU has none "
+                  f"({cpu_bf16_capability()}), where bf16 is emulated and >50x slower, so this run "
+                  "trains in fp32 (plain BitFit). Drop --lean to silence this.", UserWarning, stacklevel=3)
+    return False
+
+
 def _autocast_forward(model: nn.Module) -> None:
     """Run every forward of ``model`` under bf16 autocast on whatever device it sits on, so
-    training, evaluation and plain calls all work with the bf16 weights."""
+    training, evaluation and plain calls all work with the bf16 weights. The wrapper is a method
+    bound to the model (not a closure over it), so ``copy.deepcopy`` binds the copy's wrapper to
+    the copy."""
     if getattr(model, "_bitfit_lean_forward", False):
         return
-    inner = model.forward
+    own = model.__dict__.get("forward")  # a forward already patched on this instance, else the class's
+    if own is None:
+        inner = type(model).forward
+    elif isinstance(own, types.MethodType) and own.__self__ is model:
+        inner = own.__func__
+    else:  # another library's closure: kept (a copy of the model shares it, as it did before)
+        def inner(self, *args, **kwargs):
+            return own(*args, **kwargs)
+
+        functools.update_wrapper(inner, own)
 
     @functools.wraps(inner)  # keeps the signature Trainer reads to choose dataset columns
-    def forward(*args, **kwargs):
-        device = next(model.parameters()).device.type
+    def forward(self, *args, **kwargs):
+        device = next(self.parameters()).device.type
         with torch.autocast(device, dtype=torch.bfloat16):
-            return inner(*args, **kwargs)
+            return inner(self, *args, **kwargs)
 
-    model.forward = forward
+    model.forward = types.MethodType(forward, model)
     model._bitfit_lean_forward = True
 
 

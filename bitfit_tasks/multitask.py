@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .core import add_biases
-from .delta import Delta, base_mismatch, task_model_class
+from .delta import Delta, task_model_class
+from .signature import base_mismatch
 
 
 class _Precomputed(nn.Module):
@@ -96,6 +97,9 @@ class MultiTaskBitFit(nn.Module):
         self._task_models: dict[str, nn.Module] = {}
         self._prefixes: dict[str, str] = {}
         self.active: str | None = None
+        # A loaded state_dict holds the backbone as the saving module had it (perhaps with another
+        # task's biases in place): start again from the loaded base values, no task active.
+        self.register_load_state_dict_post_hook(_deactivate_after_load)
 
     @property
     def tasks(self) -> dict[str, nn.Module]:
@@ -105,11 +109,16 @@ class MultiTaskBitFit(nn.Module):
     # ---- registry ----------------------------------------------------------------------------
 
     def add_task(self, name: str, delta: Delta | str | os.PathLike, *, verify_fingerprint: bool = True) -> None:
-        """Serve ``delta`` (a :class:`Delta`, a delta folder, or a PEFT BEFT adapter folder) as task ``name``."""
-        if name in self._task_models:
-            raise ValueError(f"task {name!r} is loaded already; remove_task({name!r}) first.")
+        """Serve ``delta`` (a :class:`Delta`, a delta folder, or a PEFT BEFT adapter folder) as task ``name``.
+        Everything is checked before anything is registered: a refused task leaves the module as it was."""
+        self._check_task_name(name)
         delta = delta if isinstance(delta, Delta) else load_delta_or_adapter(delta)
         cls = task_model_class(delta.meta["task_class"], source=str(delta.path or "the delta"))
+        mine, theirs = getattr(self.backbone.config, "model_type", None), delta.meta.get("model_type")
+        if theirs is not None and mine is not None and theirs != mine:
+            raise ValueError(f"task {name!r}: delta {delta.path or ''} was trained on a {theirs!r} model; this "
+                             f"backbone is {mine!r}. Serve it on a {theirs} backbone (its base: "
+                             f"{delta.meta.get('base_model')!r}).")
         config = type(self.backbone.config).from_dict(delta.meta["task_config"])
         with torch.device("meta"):  # the skeleton only: its backbone is replaced by the shared one
             skeleton = cls(config)
@@ -122,15 +131,12 @@ class MultiTaskBitFit(nn.Module):
                              f"backbone lacks or shapes differently, e.g. {missing[:3]}.")
         rel = {n[len(prefix) + 1:]: t for n, t in delta.tensors.items() if n.startswith(prefix + ".")}
         if verify_fingerprint:
-            why = base_mismatch(delta, [(f"{prefix}.{n}", shared[n]) for n in expected if n not in rel])
+            # The pristine base, not the live backbone: it holds the active task's biases.
+            pristine = [(f"{prefix}.{n}", self.base_values.get(n, shared[n])) for n in expected if n not in rel]
+            why = base_mismatch(delta.meta, pristine)
             if why is not None:
                 raise ValueError(f"task {name!r}: delta {delta.path} was trained on a different base model "
                                  f"({delta.meta.get('base_model')!r}; {why}); refusing to apply it to this backbone.")
-        # Biases the delta added to a base built without them: zero biases on the shared backbone (its
-        # outputs unchanged), so switching and mixed batches treat them as any other bias.
-        add_biases(self.backbone, {n[len(prefix) + 1:]: v for n, v in delta.meta.get("added_biases", {}).items()
-                                   if n.startswith(prefix + ".")})
-        shared = dict(self.backbone.named_parameters())
         setattr(skeleton, prefix, self.backbone)
         ref = next(self.backbone.parameters())  # the head lives where the backbone does, in its dtype
         head = {n: t for n, t in delta.tensors.items() if not n.startswith(prefix + ".")}
@@ -141,13 +147,30 @@ class MultiTaskBitFit(nn.Module):
         leftover = [n for n, p in skeleton.named_parameters() if p.is_meta]
         if leftover:
             raise ValueError(f"task {name!r}: the delta lacks head tensors {leftover[:3]}.")
+        # Biases the delta added to a base built without them: zero biases on the shared backbone (its
+        # outputs unchanged), so switching and mixed batches treat them as any other bias. All or nothing.
+        add_biases(self.backbone, {n[len(prefix) + 1:]: v for n, v in delta.meta.get("added_biases", {}).items()
+                                   if n.startswith(prefix + ".")})
+        shared = dict(self.backbone.named_parameters())
+        biases = _TensorBank({n: t.to(shared[n].device, shared[n].dtype) for n, t in rel.items()})
+        # Checked: from here on nothing fails, so the task is registered whole or not at all.
         for n in rel:
-            if n not in self.base_values:
+            if n not in self.base_values:  # no task changed it yet: the live value is the base's
                 self.base_values.set(n, shared[n])
         self._task_models[name] = skeleton.eval()
         self._prefixes[name] = prefix
         self.heads[name] = _head_modules(skeleton, prefix)
-        self.task_biases[name] = _TensorBank({n: t.to(shared[n].device, shared[n].dtype) for n, t in rel.items()})
+        self.task_biases[name] = biases
+
+    def _check_task_name(self, name: str) -> None:
+        """A task name keys ``heads`` and ``task_biases`` (``ModuleDict``s): no '.', not empty, not
+        one of ModuleDict's own attributes; checked before anything changes."""
+        if name in self._task_models:
+            raise ValueError(f"task {name!r} is loaded already; remove_task({name!r}) first.")
+        if not isinstance(name, str) or not name or "." in name or hasattr(self.heads, name):
+            raise ValueError(f"task name {name!r} cannot be used: it keys the module's state_dict, so it must be a "
+                             "non-empty string without '.' and not a ModuleDict attribute (e.g. 'keys'); name it "
+                             "e.g. 'rte' or 'sst2_v2'.")
 
     def remove_task(self, name: str) -> None:
         self._require(name)
@@ -239,6 +262,10 @@ def load_delta_or_adapter(path: str | os.PathLike) -> Delta:
     from .peft_io import delta_from_peft, is_peft_adapter_dir
 
     return delta_from_peft(path) if is_peft_adapter_dir(path) else Delta.load(path)
+
+
+def _deactivate_after_load(module: MultiTaskBitFit, incompatible_keys: Any) -> None:
+    module.deactivate()
 
 
 def _row_bias_hook(offsets: torch.Tensor, task_index: torch.Tensor, name: str):

@@ -149,8 +149,10 @@ def train_and_record(
                                              resumed_step), trainer.state.global_step, resumed_step),
         "train_seconds": round(time.time() - start, 1),
         "device": device_name(args),
-        "bitfit_config": asdict(bitfit),
+        "bitfit_config": asdict(trainer.bitfit_config),  # what ran (lean falls back to fp32 on some CPUs)
     }
+    if trainer.bitfit_config != bitfit:
+        results["bitfit_config_requested"] = asdict(bitfit)
     if after_training is not None:
         results.update(after_training(trainer))
     if trainer.is_world_process_zero():

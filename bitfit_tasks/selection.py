@@ -594,13 +594,3 @@ def head_parameter_names(model: nn.Module) -> list[str]:
     """
     in_backbone = set(full_names(model).values())
     return [n for n, _ in model.named_parameters() if n not in in_backbone]
-
-
-def unmapped_biases(model: nn.Module, *, bias_map: BiasMap | None = None) -> list[str]:
-    """Backbone biases that no term of the map covers (a map to extend, or a part to ignore)."""
-    patterns = list(_get_bias_map(model, bias_map).patterns().values())
-    bias_ids = bias_parameter_ids(backbone_of(model))
-    by_id = {id(p): n for n, p in backbone_of(model).named_parameters()}
-    rel_to_full = full_names(model)
-    return [rel_to_full[by_id[i]] for i in bias_ids
-            if i in by_id and not any(p.fullmatch(by_id[i]) for p in patterns)]

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from .config import BitFitConfig
 from .core import BitFitState, is_peft_model, prepare_model
 from .delta import DELTA_CONFIG, DELTA_WEIGHTS, Delta, apply_delta, is_delta_dir, save_delta, upload_delta_folder
 from .fileio import atomic_write_text
-from .lean import bf16_supported, cpu_bf16_capability, make_lean
+from .lean import lean_runs, make_lean
 from .model_card import model_card
 from .selection import BiasMap
 from .signature import base_signature
@@ -47,16 +46,6 @@ def loss_takes_num_items(model) -> bool:
 
     params = inspect.signature(model.forward).parameters.values()
     return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
-
-
-def accelerator_type(args) -> str:
-    """The device type training will run on: 'cpu' under ``--use_cpu``, else torch's current
-    accelerator (cuda, xpu, mps, npu, ...), else 'cpu'."""
-    if args.use_cpu:
-        return "cpu"
-    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
-        return torch.accelerator.current_accelerator().type
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def refuse_unsupported_parallelism(args) -> None:
@@ -121,20 +110,8 @@ class BitFitTrainer(Trainer):
         if targs is not None:
             refuse_unsupported_parallelism(targs)
         if bitfit_config.lean and targs is not None:
-            if targs.fp16:
-                raise ValueError("lean=True trains under bf16 autocast; it cannot be combined with --fp16 (fp16 "
-                                 "autocast). Drop --fp16 (lean sets bf16 itself), or drop --lean.")
-            device = accelerator_type(targs)
-            if not bf16_supported(device):
-                if device != "cpu":
-                    raise ValueError(f"lean=True needs bf16 autocast, which this {device} device does not support; "
-                                     "drop --lean.")
-                # Without native bf16 matmuls oneDNN emulates them: a lean step measured >50x slower
-                # than fp32 on an AVX2-only CPU. Train in fp32 instead and say so.
-                warnings.warn(f"--lean needs native bf16 matmuls (AVX512-BF16 or AMX); this CPU has none "
-                              f"({cpu_bf16_capability()}), where bf16 is emulated and >50x slower, so this run "
-                              "trains in fp32 (plain BitFit). Drop --lean to silence this.", UserWarning, stacklevel=2)
-                bitfit_config = dataclasses.replace(bitfit_config, lean=False)
+            if not lean_runs(targs):
+                bitfit_config = dataclasses.replace(bitfit_config, lean=False)  # what runs is recorded
             elif not targs.bf16:
                 # Lean mode is bf16 autocast by definition; the accelerator reads mixed_precision.
                 targs.bf16, targs.mixed_precision = True, "bf16"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -214,11 +215,25 @@ def test_multitask_is_a_module_that_moves_and_round_trips(tmp_path):
     again.load_state_dict(mt.state_dict())
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in mt.state_dict().items())
     assert torch.equal(again("b", **x).logits, mt("b", **x).logits)
-    # A move to another device (meta stands in for a GPU) takes heads and biases along.
+    # A move to another device (meta stands in for a GPU) takes heads and biases along, and switching
+    # then copies the moved banks' own tensors into the backbone: every source is on that device.
     moved = build().to("meta")
     assert {t.device.type for t in [*moved.parameters(), *moved.buffers()]} == {"meta"}
     assert moved.tasks["a"].classifier.weight.device.type == "meta"
-    moved.activate("a")  # device-to-device copies only
+    sources = []
+    real_copy = torch.Tensor.copy_
+
+    def recording_copy(dst, src, *args, **kwargs):
+        sources.append(src)
+        return real_copy(dst, src, *args, **kwargs)
+
+    with mock.patch.object(torch.Tensor, "copy_", recording_copy):
+        moved.activate("a")
+    bank = {id(t) for _, t in moved.task_biases["a"].items()} | {id(t) for _, t in moved.base_values.items()}
+    # The pristine values first (deactivate), then the task's biases.
+    assert len(sources) == len(moved.base_values.names()) + len(moved.task_biases["a"].names())
+    assert all(id(s) in bank for s in sources)
+    assert {s.device.type for s in sources} == {"meta"}
 
 
 def test_multitask_refuses_other_base(tmp_path):
@@ -226,6 +241,74 @@ def test_multitask_refuses_other_base(tmp_path):
     mt = MultiTaskBitFit(tiny_model("bert", seed=7))
     with pytest.raises(ValueError, match=r"trained on a different base model"):
         mt.add_task("x", tmp_path / "d")
+
+
+def _two_task_deltas(tmp_path):
+    """A delta of every bias (3 labels) and one of q and m2 only (2 labels), each with its trained model."""
+    every = trained(tmp_path / "e", BitFitConfig(), num_labels=3)
+    every.save_model(str(tmp_path / "d_every"))
+    qm2 = trained(tmp_path / "q", BitFitConfig(bias_terms=["qm2"]), num_labels=2)
+    qm2.save_model(str(tmp_path / "d_qm2"))
+    return every.model.eval(), qm2.model.eval()
+
+
+def test_multitask_adds_a_task_while_another_is_active(tmp_path):
+    """The new delta's base is checked against the pristine backbone, not the live one that holds the
+    active task's biases (here biases the new delta does not train)."""
+    every, qm2 = _two_task_deltas(tmp_path)
+    mt = MultiTaskBitFit(tiny_model("bert"))
+    mt.add_task("every", tmp_path / "d_every")
+    mt.activate("every")
+    mt.add_task("qm2", tmp_path / "d_qm2")
+    x = batch(8)
+    assert torch.allclose(mt("qm2", **x).logits, qm2(**x).logits, atol=1e-6)
+    assert torch.allclose(mt("every", **x).logits, every(**x).logits, atol=1e-6)
+    with pytest.raises(ValueError, match=r"task 'other': delta .* was trained on a different base model"):
+        MultiTaskBitFit(tiny_model("bert", seed=1)).add_task("other", tmp_path / "d_qm2")
+
+
+@pytest.mark.parametrize("name", ["rte.v2", "", "keys"])
+def test_multitask_refused_task_leaves_nothing_behind(tmp_path, name):
+    _, qm2 = _two_task_deltas(tmp_path)
+    mt = MultiTaskBitFit(tiny_model("bert"))
+    before = {k: v.clone() for k, v in mt.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"task name {name!r} cannot be used: it keys the module's state_dict, so "
+                                         r"it must be a non-empty string without '\.'"):
+        mt.add_task(name, tmp_path / "d_qm2")
+    other = MultiTaskBitFit(tiny_model("bert", seed=1))
+    other_before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"trained on a different base model"):
+        other.add_task("qm2", tmp_path / "d_qm2")
+    for module, was in ((mt, before), (other, other_before)):
+        assert module.tasks == {} and module.base_values.names() == [] and module.active is None
+        assert module.state_dict().keys() == was.keys()
+        assert all(torch.equal(v, was[k]) for k, v in module.state_dict().items())
+    mt.add_task("rte_v2", tmp_path / "d_qm2")  # a retry under a good name works
+    x = batch(4)
+    assert torch.allclose(mt("rte_v2", **x).logits, qm2(**x).logits, atol=1e-6)
+    mt.remove_task("rte_v2")
+    assert mt.tasks == {}
+
+
+def test_multitask_load_state_dict_leaves_no_stale_active_task(tmp_path):
+    """A state_dict saved while one task was active, loaded into a module where another was active:
+    the next call switches to the asked task's biases."""
+    every, qm2 = _two_task_deltas(tmp_path)
+
+    def build():
+        mt = MultiTaskBitFit(tiny_model("bert"))
+        mt.add_task("every", tmp_path / "d_every")
+        mt.add_task("qm2", tmp_path / "d_qm2")
+        return mt
+
+    saving, loading = build(), build()
+    saving.activate("every")
+    loading.activate("qm2")
+    loading.load_state_dict(saving.state_dict())
+    x = batch(8)
+    assert loading.active is None
+    assert torch.allclose(loading("qm2", **x).logits, qm2(**x).logits, atol=1e-6)
+    assert torch.allclose(loading("every", **x).logits, every(**x).logits, atol=1e-6)
 
 
 def test_save_delta_function_and_describe(tmp_path):

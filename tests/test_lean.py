@@ -152,6 +152,49 @@ def test_lean_on_a_cpu_without_native_bf16_falls_back_to_fp32_with_a_warning(tmp
     trainer.train()
 
 
+def test_results_json_records_that_a_lean_request_ran_in_fp32(tiny_model_dir, tmp_path):
+    """On a CPU without native bf16 the run trains fp32: results.json says what ran (lean false) and
+    what was asked."""
+    import json
+
+    from conftest import FIXTURES
+
+    from bitfit_tasks.glue import main
+
+    with mock.patch("bitfit_tasks.lean.cpu_bf16_capability", return_value={"avx512_bf16": False, "amx": False}), \
+            pytest.warns(UserWarning, match=r"so this run trains in fp32"):
+        main(["--task_name", "mrpc", "--data_dir", f"{FIXTURES}/glue", "--model_name_or_path", tiny_model_dir,
+              "--output_dir", str(tmp_path), "--num_train_epochs", "1", "--max_seq_length", "32", "--lean", "true",
+              "--use_cpu", "true", "--disable_tqdm", "true"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["bitfit_config"]["lean"] is False and results["bitfit_config_requested"]["lean"] is True
+    assert {k: v for k, v in results["bitfit_config"].items() if k != "lean"} == \
+        {k: v for k, v in results["bitfit_config_requested"].items() if k != "lean"}
+
+
+def test_a_deepcopy_of_a_lean_model_runs_its_own_weights():
+    """The autocast wrapper is bound to its model: the copy's forward runs the copy, under autocast."""
+    import copy
+
+    model = tiny_model("bert").eval()
+    prepare_model(model, BitFitConfig())
+    make_lean(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.classifier.bias.add_(1.0)
+        twin.bert.encoder.layer[0].output.dense.weight.mul_(0.5)
+    x = batch(4)
+    want = model(**x).logits
+    got = twin(**x).logits
+    assert got.dtype == want.dtype == torch.bfloat16  # the copy still runs under bf16 autocast
+    assert not torch.allclose(got, want, atol=0.5)
+    assert torch.equal(model(**x).logits, want)  # the original is untouched
+    twin.bert.encoder.layer[0].output.dense.weight.data = model.bert.encoder.layer[0].output.dense.weight.data
+    with torch.no_grad():
+        twin.classifier.bias.sub_(1.0)
+    assert torch.allclose(twin(**x).logits.float(), want.float(), atol=2e-2)
+
+
 def test_capability_check_reads_torch_cpu_flags():
     from bitfit_tasks.lean import bf16_supported, cpu_bf16_capability
 
@@ -245,7 +288,7 @@ def test_lean_on_an_accelerator_without_bf16_names_it(device, tmp_path):
     """The bf16 check follows the accelerator torch reports (accelerate's is_bf16_available for every
     device type), not only CUDA."""
     args = make_args(tmp_path, max_steps=1)
-    with mock.patch("bitfit_tasks.trainer.accelerator_type", return_value=device), \
+    with mock.patch("bitfit_tasks.lean.accelerator_type", return_value=device), \
             mock.patch("accelerate.utils.is_bf16_available", return_value=False):
         with pytest.raises(ValueError, match=rf"lean=True needs bf16 autocast, which this {device} device does not"):
             BitFitTrainer(model=tiny_model("bert"), args=args, train_dataset=RandomPairs(),
@@ -255,7 +298,7 @@ def test_lean_on_an_accelerator_without_bf16_names_it(device, tmp_path):
 def test_accelerator_type_follows_torch():
     from types import SimpleNamespace
 
-    from bitfit_tasks.trainer import accelerator_type
+    from bitfit_tasks.lean import accelerator_type
 
     assert accelerator_type(SimpleNamespace(use_cpu=True)) == "cpu"
     with mock.patch("torch.accelerator.is_available", return_value=True), \

@@ -14,7 +14,7 @@ from bitfit_tasks import (
     register_bias_map,
     select_bias_parameters,
 )
-from bitfit_tasks.selection import _user_maps, head_parameter_names, layer_index, unmapped_biases
+from bitfit_tasks.selection import _user_maps, head_parameter_names, layer_index
 
 # Written out by hand from each architecture's module tree (not derived from the library's maps).
 BERT_LAYER = {
@@ -86,7 +86,8 @@ def test_presets_select_expected_names(arch, preset):
 def test_bitfit_covers_every_backbone_bias_and_no_head(arch):
     model = tiny_model(arch)
     got = {n for names in select_bias_parameters(model, "bitfit").values() for n in names}
-    assert unmapped_biases(model) == []
+    backbone = {id(p) for p in model.base_model.parameters()}
+    assert got == {n for n, p in model.named_parameters() if n.endswith(".bias") and id(p) in backbone}
     head = set(head_parameter_names(model))
     assert head == {m + s for m in EXPECTED[arch][3] for s in (".weight", ".bias")}
     assert not got & head

@@ -475,3 +475,13 @@ def test_merge_refuses_flags_that_add_more_than_biases():
     with pytest.raises(UsageError, match=r"cannot merge: config flags \['num_hidden_layers'\] add model\.layers\.2\.\S+, "
                                          r"which is not a bias"):
         with_config_flags(model, {"num_hidden_layers": 3})
+
+
+def test_multitask_refuses_a_delta_of_another_family(tmp_path):
+    trainer = train(make("modernbert"), tmp_path / "run")
+    trainer.save_model(str(tmp_path / "delta"))
+    mt = MultiTaskBitFit(make("llama").model)
+    with pytest.raises(ValueError, match=r"task 'mb': delta \S+ was trained on a 'modernbert' model; this backbone is "
+                                         r"'llama'\. Serve it on a modernbert backbone"):
+        mt.add_task("mb", str(tmp_path / "delta"))
+    assert mt.tasks == {} and not [n for n, _ in mt.backbone.named_parameters() if n.endswith(".bias")]

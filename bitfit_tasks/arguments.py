@@ -78,7 +78,8 @@ class RunArguments:
         default="best",
         metadata={"help": "Which evaluation's model the run saves (delta, biases_and_head.safetensors), writes "
                   "prediction files with and scores on a test set: 'best' (the best dev score of the task's "
-                  "metric, the number the headline reports; kept in memory, and in each checkpoint for resume) "
+                  "metric, the number the headline reports, or --metric_for_best_model's when "
+                  "--load_best_model_at_end is set; kept in memory, and in each checkpoint for resume) "
                   "or 'last' (the model as training ended).",
                   "choices": list(KEEP_CHOICES)},
     )

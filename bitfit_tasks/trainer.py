@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import BitFitConfig
 from .core import BitFitState, prepare_model
@@ -239,6 +240,16 @@ class BitFitTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         logger.info("Saved BitFit delta (%s) to %s", self.bitfit_config.mode, output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Callbacks with ``before_checkpoint(args, folder)`` (the best-epoch keeper) write their files into
+        the checkpoint first: Trainer writes ``trainer_state.json`` (what makes a checkpoint complete) and
+        deletes older checkpoints (``--save_total_limit``) before it calls ``on_save``."""
+        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "before_checkpoint"):
+                callback.before_checkpoint(self.args, folder)
+        super()._save_checkpoint(model, trial)
 
     def _apply_own_delta(self, model: torch.nn.Module, folder: str) -> None:
         """Apply a checkpoint's delta, checked against the base signature this trainer took once,

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .errors import MissingFileError, UsageError
 from .selection import LAYER_TERMS, BiasMap, layer_index, select_bias_parameters
 
 
@@ -34,7 +35,7 @@ def bias_change(
             b0 = params[name].detach().float().cpu()
             out.setdefault(term, {})[layer] = float((trained[name].float() - b0).abs().mean())
     if not out:
-        raise ValueError("the trained tensors hold none of the base model's per-layer biases; is this "
+        raise UsageError("the trained tensors hold none of the base model's per-layer biases; is this "
                          "the right base model for the run?")
     return out
 
@@ -76,7 +77,7 @@ def analyze_run(run_dir: str, output: str | None = None, base_model: str | None 
     run = Path(run_dir)
     tensors_path = run / "biases_and_head.safetensors"
     if not tensors_path.exists():
-        raise FileNotFoundError(f"{tensors_path} not found; analyze a finished run_glue.py output folder.")
+        raise MissingFileError(f"{tensors_path} not found; analyze a finished run_glue.py output folder.")
     results = json.loads((run / "results.json").read_text())
     base_path = base_model or results["model"]
     trained = load_file(str(tensors_path))

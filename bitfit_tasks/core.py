@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import BitFitConfig
+from .errors import UsageError
 from .selection import (
     BiasMap,
     backbone_of,
@@ -161,7 +162,7 @@ def prepare_model(
 
     trainable = list(dict.fromkeys(trainable))
     if not trainable:
-        raise ValueError(
+        raise UsageError(
             f"mode {config.mode!r} with bias_terms={config.bias_terms} and "
             f"train_head={config.train_head} leaves nothing trainable in "
             f"{type(model).__name__}; enable train_head or choose bias terms the model has."

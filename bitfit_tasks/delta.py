@@ -28,7 +28,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import UsageError, first_line, read_utf8
+from .errors import MissingFileError, UsageError, first_line, read_utf8
 from .fileio import atomic_write_text
 from .model_card import model_card
 from .selection import head_parameter_names
@@ -121,7 +121,7 @@ def resolve_delta_dir(name_or_path: str | os.PathLike, *, revision: str | None =
         return p
     text = str(name_or_path)
     if p.is_absolute() or text.startswith(".") or text.count("/") > 1 or text.endswith("/"):
-        raise FileNotFoundError(f"delta folder {text!r} does not exist (and it is not a Hub id, which looks like "
+        raise MissingFileError(f"delta folder {text!r} does not exist (and it is not a Hub id, which looks like "
                                 "user/name); check the path.")
     import huggingface_hub
     from huggingface_hub.errors import HFValidationError
@@ -192,7 +192,7 @@ class Delta:
 
         p = Path(path)
         if not is_delta_dir(p):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{p} is not a BitFit delta: expected {DELTA_WEIGHTS} and {DELTA_CONFIG} in it "
                 "(written by BitFitTrainer.save_model or bitfit_tasks.save_delta)."
             )
@@ -307,7 +307,7 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
     params = dict(model.named_parameters())
     missing = [n for n in delta.tensors if n not in params]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"delta {delta.path} has tensors the model lacks, e.g. {missing[:3]} (model "
             f"{type(model).__name__}, delta trained on {delta.meta.get('task_class')}); load the base "
             f"with the delta's task class."
@@ -316,7 +316,7 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
            if tuple(t.shape) != tuple(params[n].shape)]
     if bad:
         n, want, have = bad[0]
-        raise ValueError(
+        raise UsageError(
             f"delta {delta.path}: shape of {n} is {want} but the model's is {have}"
             + (" (load the base with the delta's num_labels)" if n in delta.meta.get("head", []) else "")
             + "."
@@ -327,7 +327,7 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
     frozen = [(n, p) for n, p in model.named_parameters() if n not in delta.tensors and n not in head]
     why = base_mismatch(delta, frozen, signature)
     if why is not None:
-        raise ValueError(
+        raise UsageError(
             f"delta {delta.path} was trained on a different base model ({why}; delta base: "
             f"{delta.meta.get('base_model')!r}). Load that base, or pass verify_fingerprint=False if you know better.")
 

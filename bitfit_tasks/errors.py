@@ -12,6 +12,11 @@ class UsageError(ValueError):
     line instead of a traceback."""
 
 
+class MissingFileError(UsageError, FileNotFoundError):
+    """A file or folder the user named does not exist: a user error, and still a ``FileNotFoundError``
+    for code that catches that."""
+
+
 def decode_utf8(data: bytes, source: str) -> str:
     """``data`` as UTF-8 text, or one line naming the file and the first bad byte (never U+FFFD)."""
     try:

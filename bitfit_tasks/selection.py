@@ -34,6 +34,8 @@ from types import MappingProxyType
 
 from torch import nn
 
+from .errors import UsageError
+
 logger = logging.getLogger("bitfit_tasks")
 
 LAYER_TERMS: tuple[str, ...] = ("q", "k", "v", "m1", "LN1", "m2", "m3", "LN2", "qkv")
@@ -234,7 +236,7 @@ def resolve_terms(terms: str | Iterable[str]) -> tuple[list[str], bool]:
     items = [terms] if isinstance(terms, str) else list(terms)
     tokens = [t.strip() for item in items for t in str(item).split(",") if t.strip()]
     if not tokens:
-        raise ValueError(
+        raise UsageError(
             f"no bias terms given; choose a preset {sorted(PRESETS)} or terms {list(TERMS)}."
         )
     out: list[str] = []
@@ -247,7 +249,7 @@ def resolve_terms(terms: str | Iterable[str]) -> tuple[list[str], bool]:
             out.append(lower_terms[tok.lower()])
             from_preset = False
         else:
-            raise ValueError(
+            raise UsageError(
                 f"unknown bias term or preset {tok!r}; terms are {list(TERMS)} "
                 f"(paper notation, Appendix A.1) and presets are {sorted(PRESETS)}."
             )
@@ -279,7 +281,7 @@ def _get_bias_map(model: nn.Module, bias_map: BiasMap | None) -> BiasMap:
     found = _find_bias_map(model, bias_map)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if found is None:
-        raise ValueError(
+        raise UsageError(
             f"BitFit has no per-term bias map for model_type {model_type!r} "
             f"({type(model).__name__}); supported: {supported_model_types()}. The 'bitfit'/'all' preset "
             "(every backbone bias) works without one; for per-term subsets register one with "
@@ -308,7 +310,7 @@ def select_bias_parameters(
     """
     wanted, from_preset = resolve_terms(terms)
     if not has_bias_parameters(backbone_of(model)):
-        raise ValueError(
+        raise UsageError(
             f"{type(model).__name__} has no bias parameters in its backbone (Llama-style models are built "
             "without them), so BitFit has nothing to train. Use a model with biases (BERT, "
             "RoBERTa, ELECTRA, DistilBERT, DeBERTa-v2, MPNet, ALBERT, GPT-2, OPT, BLOOM, Qwen2, GPT-NeoX) "
@@ -336,13 +338,13 @@ def select_bias_parameters(
             selected[term] = names
         elif not from_preset:
             have = [t for t in TERMS if t in patterns and any(map(patterns[t].fullmatch, rel_to_full))]
-            raise ValueError(
+            raise UsageError(
                 f"bias term {term!r} matches no parameter of {type(model).__name__} "
                 f"(model_type {getattr(model.config, 'model_type', None)!r}); the terms this "
                 f"model has are {have}. Drop {term!r} or use a preset such as 'bitfit'."
             )
     if not selected:
-        raise ValueError(
+        raise UsageError(
             f"bias terms {wanted} select no parameter of {type(model).__name__}; check the "
             "bias map for this architecture."
         )

@@ -96,7 +96,7 @@ def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitCon
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     if not tokenizer.is_fast:
-        raise ValueError(f"{model_args.model_name_or_path}: SQuAD preprocessing needs a fast tokenizer "
+        raise UsageError(f"{model_args.model_name_or_path}: SQuAD preprocessing needs a fast tokenizer "
                          "(offset mappings); this one is slow.")
     model = AutoModelForQuestionAnswering.from_pretrained(model_args.model_name_or_path,
                                                           cache_dir=model_args.cache_dir)

@@ -54,7 +54,7 @@ def method_spec(method: str) -> tuple[str, list[str]]:
     try:
         resolve_terms(terms)
     except ValueError as err:
-        raise ValueError(f"unknown method {method!r}: use one of {list(BASE_METHODS)}, a preset "
+        raise UsageError(f"unknown method {method!r}: use one of {list(BASE_METHODS)}, a preset "
                          f"{sorted(PRESETS)}, or '+'-joined terms like q+m2 ({err})") from None
     return "bitfit", terms
 
@@ -201,10 +201,10 @@ def fraction_task_args(fractions: Sequence[float], epochs: Sequence[float] | Non
     one epoch count per fraction, so small subsets can train for more epochs than large ones in
     one command."""
     if epochs is not None and len(epochs) != len(fractions):
-        raise ValueError(f"--fraction_epochs needs one value per fraction: got {len(epochs)} for "
+        raise UsageError(f"--fraction_epochs needs one value per fraction: got {len(epochs)} for "
                          f"{len(fractions)} fractions {list(fractions)}.")
     if epochs is not None and any(a.split("=")[0] == "--num_train_epochs" for a in extra_args):
-        raise ValueError("--fraction_epochs and --num_train_epochs both set the epochs; pass one of them.")
+        raise UsageError("--fraction_epochs and --num_train_epochs both set the epochs; pass one of them.")
     per_task = {f"frac{f:g}": ["--train_fraction", f"{f:g}"] for f in fractions}
     if epochs is not None:
         for f, e in zip(fractions, epochs, strict=True):
@@ -226,9 +226,9 @@ def _parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+        raise UsageError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
     if not 0 <= i < n:
-        raise ValueError(f"--shard {text!r}: need 0 <= i < n.")
+        raise UsageError(f"--shard {text!r}: need 0 <= i < n.")
     return i, n
 
 

@@ -11,14 +11,16 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import BitFitConfig
 from .core import BitFitState, prepare_model
 from .delta import DELTA_CONFIG, DELTA_WEIGHTS, Delta, apply_delta, is_delta_dir, save_delta, upload_delta_folder
+from .errors import UsageError
 from .fileio import atomic_write_text
+from .launch import DEEPSPEED_REFUSAL, FSDP_REFUSAL, refuse_sharded_launch
 from .lean import bf16_supported, cpu_bf16_capability, make_lean
 from .model_card import model_card
 from .selection import BiasMap
@@ -61,27 +63,25 @@ def accelerator_type(args) -> str:
 def refuse_unsupported_parallelism(args) -> None:
     """Layouts BitFitTrainer does not run correctly, refused before anything is built:
 
+    * FSDP and DeepSpeed (``--fsdp``, ``--deepspeed``, or ``accelerate launch --use_fsdp`` /
+      ``--use_deepspeed``, which TrainingArguments reads from the environment): they shard parameters,
+      and bias-only checkpoints are read from the live (sharded) parameters, so a delta would be saved
+      as shards, silently. Checked first: reading ``n_gpu`` already sets DeepSpeed up;
     * several GPUs in one process: Trainer wraps the model in ``nn.DataParallel``, whose replicas
       would share lean mode's forward wrapper (bound to the first device's module) and whose
-      per-replica losses a custom loss function does not average;
-    * FSDP and DeepSpeed: they shard parameters, and bias-only checkpoints are read from the live
-      (sharded) parameters, so a delta would be saved as shards, silently.
+      per-replica losses a custom loss function does not average.
     """
+    if getattr(args, "fsdp", None):
+        raise UsageError(FSDP_REFUSAL)
+    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
+        raise UsageError(DEEPSPEED_REFUSAL)
+    refuse_sharded_launch()
     n_gpu = getattr(args, "n_gpu", 1)
     if n_gpu > 1:
-        raise ValueError(f"{n_gpu} GPUs are visible to one process, where Trainer would use nn.DataParallel, which "
+        raise UsageError(f"{n_gpu} GPUs are visible to one process, where Trainer would use nn.DataParallel, which "
                          "BitFitTrainer does not support. Launch one process per GPU: accelerate launch --multi_gpu "
-                         f"--num_processes {n_gpu} YOUR_SCRIPT.py ... (or torchrun --nproc_per_node {n_gpu}); for one "
-                         "GPU, set CUDA_VISIBLE_DEVICES=0.")
-    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        raise ValueError("FSDP shards parameters; BitFitTrainer's bias-only checkpoints read the live parameters and "
-                         "would save shards. Train with DDP instead (accelerate launch --multi_gpu, no FSDP config): "
-                         "BitFit's optimizer state and gradients are ~0.1% of the model, so DDP fits where full "
-                         "fine-tuning needed FSDP.")
-    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        raise ValueError("DeepSpeed is not supported by BitFitTrainer (ZeRO-3 shards the parameters its bias-only "
-                         "checkpoints read, and it was never tested). Train with DDP instead: accelerate launch "
-                         "--multi_gpu, without a DeepSpeed config.")
+                         f"--num_processes {n_gpu} YOUR_SCRIPT.py ... (or torchrun --nproc_per_node {n_gpu}); for "
+                         "one GPU, set CUDA_VISIBLE_DEVICES=0.")
 
 
 class BitFitTrainer(Trainer):
@@ -104,6 +104,10 @@ class BitFitTrainer(Trainer):
         **kwargs,
     ) -> None:
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is None:
+            # Trainer's own default, built here so that the checks below see what will run.
+            refuse_sharded_launch()  # TrainingArguments already sets DeepSpeed up from the environment
+            targs = TrainingArguments(output_dir="tmp_trainer")
         if targs is not None:
             # Work on our own copy: the settings changed below must not leak into the caller's object
             # (reused for another Trainer, or read back to report what was asked for).
@@ -115,12 +119,12 @@ class BitFitTrainer(Trainer):
             refuse_unsupported_parallelism(targs)
         if bitfit_config is not None and bitfit_config.lean and targs is not None:
             if targs.fp16:
-                raise ValueError("lean=True trains under bf16 autocast; it cannot be combined with --fp16 (fp16 "
+                raise UsageError("lean=True trains under bf16 autocast; it cannot be combined with --fp16 (fp16 "
                                  "autocast). Drop --fp16 (lean sets bf16 itself), or drop --lean.")
             device = accelerator_type(targs)
             if not bf16_supported(device):
                 if device != "cpu":
-                    raise ValueError(f"lean=True needs bf16 autocast, which this {device} device does not support; "
+                    raise UsageError(f"lean=True needs bf16 autocast, which this {device} device does not support; "
                                      "drop --lean.")
                 # Without native bf16 matmuls oneDNN emulates them: a lean step measured >50x slower
                 # than fp32 on an AVX2-only CPU. Train in fp32 instead and say so.

@@ -270,16 +270,21 @@ def test_a_copied_or_moved_sweep_skips_its_finished_cells(tmp_path, monkeypatch)
 
 
 def test_cell_identity_resolves_inputs_and_drops_locations(tmp_path, monkeypatch):
+    from bitfit_tasks.sweep_cells import cell_identity
+
     monkeypatch.chdir(FIXTURES)
     table = sweep.runner_parser("glue")._option_string_actions
-    a = sweep.cell_identity(["--task_name", "rte", "--output_dir", "x", "--data_dir", "glue", "--num_train=3",
-                             "--report_to", "none", "--logging_steps", "5"], table)
-    b = sweep.cell_identity(["--task_name", "rte", "--output_dir", "/elsewhere/y", "--data_dir", f"{FIXTURES}/glue",
-                             "--num_train_epochs", "3", "--logging_steps", "5"], table)
-    assert a == b == {"task_name": ["rte"], "data_dir": [f"{FIXTURES}/glue"], "num_train_epochs": ["3"],
-                      "logging_steps": ["5"]}
+    a = cell_identity(["--task_name", "rte", "--output_dir", "x", "--data_dir", "glue", "--num_train=3",
+                       "--report_to", "none", "--logging_steps", "5", "--use_cpu"], table)
+    b = cell_identity(["--task_name", "rte", "--output_dir", "/elsewhere/y", "--data_dir", f"{FIXTURES}/glue",
+                       "--num_train_epochs", "3.0", "--logging_steps", "50", "--save_total_limit", "1",
+                       "--use_cpu", "true"], table)
+    # Values as the runner reads them (3 = 3.0, --use_cpu = --use_cpu true); logging and checkpoint
+    # housekeeping change no training, so they are not part of it.
+    assert a == b == {"task_name": ["rte"], "data_dir": [f"{FIXTURES}/glue"], "num_train_epochs": [3.0],
+                      "use_cpu": [True]}
     # A hub id (no such path) stays as given.
-    assert sweep.cell_identity(["--model_name_or_path", "bert-base-uncased"], table) == {
+    assert cell_identity(["--model_name_or_path", "bert-base-uncased"], table) == {
         "model_name_or_path": ["bert-base-uncased"]}
 
 

@@ -181,3 +181,17 @@ def test_a_best_copy_kept_by_another_metric_is_refused(tmp_path):
                                          r"\(lower is better\); resume with the run's --metric_for_best_model"):
         BestEpochKeeper(tr, "eval_loss", greater_is_better=False).load(str(ckpt))
     BestEpochKeeper(tr, "eval_f1").load(str(ckpt))  # the same rule: accepted
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_checkpoints_hold_the_model_and_the_best_copy(tiny_model_dir, tmp_path):
+    """The copy goes in before Trainer's save_pretrained, which must leave it there."""
+    from bitfit_tasks.glue import main
+
+    out = tmp_path / "full"
+    main(glue_args(tiny_model_dir, out, "--mode", "full", "--num_train_epochs", "2", "--learning_rate", "1e-4"))
+    for step in (STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH):
+        folder = out / f"checkpoint-{step}"
+        assert (folder / "model.safetensors").is_file() and (folder / "trainer_state.json").is_file()
+        kept = load_file(str(folder / BEST_FILE))
+        assert len(kept) == len(load_file(str(folder / "model.safetensors")))  # every parameter is trainable

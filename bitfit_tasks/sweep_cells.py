@@ -99,21 +99,25 @@ def cell_identity(argv: Sequence[str], table: dict | None = None) -> dict[str, l
     return out
 
 
-def content_digest(path: Path, skip: Path | None = None) -> str:
+def _hash_file(h, path: Path) -> None:
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+
+
+def input_digest(path: Path, skip: Path | None = None) -> str:
     """sha256 over a file's bytes, or over a folder's files (relative names, sizes and bytes, in sorted
     order; ``skip``, the grid's own folder if it lies inside, left out)."""
     h = hashlib.sha256()
     if path.is_file():
-        with path.open("rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        _hash_file(h, path)
+        return h.hexdigest()
     for folder, dirs, files in os.walk(path, followlinks=True):
         dirs[:] = sorted(d for d in dirs if skip is None or Path(folder, d).resolve() != skip)
         for name in sorted(files):
             f = Path(folder, name)
-            rel = f.relative_to(path).as_posix()
-            h.update(f"{rel}\0{f.stat().st_size}\0".encode())
-            with f.open("rb") as fh:
-                h.update(hashlib.file_digest(fh, "sha256").digest())
+            h.update(f"{f.relative_to(path).as_posix()}\0{f.stat().st_size}\0".encode())
+            _hash_file(h, f)
     return h.hexdigest()
 
 
@@ -127,7 +131,7 @@ class Inputs:
     def _digest(self, resolved: Path) -> str:
         key = str(resolved)
         if key not in self._digests:
-            self._digests[key] = content_digest(resolved, skip=self.root)
+            self._digests[key] = input_digest(resolved, skip=self.root)
         return self._digests[key]
 
     def describe(self, value: str) -> dict[str, str]:

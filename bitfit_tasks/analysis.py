@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import MissingFileError, UsageError
+from .errors import MissingFileError, UsageError, load_pretrained
 from .selection import LAYER_TERMS, BiasMap, layer_index, select_bias_parameters
 
 
@@ -50,7 +50,11 @@ def write_csv(change: dict[str, dict[int, float]], path: Path) -> None:
 
 
 def plot_heatmap(change: dict[str, dict[int, float]], path: Path, title: str = "") -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError(f"the heatmap {path} needs matplotlib, which is not installed (the CSV beside it is "
+                         "written); pip install 'bitfit-tasks[plot]' (or matplotlib).") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -81,9 +85,9 @@ def analyze_run(run_dir: str, output: str | None = None, base_model: str | None 
     results = json.loads((run / "results.json").read_text())
     base_path = base_model or results["model"]
     trained = load_file(str(tensors_path))
-    config = AutoConfig.from_pretrained(base_path)
+    config = load_pretrained(AutoConfig, base_path)
     # The backbone's pretrained biases; the head is not analysed, so its size does not matter.
-    base = AutoModelForSequenceClassification.from_pretrained(base_path, config=config)
+    base = load_pretrained(AutoModelForSequenceClassification, base_path, config=config)
     change = bias_change(base, trained)
     stem = Path(output) if output else run / "bias_change"
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,18 @@ def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+def load_pretrained(cls, name_or_path: str, **kwargs):
+    """``cls.from_pretrained(name_or_path, **kwargs)`` (a config, tokenizer or model class), with the
+    ``OSError`` transformers raises for a folder that does not exist or a hub id it cannot reach
+    (offline, unknown, private) turned into one line naming the value."""
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise UsageError(f"could not load --model_name_or_path {str(name_or_path)!r} ({type(err).__name__}: "
+                         f"{first_line(err)[:300]}); pass a local model folder, or a hub id (online, or in the "
+                         "hub cache).") from err
+
+
 def read_utf8(path: str | Path) -> str:
     return decode_utf8(Path(path).read_bytes(), str(path))
 

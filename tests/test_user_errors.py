@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURES
 from test_bad_input import CASES, no_model_loading
 
 from bitfit_tasks.errors import UsageError
@@ -64,3 +65,21 @@ def test_run_cli_prints_one_line_only_for_user_errors(kind, one_line, tmp_path):
                                "traceback)\n")
     else:
         assert "Traceback (most recent call last)" in done.stderr and "runner.py: error:" not in done.stderr
+
+
+@pytest.mark.parametrize("runner", ["glue", "pos", "squad"])
+def test_a_model_that_cannot_be_loaded_is_one_line(runner, tmp_path):
+    """transformers' OSError for a missing folder or an unreachable hub id is translated where the model
+    is loaded: one line naming the value, not a traceback."""
+    import importlib
+
+    main = importlib.import_module(f"bitfit_tasks.{runner}").main
+    data = {"glue": ["--task_name", "rte", "--data_dir", f"{FIXTURES}/glue"],
+            "pos": ["--train_file", f"{FIXTURES}/pos/conll2000.txt", "--validation_file",
+                    f"{FIXTURES}/pos/conll2000.txt", "--tag_column", "1"],
+            "squad": ["--train_file", f"{FIXTURES}/squad/official.json", "--validation_file",
+                      f"{FIXTURES}/squad/flat.jsonl"]}[runner]
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(UsageError, match=rf"could not load --model_name_or_path '{missing}' \(OSError: .*\); pass a "
+                                         r"local model folder, or a hub id"):
+        main(["--model_name_or_path", missing, "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", *data])

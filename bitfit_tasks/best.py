@@ -62,6 +62,7 @@ class BestEpochKeeper(TrainerCallback):
         self.step: int | None = None
         self.epoch: float | None = None
         self.tensors: dict[str, torch.Tensor] = {}
+        self._copy_at_train_begin = False
 
     def _names(self) -> list[str]:
         return [n for n, p in self.trainer.model.named_parameters() if p.requires_grad]
@@ -70,12 +71,20 @@ class BestEpochKeeper(TrainerCallback):
         value = (metrics or {}).get(self.metric_key)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return  # another eval set of the same step (MNLI mismatched), or no score
-        if self.score is not None and not (value > self.score if self.greater_is_better else value < self.score):
+        if not self._better(value, self.score):
             return
+        self._copy()
+        self.score, self.step, self.epoch = float(value), state.global_step, state.epoch
+
+    def _copy(self) -> None:
         params = dict(self.trainer.model.named_parameters())
         # To the host: a full-FT copy on the accelerator would double the model's memory there.
         self.tensors = {n: params[n].detach().to("cpu", copy=True) for n in self._names()}
-        self.score, self.step, self.epoch = float(value), state.global_step, state.epoch
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self._copy_at_train_begin:  # the resumed checkpoint's own model is the best
+            self._copy()
+            self._copy_at_train_begin = False
 
     def before_checkpoint(self, args, folder: Path) -> None:
         """Write the copy into checkpoint ``folder`` before Trainer writes anything there (BitFitTrainer
@@ -93,16 +102,29 @@ class BestEpochKeeper(TrainerCallback):
         save_file({n: t.contiguous() for n, t in self.tensors.items()}, str(tmp), metadata=meta)
         os.replace(tmp, folder / BEST_FILE)
 
+    def _better(self, value: float, than: float | None) -> bool:
+        return than is None or (value > than if self.greater_is_better else value < than)
+
     def load(self, checkpoint: str) -> None:
-        """Start a resumed run from the best copy its checkpoint holds. A checkpoint whose evaluations
-        scored ``metric_key`` but that holds no copy (a kill between Trainer's save and ours) is
-        refused: the best epoch before it would be lost."""
+        """Start a resumed run from the best copy its checkpoint holds. A checkpoint without one (written
+        by an older version, which wrote the copy after Trainer's files) whose own evaluation is its best
+        starts from its own model, copied when Trainer has loaded it (:meth:`on_train_begin`); one whose
+        best evaluation is earlier is refused: that epoch's tensors are not in it."""
         from safetensors import safe_open
 
         path = Path(checkpoint) / BEST_FILE
         if not path.is_file():
             state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-            scored = [e for e in state.get("log_history", []) if self.metric_key in e]
+            scored = [e for e in state.get("log_history", [])
+                      if isinstance(e.get(self.metric_key), int | float) and not math.isnan(e[self.metric_key])]
+            best: dict | None = None
+            for e in scored:
+                if self._better(e[self.metric_key], best[self.metric_key] if best else None):
+                    best = e
+            if best is not None and best.get("step") == state.get("global_step"):
+                self.score, self.step, self.epoch = float(best[self.metric_key]), int(best["step"]), best.get("epoch")
+                self._copy_at_train_begin = True
+                return
             if scored:
                 raise UsageError(f"checkpoint {checkpoint} has scored evaluations but no {BEST_FILE} (the run was "
                                  "killed while saving it, or it was written by an older version); resume from an "

@@ -195,3 +195,27 @@ def test_full_fine_tuning_checkpoints_hold_the_model_and_the_best_copy(tiny_mode
         assert (folder / "model.safetensors").is_file() and (folder / "trainer_state.json").is_file()
         kept = load_file(str(folder / BEST_FILE))
         assert len(kept) == len(load_file(str(folder / "model.safetensors")))  # every parameter is trainable
+
+
+def test_a_checkpoint_without_the_copy_whose_own_evaluation_is_best_resumes_from_its_model(tmp_path):
+    """Written by a version that saved the copy after Trainer's files and killed in between: when the
+    checkpoint's own step is the best evaluation, its model is the best, so resume takes the copy from it."""
+    tr = fake_trainer()
+    ckpt = tmp_path / "checkpoint-12"
+    ckpt.mkdir()
+    history = [{"eval_loss": 0.6, "eval_f1": 0.5, "step": 6, "epoch": 1.0},
+               {"eval_loss": 0.7, "eval_f1": 0.9, "step": 12, "epoch": 2.0}]
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 12, "log_history": history}))
+    keeper = BestEpochKeeper(tr, "eval_f1")
+    keeper.load(str(ckpt))
+    assert (keeper.score, keeper.step, keeper.epoch) == (0.9, 12, 2.0)
+    keeper.on_train_begin(None, None, None)  # Trainer has loaded the checkpoint into the model by now
+    at_resume = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    with torch.no_grad():
+        for p in tr.model.parameters():
+            p.add_(1.0)  # later epochs, none better
+    assert keeper.restore()
+    assert all(torch.equal(p, at_resume[n]) for n, p in tr.model.named_parameters() if p.requires_grad)
+    # Its best by loss (lower is better) is step 6, whose tensors it does not hold: refused.
+    with pytest.raises(UsageError, match=r"checkpoint-12 has scored evaluations but no bitfit_best.safetensors"):
+        BestEpochKeeper(tr, "eval_loss", greater_is_better=False).load(str(ckpt))

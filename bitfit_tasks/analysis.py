@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .errors import MissingFileError, UsageError, load_pretrained
 from .selection import LAYER_TERMS, BiasMap, layer_index, select_bias_parameters
 
 
@@ -35,7 +36,7 @@ def bias_change(
             b0 = params[name].detach().float().cpu() if name in params else torch.zeros_like(trained[name].float())
             out.setdefault(term, {})[layer] = float((trained[name].float() - b0).abs().mean())
     if not out:
-        raise ValueError("the trained tensors hold none of the base model's per-layer biases; is this "
+        raise UsageError("the trained tensors hold none of the base model's per-layer biases; is this "
                          "the right base model for the run?")
     return out
 
@@ -50,7 +51,11 @@ def write_csv(change: dict[str, dict[int, float]], path: Path) -> None:
 
 
 def plot_heatmap(change: dict[str, dict[int, float]], path: Path, title: str = "") -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError(f"the heatmap {path} needs matplotlib, which is not installed (the CSV beside it is "
+                         "written); pip install 'bitfit-tasks[plot]' (or matplotlib).") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -77,13 +82,13 @@ def analyze_run(run_dir: str, output: str | None = None, base_model: str | None 
     run = Path(run_dir)
     tensors_path = run / "biases_and_head.safetensors"
     if not tensors_path.exists():
-        raise FileNotFoundError(f"{tensors_path} not found; analyze a finished run_glue.py output folder.")
+        raise MissingFileError(f"{tensors_path} not found; analyze a finished run_glue.py output folder.")
     results = json.loads((run / "results.json").read_text())
     base_path = base_model or results["model"]
     trained = load_file(str(tensors_path))
-    config = AutoConfig.from_pretrained(base_path)
+    config = load_pretrained(AutoConfig, base_path)
     # The backbone's pretrained biases; the head is not analysed, so its size does not matter.
-    base = AutoModelForSequenceClassification.from_pretrained(base_path, config=config)
+    base = load_pretrained(AutoModelForSequenceClassification, base_path, config=config)
     change = bias_change(base, trained)
     stem = Path(output) if output else run / "bias_change"
     stem.parent.mkdir(parents=True, exist_ok=True)

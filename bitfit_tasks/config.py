@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import UsageError
 from .selection import resolve_terms
 
 MODES: tuple[str, ...] = ("bitfit", "full", "frozen", "rand_uniform", "rand_row_col")
@@ -62,25 +63,25 @@ class BitFitConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; choose one of {list(MODES)}.")
+            raise UsageError(f"unknown mode {self.mode!r}; choose one of {list(MODES)}.")
         if isinstance(self.bias_terms, str):
             self.bias_terms = [self.bias_terms]
         resolve_terms(self.bias_terms)  # raises with the allowed choices
         if self.mode in ("full", "frozen") and list(self.bias_terms) != ["bitfit"]:
             what = "trains every parameter" if self.mode == "full" else "trains the head only"
-            raise ValueError(f"--bias_terms {' '.join(self.bias_terms)} has no effect with --mode {self.mode}, which "
+            raise UsageError(f"--bias_terms {' '.join(self.bias_terms)} has no effect with --mode {self.mode}, which "
                              f"{what}; bias terms choose what modes {list(BIAS_TERM_MODES)} train. Drop "
                              "--bias_terms, or use --mode bitfit.")
         if self.head_learning_rate is not None and not self.head_learning_rate > 0:
-            raise ValueError(
+            raise UsageError(
                 f"head_learning_rate must be > 0, got {self.head_learning_rate}; leave it unset "
                 "to use --learning_rate."
             )
         if self.lean and self.mode not in ("bitfit", "frozen"):
-            raise ValueError(f"lean=True stores frozen weights in bf16, which only bias-only modes allow "
+            raise UsageError(f"lean=True stores frozen weights in bf16, which only bias-only modes allow "
                              f"(bitfit, frozen); mode {self.mode!r} updates weights. Drop --lean.")
         if self.mode == "frozen" and not self.train_head:
-            raise ValueError(
+            raise UsageError(
                 "mode 'frozen' with train_head=False leaves nothing trainable; use "
                 "train_head=True or another mode."
             )

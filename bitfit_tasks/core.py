@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import BitFitConfig
+from .errors import UsageError
 from .selection import (
     ADDABLE_BIAS_TYPES,
     BiasMap,
@@ -178,7 +179,7 @@ def refuse_peft_model(model: nn.Module, mode: str) -> None:
     delta onto the plain base; a PEFT model renames them (``base_model.model.``, ``base_layer``) and
     saves adapters its own way, so the two would not combine into one loadable result."""
     if is_peft_model(model):
-        raise ValueError(f"mode {mode!r} does not take a PEFT model ({type(model).__name__}): BitFit selects and saves "
+        raise UsageError(f"mode {mode!r} does not take a PEFT model ({type(model).__name__}): BitFit selects and saves "
                          "biases of the plain base model, and PEFT renames and saves its own. Pass the base model "
                          "unwrapped for BitFit, or train the PEFT model with mode 'full' (its adapters as PEFT set "
                          "them; LoraConfig(bias='all') adds the biases).")
@@ -241,11 +242,11 @@ def prepare_model(
 
     trainable = list(dict.fromkeys(trainable))
     if not trainable and config.mode == "full":
-        raise ValueError(f"mode 'full' trains what the model marks trainable, and every parameter of "
+        raise UsageError(f"mode 'full' trains what the model marks trainable, and every parameter of "
                          f"{type(model).__name__}{' outside the head' if not config.train_head else ''} has "
                          "requires_grad=False; unfreeze what should train (p.requires_grad_(True)).")
     if not trainable:
-        raise ValueError(
+        raise UsageError(
             f"mode {config.mode!r} with bias_terms={config.bias_terms} and "
             f"train_head={config.train_head} leaves nothing trainable in "
             f"{type(model).__name__}; enable train_head or choose bias terms the model has."

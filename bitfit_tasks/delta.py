@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .core import add_biases, remove_biases
-from .errors import UsageError, first_line, read_utf8
+from .errors import MissingFileError, UsageError, first_line, read_utf8
 from .fileio import atomic_write_text
 from .model_card import model_card
 from .selection import added_bias_sizes, head_parameter_names
@@ -128,7 +128,7 @@ def resolve_delta_dir(name_or_path: str | os.PathLike, *, revision: str | None =
         return p
     text = str(name_or_path)
     if p.is_absolute() or text.startswith(".") or text.count("/") > 1 or text.endswith("/"):
-        raise FileNotFoundError(f"delta folder {text!r} does not exist (and it is not a Hub id, which looks like "
+        raise MissingFileError(f"delta folder {text!r} does not exist (and it is not a Hub id, which looks like "
                                 "user/name); check the path.")
     import huggingface_hub
     from huggingface_hub.errors import HFValidationError
@@ -199,7 +199,7 @@ class Delta:
 
         p = Path(path)
         if not is_delta_dir(p):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{p} is not a BitFit delta: expected {DELTA_WEIGHTS} and {DELTA_CONFIG} in it "
                 "(written by BitFitTrainer.save_model or bitfit_tasks.save_delta)."
             )
@@ -333,7 +333,7 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
     params = dict(model.named_parameters())
     missing = [n for n in delta.tensors if n not in params]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"delta {delta.path} has tensors the model lacks, e.g. {missing[:3]} (model "
             f"{type(model).__name__}, delta trained on {delta.meta.get('task_class')}); load the base "
             f"with the delta's task class."
@@ -342,7 +342,7 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
            if tuple(t.shape) != tuple(params[n].shape)]
     if bad:
         n, want, have = bad[0]
-        raise ValueError(
+        raise UsageError(
             f"delta {delta.path}: shape of {n} is {want} but the model's is {have}"
             + (" (load the base with the delta's num_labels)" if n in delta.meta.get("head", []) else "")
             + "."
@@ -351,7 +351,7 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
         return
     why = base_mismatch(delta.meta, frozen_tensors(model, delta.tensors), signature)
     if why is not None:
-        raise ValueError(
+        raise UsageError(
             f"delta {delta.path} was trained on a different base model ({why}; delta base: "
             f"{delta.meta.get('base_model')!r}). Load that base, or pass verify_fingerprint=False if you know better.")
 
@@ -363,7 +363,7 @@ def create_added_biases(model: nn.Module, delta: Delta) -> list[str]:
     try:
         return add_biases(model, added)
     except (AttributeError, ValueError) as err:  # get_submodule: no such module
-        raise ValueError(f"delta {delta.path} adds biases this model cannot hold ({first_line(err)}); load the base "
+        raise UsageError(f"delta {delta.path} adds biases this model cannot hold ({first_line(err)}); load the base "
                          f"the delta was trained on ({delta.meta.get('base_model')!r}, "
                          f"{delta.meta.get('task_class')}).") from None
 

@@ -12,6 +12,11 @@ class UsageError(ValueError):
     line instead of a traceback."""
 
 
+class MissingFileError(UsageError, FileNotFoundError):
+    """A file or folder the user named does not exist: a user error, and still a ``FileNotFoundError``
+    for code that catches that."""
+
+
 def decode_utf8(data: bytes, source: str) -> str:
     """``data`` as UTF-8 text, or one line naming the file and the first bad byte (never U+FFFD)."""
     try:
@@ -25,6 +30,18 @@ def decode_utf8(data: bytes, source: str) -> str:
 def first_line(err: BaseException) -> str:
     """The first line of a library's error message (or its type's name): what a one-line message quotes."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def load_pretrained(cls, name_or_path: str, **kwargs):
+    """``cls.from_pretrained(name_or_path, **kwargs)`` (a config, tokenizer or model class), with the
+    ``OSError`` transformers raises for a folder that does not exist or a hub id it cannot reach
+    (offline, unknown, private) turned into one line naming the value."""
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise UsageError(f"could not load --model_name_or_path {str(name_or_path)!r} ({type(err).__name__}: "
+                         f"{first_line(err)[:300]}); pass a local model folder, or a hub id (online, or in the "
+                         "hub cache).") from err
 
 
 def read_utf8(path: str | Path) -> str:

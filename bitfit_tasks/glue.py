@@ -24,7 +24,7 @@ from . import metrics as M
 from .arguments import ModelArguments, RunArguments
 from .callbacks import add_train_sample_eval
 from .config import BitFitConfig
-from .errors import UsageError, check_positive
+from .errors import UsageError, check_positive, load_pretrained
 from .fileio import atomic_write_lines
 from .glue_data import (
     GLUE_TASKS,
@@ -162,17 +162,17 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
             raise UsageError(f"the {s} data has {len(d)} row(s); {task.metric} needs at least "
                              f"{2 if task.is_regression else 1}. Check the file or --max_*_samples.")
 
-    config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, num_labels=task.num_labels, cache_dir=model_args.cache_dir,
+    config = load_pretrained(
+        AutoConfig, model_args.model_name_or_path, num_labels=task.num_labels, cache_dir=model_args.cache_dir,
         finetuning_task=data_args.task_name,
         **({"problem_type": "regression"} if task.is_regression else
            {"id2label": dict(enumerate(task.labels)), "label2id": {n: i for i, n in enumerate(task.labels)}}),
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    tokenizer = load_pretrained(AutoTokenizer, model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     ensure_pad_token(tokenizer, config)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
-        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+    model = load_pretrained(
+        AutoModelForSequenceClassification, model_args.model_name_or_path, config=config,
+        cache_dir=model_args.cache_dir, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
 
     k1, k2 = task.keys
 

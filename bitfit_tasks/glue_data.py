@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError, check_json_rows, first_line, read_utf8
+from .errors import MissingFileError, UsageError, check_json_rows, first_line, read_utf8
 from .hub_data import load_hub_dataset
 from .sampling import sample_indices
 
@@ -53,7 +53,7 @@ def find_file(data_dir: str, task: str, split: str) -> str:
     for ext in LOCAL_FORMATS:
         if (folder / f"{split}{ext}").exists():
             return str(folder / f"{split}{ext}")
-    raise FileNotFoundError(f"no {split} file for task {task!r} in {folder} (looked for "
+    raise MissingFileError(f"no {split} file for task {task!r} in {folder} (looked for "
                             f"{split}{{{','.join(LOCAL_FORMATS)}}}); check --data_dir.")
 
 

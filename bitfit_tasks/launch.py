@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import UsageError
+
 
 def cpu_only_multiprocess() -> bool:
     """Launched as one of several processes (torchrun / accelerate launch) on a machine without an
@@ -19,6 +21,27 @@ def cpu_only_multiprocess() -> bool:
         return False
     has_acc = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     return not has_acc
+
+
+FSDP_REFUSAL = ("FSDP shards parameters; BitFitTrainer's bias-only checkpoints read the live parameters and would "
+                "save shards. Train with DDP instead (accelerate launch --multi_gpu, no FSDP config): BitFit's "
+                "optimizer state and gradients are ~0.1% of the model, so DDP fits where full fine-tuning needed FSDP.")
+DEEPSPEED_REFUSAL = ("DeepSpeed is not supported by BitFitTrainer (ZeRO-3 shards the parameters its bias-only "
+                     "checkpoints read, and it was never tested). Train with DDP instead: accelerate launch "
+                     "--multi_gpu, without a DeepSpeed config.")
+
+
+def refuse_sharded_launch() -> None:
+    """``accelerate launch --use_fsdp`` / ``--use_deepspeed`` (and ``accelerate config`` files that turn them
+    on) tell the processes through ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``, read with
+    accelerate's own parser. Refused before TrainingArguments is built: it sets DeepSpeed up from that
+    variable (and fails with a packaging error where DeepSpeed is not installed)."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        raise UsageError(FSDP_REFUSAL)
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        raise UsageError(DEEPSPEED_REFUSAL)
 
 
 def finish_distributed(failed: bool = False) -> None:
@@ -34,21 +57,18 @@ def finish_distributed(failed: bool = False) -> None:
         dist.destroy_process_group()
 
 
-# Errors whose message is written for the user: the runners print the message alone (a traceback
-# would bury it). Set BITFIT_DEBUG=1 to get the traceback as well.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OSError, ImportError)
-
-
 def run_cli(main) -> None:
     """A runner script's entry point: ``main()`` from sys.argv, then leave the process group
     cleanly, even on error (a launcher can abort a process that exits with a group alive).
-    A user error (bad flag, file or value; a hub download that fails offline) ends in one line
-    on stderr and exit code 1."""
+    A user error -- a :class:`~bitfit_tasks.errors.UsageError`: bad flag, file or value, or a library
+    error translated where it was caught (a hub download that fails offline, an argument Trainer
+    refuses) -- ends in one line on stderr and exit code 1. Anything else is a bug to report and
+    keeps its traceback."""
     failed = True
     try:
         main()
         failed = False
-    except USER_ERRORS as err:
+    except UsageError as err:
         if os.environ.get("BITFIT_DEBUG", "").lower() in ("1", "true", "yes"):
             raise
         msg = " ".join(str(err).split()) or type(err).__name__
@@ -59,5 +79,3 @@ def run_cli(main) -> None:
         raise SystemExit(1) from None
     finally:
         finish_distributed(failed)
-
-

@@ -15,6 +15,8 @@ import warnings
 import torch
 from torch import nn
 
+from .errors import UsageError
+
 
 class _BoolDropoutFn(torch.autograd.Function):
     @staticmethod
@@ -76,13 +78,13 @@ def lean_runs(args) -> bool:
     one line with --fp16 or on an accelerator without bf16; False, with a warning, on a CPU without
     native bf16 matmuls (the run trains in fp32, and its results.json says so)."""
     if args.fp16:
-        raise ValueError("lean=True trains under bf16 autocast; it cannot be combined with --fp16 (fp16 "
+        raise UsageError("lean=True trains under bf16 autocast; it cannot be combined with --fp16 (fp16 "
                          "autocast). Drop --fp16 (lean sets bf16 itself), or drop --lean.")
     device = accelerator_type(args)
     if bf16_supported(device):
         return True
     if device != "cpu":
-        raise ValueError(f"lean=True needs bf16 autocast, which this {device} device does not support; "
+        raise UsageError(f"lean=True needs bf16 autocast, which this {device} device does not support; "
                          "drop --lean.")
     # Without native bf16 matmuls oneDNN emulates them: a lean step measured >50x slower than fp32 on
     # an AVX2-only CPU. Train in fp32 instead and say so.

@@ -25,7 +25,7 @@ from transformers import (
 from .arguments import ModelArguments, RunArguments
 from .callbacks import add_train_sample_eval
 from .config import BitFitConfig
-from .errors import check_positive
+from .errors import UsageError, check_positive, load_pretrained
 from .fileio import atomic_write_lines
 from .metrics import seqeval_metrics
 from .pos_data import FORMATS, Sentence, read_file, read_token_tag_dataset, read_treebank_splits
@@ -86,10 +86,10 @@ class PosArguments:
         check_positive(self, "max_seq_length", "max_train_samples", "max_eval_samples")
         sources = [self.treebank is not None, self.train_file is not None, self.dataset_name is not None]
         if sum(sources) != 1:
-            raise ValueError("give exactly one data source: --treebank, --train_file/--validation_file, or "
+            raise UsageError("give exactly one data source: --treebank, --train_file/--validation_file, or "
                              "--dataset_name.")
         if self.train_file is not None and self.validation_file is None:
-            raise ValueError("--train_file needs --validation_file too.")
+            raise UsageError("--train_file needs --validation_file too.")
 
 
 def load_splits(a: PosArguments) -> dict[str, list[Sentence]]:
@@ -107,7 +107,7 @@ def load_splits(a: PosArguments) -> dict[str, list[Sentence]]:
             splits["test"] = read_file(a.test_file, a.data_format, **kw)
     for name in ("train", "validation"):
         if not splits.get(name):
-            raise ValueError(f"the {name} split is empty; check the data source.")
+            raise UsageError(f"the {name} split is empty; check the data source.")
     return {k: v for k, v in splits.items() if v}
 
 
@@ -118,7 +118,7 @@ def tag_set(train: list[Sentence]) -> list[str]:
 def check_tags(split: str, sentences: list[Sentence], known: set[str], policy: str) -> int:
     unknown = Counter(t for s in sentences for t in s["tags"] if t not in known)
     if unknown and policy == "error":
-        raise ValueError(f"{split} data has tags the training data never shows: {dict(unknown.most_common(10))}. "
+        raise UsageError(f"{split} data has tags the training data never shows: {dict(unknown.most_common(10))}. "
                          "Add them to the training data, or pass --unknown_tags count_wrong to score those "
                          "words as errors.")
     return sum(unknown.values())
@@ -151,20 +151,19 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
     scheme = resolve_tag_scheme(data_args.tag_scheme, tags)
     unseen = {s: check_tags(s, v, set(tags), data_args.unknown_tags) for s, v in splits.items() if s != "train"}
 
-    base_type = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir).model_type
+    base_type = load_pretrained(AutoConfig, model_args.model_name_or_path, cache_dir=model_args.cache_dir).model_type
     # Byte-level BPE tokenizers need a prefix space to tokenise pre-split words like running text.
     byte_level = ("roberta", "longformer", "deberta", "gpt2", "opt", "bloom", "gpt_neox")
     extra = {"add_prefix_space": True} if base_type in byte_level else {}
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir, **extra)
+    tokenizer = load_pretrained(AutoTokenizer, model_args.model_name_or_path, cache_dir=model_args.cache_dir, **extra)
     if not tokenizer.is_fast:
-        raise ValueError(f"{model_args.model_name_or_path}: POS tagging needs a fast tokenizer (word_ids for "
+        raise UsageError(f"{model_args.model_name_or_path}: POS tagging needs a fast tokenizer (word_ids for "
                          "sub-token alignment); this one is slow. Use a model with tokenizer.json.")
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, num_labels=len(tags), id2label=id2tag,
-                                        label2id=tag2id, finetuning_task=data_args.task_name,
-                                        cache_dir=model_args.cache_dir)
+    config = load_pretrained(AutoConfig, model_args.model_name_or_path, num_labels=len(tags), id2label=id2tag,
+                             label2id=tag2id, finetuning_task=data_args.task_name, cache_dir=model_args.cache_dir)
     ensure_pad_token(tokenizer, config)
-    model = AutoModelForTokenClassification.from_pretrained(
-        model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
+    model = load_pretrained(
+        AutoModelForTokenClassification, model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
 
     truncated: dict[str, int] = {}

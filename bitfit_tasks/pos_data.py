@@ -10,7 +10,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import UsageError, check_json_rows, decode_utf8, first_line, read_utf8
+from .errors import MissingFileError, UsageError, check_json_rows, decode_utf8, first_line, read_utf8
 from .hub_data import load_hub_dataset
 
 Sentence = dict[str, list[str]]
@@ -181,7 +181,7 @@ def read_file(path: str, fmt: str = "auto", *, word_column: int = 0, tag_column:
     if fmt not in FORMATS[1:]:
         raise UsageError(f"unknown --data_format {fmt!r}; choose one of {list(FORMATS)}.")
     if not Path(path).exists():
-        raise FileNotFoundError(f"data file {path!r} does not exist.")
+        raise MissingFileError(f"data file {path!r} does not exist.")
     if fmt == "ptb":
         return [s for name, text in _mrg_members(Path(path)) for s in parse_ptb_trees(text, name)]
     if fmt == "json":

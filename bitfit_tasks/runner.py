@@ -15,7 +15,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from .arguments import parse_args, runner_dataclasses
-from .best import BestEpochKeeper
+from .best import BestEpochKeeper, keeper_rule
 from .checkpoints import checkpoint_step, resolve_resume
 from .config import BitFitConfig
 from .errors import UsageError
@@ -109,12 +109,14 @@ def train_and_record(
     keep: str = "best",
 ) -> dict[str, Any]:
     """Train (resuming from ``--resume_from_checkpoint`` if set), put the kept epoch's tensors in the
-    model (``keep``: ``best`` dev score of ``metric_key``, or ``last``), save the model first, then run
-    ``after_training(trainer)`` (test scores, prediction files -- of the saved model; it may add
-    entries) and write results.json: the best and last dev score and what was really trained."""
+    model (``keep``: ``best`` dev score of ``metric_key`` -- or, with ``--load_best_model_at_end``, of
+    Trainer's ``--metric_for_best_model`` in its direction, so one rule decides the saved model -- or
+    ``last``), save the model first, then run ``after_training(trainer)`` (test scores, prediction files
+    -- of the saved model; it may add entries) and write results.json: the best and last dev score of
+    ``metric_key`` and what was really trained."""
     args = trainer.args
     start = time.time()
-    keeper = BestEpochKeeper(trainer, metric_key) if keep == "best" else None
+    keeper = BestEpochKeeper(trainer, *keeper_rule(args, metric_key)) if keep == "best" else None
     if keeper is not None:
         trainer.add_callback(keeper)
     resumed_step = 0
@@ -132,10 +134,10 @@ def train_and_record(
     restored = keeper is not None and keeper.restore()
     if restored:
         saved = next((h for h in history if h["step"] == keeper.step),
-                     {"epoch": keeper.epoch, "step": keeper.step, metric_key: keeper.score})
+                     {"epoch": keeper.epoch, "step": keeper.step, keeper.metric_key: keeper.score})
         if saved is not history[-1]:
             logger.info("keeping the best evaluation (step %s, epoch %s, %s %.4f), not the last (step %s)",
-                        keeper.step, saved.get("epoch"), metric_key, keeper.score, history[-1]["step"])
+                        keeper.step, saved.get("epoch"), keeper.metric_key, keeper.score, history[-1]["step"])
     trainer.saved_metrics = saved  # the model card and after_training describe the saved model
     # Save before anything else can fail (scoring a test set, writing predictions): the trained
     # model is never lost to an error after training.
@@ -144,6 +146,7 @@ def train_and_record(
     results = {
         **info,
         **run_record(trainer, bitfit, history, metric_key, saved, "best" if restored else "last"),
+        "saved_by": keeper.metric_key if restored else None,  # the metric that chose the saved evaluation
         **train_loss_record(trainer.state.log_history,
                             loss_sum_of_call(trainer, train_result.training_loss, trainer.state.global_step,
                                              resumed_step), trainer.state.global_step, resumed_step),

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UsageError
+
 logger = logging.getLogger("bitfit_tasks")
 
 LAYER_TERMS: tuple[str, ...] = ("q", "k", "v", "m1", "LN1", "m2", "m3", "LN2", "qkv")
@@ -298,7 +300,7 @@ def resolve_terms(terms: str | Iterable[str]) -> tuple[list[str], bool]:
     items = [terms] if isinstance(terms, str) else list(terms)
     tokens = [t.strip() for item in items for t in str(item).split(",") if t.strip()]
     if not tokens:
-        raise ValueError(
+        raise UsageError(
             f"no bias terms given; choose a preset {sorted(PRESETS)} or terms {list(TERMS)}."
         )
     out: list[str] = []
@@ -311,7 +313,7 @@ def resolve_terms(terms: str | Iterable[str]) -> tuple[list[str], bool]:
             out.append(lower_terms[tok.lower()])
             from_preset = False
         else:
-            raise ValueError(
+            raise UsageError(
                 f"unknown bias term or preset {tok!r}; terms are {list(TERMS)} "
                 f"(paper notation, Appendix A.1) and presets are {sorted(PRESETS)}."
             )
@@ -343,7 +345,7 @@ def _get_bias_map(model: nn.Module, bias_map: BiasMap | None) -> BiasMap:
     found = _find_bias_map(model, bias_map)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if found is None:
-        raise ValueError(
+        raise UsageError(
             f"BitFit has no per-term bias map for model_type {model_type!r} "
             f"({type(model).__name__}); supported: {supported_model_types()}. The 'bitfit'/'all' preset "
             "(every backbone bias) works without one; for per-term subsets register one with "
@@ -418,11 +420,11 @@ def plan_bias_selection(
     found_map = _find_bias_map(model, bias_map)
     if not has_bias_parameters(backbone) and not (add_missing and found_map is not None):
         if found_map is not None:
-            raise ValueError(
+            raise UsageError(
                 f"{type(model).__name__} has no bias parameters in its backbone (model_type {model_type!r} is built "
                 f"without them) and add_missing_biases is off, so BitFit has nothing to train; {_TURN_ON} to add "
                 "zero-initialised biases and train them.")
-        raise ValueError(
+        raise UsageError(
             f"{type(model).__name__} has no bias parameters in its backbone and BitFit has no per-term bias map "
             f"for model_type {model_type!r} that would say where to add them; supported: {supported_model_types()}. "
             "Register one with bitfit_tasks.register_bias_map(model_type, BiasMap(...)) or pass bias_map=.")
@@ -480,7 +482,7 @@ def plan_bias_selection(
             for name in full:
                 widths = bmap.qkv_sizes(model.config)
                 if sum(widths) != sizes[name]:
-                    raise ValueError(f"BiasMap.qkv_sizes gives {widths} for {name}, whose bias has {sizes[name]} "
+                    raise UsageError(f"BiasMap.qkv_sizes gives {widths} for {name}, whose bias has {sizes[name]} "
                                      "values; fix the bias map's qkv_sizes.")
                 start = sum(widths[:part])
                 sel.slices.setdefault(name, []).append((start, start + widths[part]))
@@ -493,22 +495,22 @@ def plan_bias_selection(
             sel.counts.pop(term, None)
         if not full and not from_preset:
             if term in unbiasable:
-                raise ValueError(_rmsnorm_reason(term, unbiasable[term]) + f" Drop {term!r} from --bias_terms.")
+                raise UsageError(_rmsnorm_reason(term, unbiasable[term]) + f" Drop {term!r} from --bias_terms.")
             have = [t for t in TERMS if t in patterns and any(
                 patterns[t].fullmatch(m) and (f"{m}.bias" in params or (add_missing and bias_size(mod)))
                 for m, mod in modules.items())]
             pat = patterns.get(term)
             if pat is not None and any(pat.fullmatch(m) and bias_size(mod) for m, mod in modules.items()):
-                raise ValueError(
+                raise UsageError(
                     f"bias term {term!r} has no bias in {type(model).__name__} (model_type {model_type!r} is built "
                     f"without it) and add_missing_biases is off; {_TURN_ON} to add and train one, or drop {term!r}.")
-            raise ValueError(
+            raise UsageError(
                 f"bias term {term!r} matches no parameter of {type(model).__name__} "
                 f"(model_type {model_type!r}); the terms this model has are {have}. Drop {term!r} or use a "
                 "preset such as 'bitfit'."
             )
     if not sel.terms:
-        raise ValueError(
+        raise UsageError(
             f"bias terms {wanted} select no parameter of {type(model).__name__}; check the "
             "bias map for this architecture."
         )

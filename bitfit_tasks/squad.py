@@ -21,7 +21,7 @@ from transformers import (
 
 from .arguments import ModelArguments, RunArguments
 from .config import BitFitConfig
-from .errors import UsageError, check_positive
+from .errors import UsageError, check_positive, load_pretrained
 from .hub_data import load_hub_dataset
 from .results import eval_history
 from .runner import ensure_pad_token, parse_and_run, start_run, train_and_record
@@ -95,14 +95,14 @@ def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitCon
     # The dev subset depends on the data seed only, so every method is scored on the same questions.
     dev_rows = sample_examples(dev_rows, None, data_args.max_eval_samples, EVAL_SAMPLE_SEED)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    tokenizer = load_pretrained(AutoTokenizer, model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     if not tokenizer.is_fast:
-        raise ValueError(f"{model_args.model_name_or_path}: SQuAD preprocessing needs a fast tokenizer "
+        raise UsageError(f"{model_args.model_name_or_path}: SQuAD preprocessing needs a fast tokenizer "
                          "(offset mappings); this one is slow.")
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    config = load_pretrained(AutoConfig, model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     ensure_pad_token(tokenizer, config)  # decoder tokenizers (Llama, Qwen3, ...) often have none
-    model = AutoModelForQuestionAnswering.from_pretrained(model_args.model_name_or_path, config=config,
-                                                          cache_dir=model_args.cache_dir)
+    model = load_pretrained(AutoModelForQuestionAnswering, model_args.model_name_or_path, config=config,
+                            cache_dir=model_args.cache_dir)
     train_windows = window_dataset("train", train_rows, tokenizer, data_args.max_seq_length, data_args.doc_stride,
                                    training_args)
     dev_windows = window_dataset("eval", dev_rows, tokenizer, data_args.max_seq_length, data_args.doc_stride,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import cache_file, content_digest, tokenizer_digest
-from .errors import UsageError, read_utf8
+from .errors import MissingFileError, UsageError, read_utf8
 from .sampling import sample_list
 
 logger = logging.getLogger("bitfit_tasks")
@@ -43,7 +43,7 @@ def read_squad_file(path: str, split: str = "train") -> list[dict[str, Any]]:
     and value."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"SQuAD file {path!r} does not exist.")
+        raise MissingFileError(f"SQuAD file {path!r} does not exist.")
     text = read_utf8(p)
     try:
         if p.suffix == ".jsonl":

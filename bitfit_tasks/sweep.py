@@ -32,7 +32,7 @@ from .plots import plot_training_size_curve
 from .recipes import OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS, PAPER_FULL_LRS, apply_recipe, recipe_for
 from .report import summarize
 from .selection import PRESETS, resolve_terms
-from .sweep_cells import RECORD, cell_identity, cell_state
+from .sweep_cells import RECORD, Inputs, cell_state
 
 logger = logging.getLogger("bitfit_tasks")
 
@@ -53,7 +53,7 @@ def method_spec(method: str) -> tuple[str, list[str]]:
     try:
         resolve_terms(terms)
     except ValueError as err:
-        raise ValueError(f"unknown method {method!r}: use one of {list(BASE_METHODS)}, a preset "
+        raise UsageError(f"unknown method {method!r}: use one of {list(BASE_METHODS)}, a preset "
                          f"{sorted(PRESETS)}, or '+'-joined terms like q+m2 ({err})") from None
     return "bitfit", terms
 
@@ -129,14 +129,18 @@ def run_grid(
     shard: tuple[int, int] = (0, 1),
     task_args: Callable[[str], list[str]] | None = None,
     runner: str | None = None,
+    overwrite_unfinished: bool = False,
 ) -> list[Path]:
     """Run every unfinished (task, method, lr, seed) with the runner's ``main(argv)``; returns run dirs.
 
     A cell is finished when its results.json is readable and it was trained like this grid's cell
     (same arguments, and -- given ``runner``, whose parser reads them -- the same resolved recipe);
-    a cell killed after a checkpoint resumes from it. Cells another sweep is training (same
-    --output_dir, another process) are skipped, then waited for at the end, so each runs once."""
+    a cell killed after a checkpoint resumes from it. Every cell is checked before any trains: a finished
+    cell trained otherwise, and an unfinished one whose checkpoints were trained otherwise (restarting
+    would delete them; ``overwrite_unfinished`` allows it), are refused. Cells another sweep is training
+    (same --output_dir, another process) are skipped, then waited for at the end, so each runs once."""
     root = Path(output_dir)
+    inputs = Inputs(root)
     table = runner_parser(runner)._option_string_actions if runner else None
     specs = {m: method_spec(m) for m in methods}  # fail fast on a bad name, before any training
     check_runner_args(extra_args, sorted({a for t in tasks for a in (task_args(t) if task_args else [])
@@ -160,21 +164,26 @@ def run_grid(
                             "--output_dir", str(out), *(task_args(task) if task_args else []), *extra_args]
                     cells.append((out, argv))
 
-    def run_cell(out: Path, argv: list[str]) -> None:
+    def state_of(out: Path, argv: list[str]) -> str:
         recipe = (lambda: resolved_recipe(runner, argv)) if runner else None
-        state = cell_state(out, argv, table, recipe)
+        return cell_state(out, argv, table, recipe, inputs, overwrite_unfinished)
+
+    def run_cell(out: Path, argv: list[str]) -> None:
+        state = state_of(out, argv)  # again: another sweep may have finished it meanwhile
         if state == "done":
             logger.info("skip finished run %s", out)
             return
         flag = ["--resume_from_checkpoint", "true"] if state == "resume" else ["--overwrite_output_dir", "true"]
         logger.info("run %s", " ".join(argv + flag))
         if writer:
-            atomic_write_text(out / RECORD, json.dumps({"argv": argv, "identity": cell_identity(argv, table)},
-                                                       indent=1))
+            atomic_write_text(out / RECORD, json.dumps(inputs.record(argv, table), indent=1))
         main(argv + flag)
 
     # A lock per cell, so two sweeps into one --output_dir train each cell once; the kernel drops it
     # when its process dies.
+    if not dry_run:  # refuse before any cell trains, not after hours of the others
+        for out, argv in cells:
+            state_of(out, argv)
     pending: list[tuple[Path, list[str], FileLock]] = []
     for out, argv in cells:
         if dry_run:
@@ -207,10 +216,10 @@ def fraction_task_args(fractions: Sequence[float], epochs: Sequence[float] | Non
     one epoch count per fraction, so small subsets can train for more epochs than large ones in
     one command."""
     if epochs is not None and len(epochs) != len(fractions):
-        raise ValueError(f"--fraction_epochs needs one value per fraction: got {len(epochs)} for "
+        raise UsageError(f"--fraction_epochs needs one value per fraction: got {len(epochs)} for "
                          f"{len(fractions)} fractions {list(fractions)}.")
     if epochs is not None and any(a.split("=")[0] == "--num_train_epochs" for a in extra_args):
-        raise ValueError("--fraction_epochs and --num_train_epochs both set the epochs; pass one of them.")
+        raise UsageError("--fraction_epochs and --num_train_epochs both set the epochs; pass one of them.")
     per_task = {f"frac{f:g}": ["--train_fraction", f"{f:g}"] for f in fractions}
     if epochs is not None:
         for f, e in zip(fractions, epochs, strict=True):
@@ -232,9 +241,9 @@ def _parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+        raise UsageError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
     if not 0 <= i < n:
-        raise ValueError(f"--shard {text!r}: need 0 <= i < n.")
+        raise UsageError(f"--shard {text!r}: need 0 <= i < n.")
     return i, n
 
 
@@ -267,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--output_dir and the table; each worker uses the devices its process sees (one GPU "
                         "per worker: CUDA_VISIBLE_DEVICES=i)")
     parser.add_argument("--dry_run", action="store_true", help="list the runs, train nothing")
+    parser.add_argument("--overwrite_unfinished", action="store_true",
+                        help="restart unfinished runs whose checkpoints were trained with other runner arguments "
+                        "(or unknown ones), deleting those checkpoints; without it such a run is refused")
     parser.add_argument("runner_args", nargs=argparse.REMAINDER,
                         help="after '--': arguments passed to every run")
     return parser
@@ -301,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     run_grid(runner_module(args.runner).main, runner=args.runner, task_args=task_args, tasks=args.tasks,
              methods=args.methods, seeds=args.seeds, output_dir=args.output_dir, bias_lrs=args.bias_lrs,
-             full_lrs=args.full_lrs, extra_args=extra, dry_run=args.dry_run, shard=_parse_shard(args.shard))
+             full_lrs=args.full_lrs, extra_args=extra, dry_run=args.dry_run, shard=_parse_shard(args.shard),
+             overwrite_unfinished=args.overwrite_unfinished)
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     summary = {"markdown": ""}
     if is_main and not args.dry_run:  # one writer for the table

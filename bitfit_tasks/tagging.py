@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .cache import cache_file, content_digest, tokenizer_digest
+from .errors import UsageError
 from .metrics import is_bio_tag_set
 from .pos_data import Sentence
 
@@ -120,7 +121,7 @@ def resolve_tag_scheme(requested: str, tags: list[str]) -> str:
     are not BIO is refused (seqeval would silently score nonsense)."""
     if requested == "bio" and not is_bio_tag_set(tags):
         odd = [t for t in tags if not is_bio_tag_set([t, "B-X"])][:5]
-        raise ValueError(f"--tag_scheme bio: the training tags are not BIO (e.g. {odd}); BIO tags are O or "
+        raise UsageError(f"--tag_scheme bio: the training tags are not BIO (e.g. {odd}); BIO tags are O or "
                          "B-/I-/E-/S-TYPE. Pick the chunk/NER column with --tag_column/--tag_field, or use "
                          "--tag_scheme pos (word accuracy).")
     if requested == "auto":

@@ -10,13 +10,16 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import BitFitConfig
 from .core import BitFitState, is_peft_model, prepare_model
 from .delta import DELTA_CONFIG, DELTA_WEIGHTS, Delta, apply_delta, is_delta_dir, save_delta, upload_delta_folder
+from .errors import UsageError
 from .fileio import atomic_write_text
+from .launch import DEEPSPEED_REFUSAL, FSDP_REFUSAL, refuse_sharded_launch
 from .lean import lean_runs, make_lean
 from .model_card import model_card
 from .selection import BiasMap
@@ -51,27 +54,25 @@ def loss_takes_num_items(model) -> bool:
 def refuse_unsupported_parallelism(args) -> None:
     """Layouts BitFitTrainer does not run correctly, refused before anything is built:
 
+    * FSDP and DeepSpeed (``--fsdp``, ``--deepspeed``, or ``accelerate launch --use_fsdp`` /
+      ``--use_deepspeed``, which TrainingArguments reads from the environment): they shard parameters,
+      and bias-only checkpoints are read from the live (sharded) parameters, so a delta would be saved
+      as shards, silently. Checked first: reading ``n_gpu`` already sets DeepSpeed up;
     * several GPUs in one process: Trainer wraps the model in ``nn.DataParallel``, whose replicas
       would share lean mode's forward wrapper (bound to the first device's module) and whose
-      per-replica losses a custom loss function does not average;
-    * FSDP and DeepSpeed: they shard parameters, and bias-only checkpoints are read from the live
-      (sharded) parameters, so a delta would be saved as shards, silently.
+      per-replica losses a custom loss function does not average.
     """
+    if getattr(args, "fsdp", None):
+        raise UsageError(FSDP_REFUSAL)
+    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
+        raise UsageError(DEEPSPEED_REFUSAL)
+    refuse_sharded_launch()
     n_gpu = getattr(args, "n_gpu", 1)
     if n_gpu > 1:
-        raise ValueError(f"{n_gpu} GPUs are visible to one process, where Trainer would use nn.DataParallel, which "
+        raise UsageError(f"{n_gpu} GPUs are visible to one process, where Trainer would use nn.DataParallel, which "
                          "BitFitTrainer does not support. Launch one process per GPU: accelerate launch --multi_gpu "
-                         f"--num_processes {n_gpu} YOUR_SCRIPT.py ... (or torchrun --nproc_per_node {n_gpu}); for one "
-                         "GPU, set CUDA_VISIBLE_DEVICES=0.")
-    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        raise ValueError("FSDP shards parameters; BitFitTrainer's bias-only checkpoints read the live parameters and "
-                         "would save shards. Train with DDP instead (accelerate launch --multi_gpu, no FSDP config): "
-                         "BitFit's optimizer state and gradients are ~0.1% of the model, so DDP fits where full "
-                         "fine-tuning needed FSDP.")
-    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        raise ValueError("DeepSpeed is not supported by BitFitTrainer (ZeRO-3 shards the parameters its bias-only "
-                         "checkpoints read, and it was never tested). Train with DDP instead: accelerate launch "
-                         "--multi_gpu, without a DeepSpeed config.")
+                         f"--num_processes {n_gpu} YOUR_SCRIPT.py ... (or torchrun --nproc_per_node {n_gpu}); for "
+                         "one GPU, set CUDA_VISIBLE_DEVICES=0.")
 
 
 class BitFitTrainer(Trainer):
@@ -98,7 +99,11 @@ class BitFitTrainer(Trainer):
         bitfit_config = bitfit_config or BitFitConfig()
         full = bitfit_config.mode == "full"
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if targs is not None and not full:
+        if targs is None:
+            # Trainer's own default, built here so that the checks below see what will run.
+            refuse_sharded_launch()  # TrainingArguments already sets DeepSpeed up from the environment
+            targs = TrainingArguments(output_dir="tmp_trainer")
+        if not full:
             # Work on our own copy: the settings changed below must not leak into the caller's object
             # (reused for another Trainer, or read back to report what was asked for). Full mode
             # changes nothing, so it keeps the caller's object, as Trainer does.
@@ -109,7 +114,7 @@ class BitFitTrainer(Trainer):
                 args = (args[0], targs, *args[2:])
         if targs is not None:
             refuse_unsupported_parallelism(targs)
-        if bitfit_config.lean and targs is not None:
+        if bitfit_config.lean:
             if not lean_runs(targs):
                 bitfit_config = dataclasses.replace(bitfit_config, lean=False)  # what runs is recorded
             elif not targs.bf16:
@@ -246,6 +251,16 @@ class BitFitTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         logger.info("Saved BitFit delta (%s) to %s", self.bitfit_config.mode, output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Callbacks with ``before_checkpoint(args, folder)`` (the best-epoch keeper) write their files into
+        the checkpoint first: Trainer writes ``trainer_state.json`` (what makes a checkpoint complete) and
+        deletes older checkpoints (``--save_total_limit``) before it calls ``on_save``."""
+        folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "before_checkpoint"):
+                callback.before_checkpoint(self.args, folder)
+        super()._save_checkpoint(model, trial)
 
     def _apply_own_delta(self, model: torch.nn.Module, folder: str) -> None:
         """Apply a checkpoint's delta, checked against the base signature this trainer took once,

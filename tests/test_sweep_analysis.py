@@ -246,73 +246,99 @@ def test_same_recipe_resolution_skips_finished_cells(tmp_path, monkeypatch):
 
 
 def test_a_copied_or_moved_sweep_skips_its_finished_cells(tmp_path, monkeypatch):
+    """A project folder holding the grid and its data (a relative --data_dir), copied (a backup, another
+    disk) and the same command rerun in the copy, or with absolute paths from anywhere, skips every cell."""
     import shutil
 
-    monkeypatch.chdir(tmp_path)
+    proj = tmp_path / "proj"
+    shutil.copytree(f"{FIXTURES}/glue", proj / "data" / "glue")
+    monkeypatch.chdir(proj)
     calls: list = []
-    kw = dict(tasks=["rte"], methods=["bitfit"], seeds=[1, 2], bias_lrs=[1e-3], runner="glue",
-              extra_args=[*GLUE_EXTRA, "--max_steps", "2"])
-    sweep.run_grid(glue_cell_runner(tmp_path, calls), output_dir="S", **kw)
+    extra = ["--data_dir", "data/glue", "--model_name_or_path", "unused", "--max_steps", "2"]
+    kw = dict(tasks=["rte"], methods=["bitfit"], seeds=[1, 2], bias_lrs=[1e-3], runner="glue")
+    sweep.run_grid(glue_cell_runner(proj, calls), output_dir="S", extra_args=extra, **kw)
     assert len(calls) == 2
-    shutil.copytree(tmp_path / "S", tmp_path / "T")
-    sweep.run_grid(glue_cell_runner(tmp_path, calls), output_dir="T", **kw)  # a copy
-    sweep.run_grid(glue_cell_runner(tmp_path, calls), output_dir=str(tmp_path / "S"), **kw)  # absolute
+    copy = tmp_path / "backup" / "proj"
+    shutil.copytree(proj, copy)
+    shutil.rmtree(proj)  # the original is gone: only the copy's own data can match
+    monkeypatch.chdir(copy)
+    sweep.run_grid(glue_cell_runner(copy, calls), output_dir="S", extra_args=extra, **kw)  # the same command
+    sweep.run_grid(glue_cell_runner(copy, calls), output_dir=str(copy / "S"), extra_args=extra, **kw)  # absolute
     (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")  # another working folder, the data named by an absolute path
-    sweep.run_grid(glue_cell_runner(tmp_path, calls), output_dir=str(tmp_path / "T"), **kw)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # another working folder, the copy's data named by an absolute path
+    absolute = ["--data_dir", str(copy / "data" / "glue"), *extra[2:]]
+    sweep.run_grid(glue_cell_runner(copy, calls), output_dir=str(copy / "S"), extra_args=absolute, **kw)
     assert len(calls) == 2  # every cell finished, nothing trained again
-    assert sweep.summarize(str(tmp_path / "T"))["markdown"] == sweep.summarize(str(tmp_path / "S"))["markdown"]
+    assert sweep.summarize(str(copy / "S"))["markdown"].count("| bitfit |") == 1
     # A real difference is still refused, naming it.
     with pytest.raises(ValueError, match=r"seed1 was trained with other runner arguments \(--max_steps: \['2'\] -> "
                                          r"\['3'\]\)"):
-        sweep.run_grid(glue_cell_runner(tmp_path, calls), output_dir=str(tmp_path / "T"),
-                       **{**kw, "extra_args": [*GLUE_EXTRA, "--max_steps", "3"]})
+        sweep.run_grid(glue_cell_runner(copy, calls), output_dir=str(copy / "S"),
+                       extra_args=[*absolute[:-1], "3"], **kw)
 
 
 def test_cell_identity_resolves_inputs_and_drops_locations(tmp_path, monkeypatch):
+    from bitfit_tasks.sweep_cells import cell_identity
+
     monkeypatch.chdir(FIXTURES)
     table = sweep.runner_parser("glue")._option_string_actions
-    a = sweep.cell_identity(["--task_name", "rte", "--output_dir", "x", "--data_dir", "glue", "--num_train=3",
-                             "--report_to", "none", "--logging_steps", "5"], table)
-    b = sweep.cell_identity(["--task_name", "rte", "--output_dir", "/elsewhere/y", "--data_dir", f"{FIXTURES}/glue",
-                             "--num_train_epochs", "3", "--logging_steps", "5"], table)
-    assert a == b == {"task_name": ["rte"], "data_dir": [f"{FIXTURES}/glue"], "num_train_epochs": ["3"],
-                      "logging_steps": ["5"]}
+    a = cell_identity(["--task_name", "rte", "--output_dir", "x", "--data_dir", "glue", "--num_train=3",
+                       "--report_to", "none", "--logging_steps", "5", "--use_cpu"], table)
+    b = cell_identity(["--task_name", "rte", "--output_dir", "/elsewhere/y", "--data_dir", f"{FIXTURES}/glue",
+                       "--num_train_epochs", "3.0", "--logging_steps", "50", "--save_total_limit", "1",
+                       "--use_cpu", "true"], table)
+    # Values as the runner reads them (3 = 3.0, --use_cpu = --use_cpu true); logging and checkpoint
+    # housekeeping change no training, so they are not part of it.
+    assert a == b == {"task_name": ["rte"], "data_dir": [f"{FIXTURES}/glue"], "num_train_epochs": [3.0],
+                      "use_cpu": [True]}
     # A hub id (no such path) stays as given.
-    assert sweep.cell_identity(["--model_name_or_path", "bert-base-uncased"], table) == {
+    assert cell_identity(["--model_name_or_path", "bert-base-uncased"], table) == {
         "model_name_or_path": ["bert-base-uncased"]}
 
 
 @pytest.mark.slow
 def test_sweep_copied_to_another_folder_reruns_nothing_end_to_end(tiny_model_dir, tmp_path):
-    """As a user: a finished sweep, copied (a backup, another disk) and the same command rerun on the copy
-    from another working folder, skips every cell and prints the same table."""
+    """As a user: a project folder with its data, model and a sweep (one run killed after its checkpoints),
+    copied elsewhere and the original deleted; the same command rerun in the copy skips the finished run,
+    resumes the killed one from its checkpoint, and prints the same table."""
     import os
     import shutil
     import subprocess
     import sys
 
-    def sweep_cmd(out: str, cwd, steps: str = "2") -> subprocess.CompletedProcess:
+    def sweep_cmd(cwd, steps: str = "2") -> subprocess.CompletedProcess:
         args = [sys.executable, "-m", "bitfit_tasks.sweep", "--tasks", "rte", "--methods", "bitfit", "--seeds", "1", "2",
-                "--bias_lrs", "1e-3", "--output_dir", out, "--", "--data_dir", f"{FIXTURES}/glue",
-                "--model_name_or_path", tiny_model_dir, "--max_steps", steps, "--disable_tqdm", "true",
-                "--use_cpu", "true"]
+                "--bias_lrs", "1e-3", "--output_dir", "S", "--", "--data_dir", "data/glue", "--model_name_or_path",
+                "model", "--max_steps", steps, "--save_strategy", "steps", "--save_steps", "1", "--disable_tqdm",
+                "true", "--use_cpu", "true"]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
 
     from pathlib import Path
 
-    first = sweep_cmd("S", tmp_path)
+    proj = tmp_path / "proj"
+    shutil.copytree(f"{FIXTURES}/glue", proj / "data" / "glue")
+    shutil.copytree(tiny_model_dir, proj / "model")
+    first = sweep_cmd(proj)
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stderr.count("INFO bitfit_tasks: run --task_name") == 2
-    shutil.copytree(tmp_path / "S", tmp_path / "T")
-    (tmp_path / "other").mkdir()
-    again = sweep_cmd(str(tmp_path / "T"), tmp_path / "other")
+    killed = proj / "S/rte/bitfit/lr0.001/seed2"
+    (killed / "results.json").unlink()  # as if killed after its last checkpoint
+    checkpoints = sorted(p.name for p in killed.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-1", "checkpoint-2"]
+    copy = tmp_path / "backup" / "proj"
+    shutil.copytree(proj, copy)
+    shutil.rmtree(proj)
+    again = sweep_cmd(copy)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "run --task_name" not in again.stderr and again.stderr.count("skip finished run") == 2
+    assert again.stderr.count("skip finished run") == 1
+    resumed = [line for line in again.stderr.splitlines() if "INFO bitfit_tasks: run --task_name" in line]
+    assert len(resumed) == 1 and "seed2" in resumed[0] and resumed[0].endswith("--resume_from_checkpoint true")
+    res = json.loads((copy / "S/rte/bitfit/lr0.001/seed2/results.json").read_text())
+    assert res["resumed_from"].endswith("seed2/checkpoint-2")
     table = lambda out: [line for line in out.splitlines() if line.startswith("| bitfit |")]  # noqa: E731
     assert table(again.stdout) == table(first.stdout) and table(first.stdout)
-    refused = sweep_cmd(str(tmp_path / "T"), tmp_path / "other", steps="3")
+    refused = sweep_cmd(copy, steps="3")
     assert refused.returncode == 1, refused.stderr[-2000:]
     assert "seed1 was trained with other runner arguments (--max_steps: ['2'] -> ['3'])" in refused.stderr

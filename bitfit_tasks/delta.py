@@ -31,7 +31,7 @@ from torch import nn
 
 from .core import add_biases, remove_biases
 from .errors import MissingFileError, UsageError, first_line, read_utf8
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, check_new_folder, publish_folder
 from .model_card import model_card
 from .selection import added_bias_sizes, head_parameter_names
 from .signature import base_mismatch, base_signature, check_signature_field, frozen_tensors, signature_id
@@ -509,15 +509,11 @@ def export_merged(base_model: str, delta_dir: str | os.PathLike | Delta, output_
     config cannot express them, the merge is refused in one line. The folder is built under a
     temporary name and renamed, and an existing file or non-empty folder at ``output_dir`` is
     refused, never overwritten."""
-    import shutil
-    import tempfile
 
     from transformers import AutoTokenizer
 
     out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        kind = "a file" if not out.is_dir() else "a folder that is not empty"
-        raise UsageError(f"--output {out} is {kind}; give a new or empty folder for the merged model.")
+    check_new_folder(out, "merged model")
     delta = Delta.from_pretrained(delta_dir) if not isinstance(delta_dir, Delta) else delta_dir
     delta_dir = delta.path
     if delta.meta.get("added_biases"):
@@ -527,19 +523,12 @@ def export_merged(base_model: str, delta_dir: str | os.PathLike | Delta, output_
     model = load_task_model(base_model, delta)
     if delta.meta.get("added_biases"):
         model = with_config_flags(model, flags)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         try:
             AutoTokenizer.from_pretrained(delta_dir if (Path(delta_dir) / "tokenizer_config.json").exists()
                                           else base_model).save_pretrained(tmp)
         except (OSError, ValueError):  # a base without a tokenizer: the weights are what matters
             pass
-        if out.is_dir():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return publish_folder(out, write)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+from .errors import UsageError
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -27,3 +30,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_lines(path: str | os.PathLike, lines) -> Path:
     return atomic_write_text(path, "".join(f"{line}\n" for line in lines))
+
+
+def check_new_folder(out: Path, what: str) -> None:
+    """``out`` must be new or an empty folder: a result is never written over another."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        kind = "a file" if not out.is_dir() else "a folder that is not empty"
+        raise UsageError(f"--output {out} is {kind}; give a new or empty folder for the {what}.")
+
+
+def publish_folder(out: Path, write) -> Path:
+    """``write(tmp)`` fills a temporary folder beside ``out``, which is then renamed to ``out`` (new or
+    empty, see :func:`check_new_folder`): a kill leaves no half-written result under that name."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if out.is_dir():
+            out.rmdir()  # empty, checked before
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

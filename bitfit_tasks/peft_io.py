@@ -11,8 +11,6 @@ task head -- goes into ``modules_to_save``: PEFT stores those modules whole and 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from torch import nn
 
 from .delta import Delta, task_config_for, task_model_class
 from .errors import UsageError
+from .fileio import check_new_folder, publish_folder
 
 # PEFT's task types for the task classes BitFit trains.
 PEFT_TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
@@ -53,9 +52,7 @@ def export_peft(base_model: str, delta: Delta | str | os.PathLike, output_dir: s
     peft = _peft()
     delta = delta if isinstance(delta, Delta) else Delta.from_pretrained(delta)
     out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--output {out} is {'a file' if not out.is_dir() else 'a folder that is not empty'}; give "
-                         "a new or empty folder for the PEFT adapter.")
+    check_new_folder(out, "PEFT adapter")
     suffix = next((s for s in PEFT_TASK_TYPES if delta.meta["task_class"].endswith(s)), None)
     if suffix is None:
         raise UsageError(f"{delta.meta['task_class']} has no PEFT task type; deltas of {sorted(PEFT_TASK_TYPES)} "
@@ -110,17 +107,7 @@ def export_peft(base_model: str, delta: Delta | str | os.PathLike, output_dir: s
         if key not in saved:
             raise UsageError(f"PEFT did not wrap {top} for modules_to_save (no {key}); this delta cannot be exported.")
         saved[key].copy_(value.to(saved[key].dtype))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # renamed into place when complete
-    try:
-        peft_model.save_pretrained(str(tmp))
-        if out.is_dir():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return publish_folder(out, lambda tmp: peft_model.save_pretrained(str(tmp)))
 
 
 PEFT_TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",

@@ -132,17 +132,26 @@ def _exact_hashes(recorded: str, current: str) -> list[str]:
     return [h for h in _HASHES if kinds <= {"fp32", h}]
 
 
-def signature_mismatch(recorded: dict[str, dict], current: dict[str, dict]) -> str | None:
-    """None when ``current`` is the base ``recorded`` describes, else what differs first: exact
-    wherever the two dtypes allow it, within the rounding of both where they do not (fp16 against
-    bf16). A recorded signature of the first format (float sums) is compared the first format's way."""
+def _layout_mismatch(recorded: dict[str, dict], current: dict[str, dict]) -> str | None:
+    """Other tensor names or shapes: a different model, whatever the values."""
     if set(recorded) != set(current):
         only = sorted(set(recorded) ^ set(current))
         return f"other tensors ({only[:2]} in one base only)"
     for name, r in recorded.items():
+        if r["shape"] != current[name]["shape"]:
+            return f"{name}: shape {current[name]['shape']}, not {r['shape']}"
+    return None
+
+
+def signature_mismatch(recorded: dict[str, dict], current: dict[str, dict]) -> str | None:
+    """None when ``current`` is the base ``recorded`` describes, else what differs first: exact
+    wherever the two dtypes allow it, within the rounding of both where they do not (fp16 against
+    bf16). A recorded signature of the first format (float sums) is compared the first format's way."""
+    layout = _layout_mismatch(recorded, current)
+    if layout is not None:
+        return layout
+    for name, r in recorded.items():
         c = current[name]
-        if r["shape"] != c["shape"]:
-            return f"{name}: shape {c['shape']}, not {r['shape']}"
         exact = _exact_hashes(r["dtype"], c["dtype"])
         for h in exact:
             if r[h] != c[h]:
@@ -231,13 +240,11 @@ def format1_stats(t: torch.Tensor) -> dict[str, Any]:
 
 
 def _format1_mismatch(recorded: dict[str, dict], current: dict[str, dict]) -> str | None:
-    if set(recorded) != set(current):
-        only = sorted(set(recorded) ^ set(current))
-        return f"other tensors ({only[:2]} in one base only)"
+    layout = _layout_mismatch(recorded, current)
+    if layout is not None:
+        return layout
     for name, r in recorded.items():
         c = current[name]
-        if r["shape"] != c["shape"]:
-            return f"{name}: shape {c['shape']}, not {r['shape']}"
         dtypes = (r["dtype"], c["dtype"])
         u = max(_UNIT_ROUNDOFF.get(d, 2.0**-8) for d in dtypes)
         tiny = _FP16_SUBNORMAL if "float16" in dtypes else 0.0

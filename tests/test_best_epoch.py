@@ -64,9 +64,9 @@ def glue_args(model_dir: str, out: Path, *extra: str) -> list[str]:
             "--disable_tqdm", "true", "--seed", "5", "--train_eval_samples", "0", *extra]
 
 
-def run_scripted(tmp_path: Path, args: list[str], **env) -> subprocess.CompletedProcess:
+def run_scripted(tmp_path: Path, args: list[str], script_text: str = SCRIPTED, **env) -> subprocess.CompletedProcess:
     script = tmp_path / "scripted.py"
-    script.write_text(SCRIPTED.format(root=str(ROOT)))
+    script.write_text(script_text.format(root=str(ROOT)))
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env})
 

@@ -9,16 +9,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FIXTURES, tiny_model
+from conftest import tiny_model
 from safetensors.torch import load_file
+from test_best_epoch import STEPS_PER_EPOCH, glue_args
+from test_best_epoch import run_scripted as run_best_epoch_script
 
 from bitfit_tasks.best import BEST_FILE, BestEpochKeeper, keeper_rule
 from bitfit_tasks.errors import UsageError
@@ -61,22 +61,10 @@ TC.CallbackHandler.on_save = killing
 from bitfit_tasks.launch import run_cli
 run_cli(G.main)
 """
-STEPS_PER_EPOCH = 6  # 24 MRPC fixture rows, batch 4
-
-
-def glue_args(model_dir: str, out: Path, *extra: str) -> list[str]:
-    return ["--task_name", "mrpc", "--data_dir", f"{FIXTURES}/glue", "--model_name_or_path", model_dir,
-            "--output_dir", str(out), "--num_train_epochs", "5", "--max_seq_length", "32", "--learning_rate", "1e-2",
-            "--per_device_train_batch_size", "4", "--save_strategy", "epoch", "--use_cpu", "true",
-            "--disable_tqdm", "true", "--seed", "5", "--train_eval_samples", "0", *extra]
 
 
 def run_scripted(tmp_path: Path, args: list[str], **env) -> subprocess.CompletedProcess:
-    script = tmp_path / "scripted.py"
-    script.write_text(SCRIPTED.format(root=str(ROOT)))
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                               "OMP_NUM_THREADS": "1", **env})
+    return run_best_epoch_script(tmp_path, args, script_text=SCRIPTED, OMP_NUM_THREADS="1", **env)
 
 
 def delta(folder: Path) -> dict[str, torch.Tensor]:

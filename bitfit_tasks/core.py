@@ -50,7 +50,8 @@ class BitFitState:
             f"|| trainable%: {pct:.4f}"
         ]
         added_terms = {t for t, names in self.terms.items() if any(n in self.added for n in names)}
-        for term, n in self.term_counts.items():
+        order = ("q", "k", "v", "qkv", "m1", "LN1", "m2", "m3", "LN2", "emb", "pool", "final")
+        for term, n in sorted(self.term_counts.items(), key=lambda tn: (order + (tn[0],)).index(tn[0])):
             note = " added" if term in added_terms and self.mode == "bitfit" else ""
             lines.append(f"  {term:>8}: {n:,d} ({100.0 * n / max(self.n_total, 1):.4f}%){note}")
         if self.added and self.mode == "bitfit":

@@ -283,6 +283,9 @@ class Delta:
             f"  tensors    : {len(self.tensors)} ({n:,d} values, {self.num_bytes():,d} bytes)",
             f"  fingerprint: {m.get('base_fingerprint', '')[:16]}…",
         ]
+        if m.get("added_biases"):
+            lines.insert(-1, f"  added      : {len(m['added_biases'])} biases, {sum(m['added_biases'].values()):,d} "
+                             "values the base is built without (created again when the delta is applied)")
         for term, names in m.get("terms", {}).items():
             lines.append(f"    {term:>5}: {sum(self.tensors[x].numel() for x in names if x in self.tensors):,d}")
         lines.append(f"    {'head':>5}: {sum(self.tensors[x].numel() for x in m.get('head', [])):,d}")
@@ -437,7 +440,14 @@ def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revisi
     config = task_config_for(transformers.AutoConfig.from_pretrained(base_model), delta)
     if dtype is not None:
         from_pretrained_kwargs["dtype"] = dtype
-    model = cls.from_pretrained(base_model, config=config, **from_pretrained_kwargs)
+    # The delta supplies the head (and any added bias): transformers' report of them as "newly
+    # initialised" would only mislead.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model = cls.from_pretrained(base_model, config=config, **from_pretrained_kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     if device is not None:
         model.to(device)
     apply_delta(model, delta, verify_fingerprint=verify_fingerprint)
@@ -474,13 +484,13 @@ def flags_for_added_biases(config, delta: Delta) -> dict[str, bool]:
     left = sorted(added - covered)
     if left:
         terms = sorted(t for t, names in delta.meta.get("terms", {}).items() if set(names) & set(left))
-        have = f"its flags {list(bmap.config_flags)} cover the others" if bmap and bmap.config_flags else \
-            "it has no flag that adds biases"
+        flags = list(bmap.config_flags) if bmap else []
+        have = f"its flags {flags} cover the others" if flags else "it has no flag that adds biases"
+        retrain = " or train with --bias_terms limited to the terms those flags cover" if flags else ""
         raise UsageError(
             f"cannot merge: {type(config).__name__} cannot express the biases this delta added for term(s) {terms} "
             f"(e.g. {left[0]}; {have}), so a merged model would lose them. Serve the delta on its base instead "
-            "(load_task_model(base, delta) or MultiTaskBitFit), or train with --bias_terms limited to terms the "
-            "config can express.")
+            f"(load_task_model(base, delta), MultiTaskBitFit, or bitfit-delta export-peft for PEFT){retrain}.")
     return flags
 
 

@@ -36,7 +36,7 @@ from .glue_data import (
     load_glue,
     sample,
 )
-from .runner import ensure_pad_token, parse_and_run, start_run, train_and_record
+from .runner import check_terms_before_loading, ensure_pad_token, parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED
 from .trainer import BitFitTrainer
 
@@ -170,6 +170,7 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
     )
     tokenizer = load_pretrained(AutoTokenizer, model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     ensure_pad_token(tokenizer, config)
+    check_terms_before_loading(AutoModelForSequenceClassification, config, bitfit)
     model = load_pretrained(
         AutoModelForSequenceClassification, model_args.model_name_or_path, config=config,
         cache_dir=model_args.cache_dir, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)

@@ -29,7 +29,7 @@ from .errors import UsageError, check_positive, load_pretrained
 from .fileio import atomic_write_lines
 from .metrics import seqeval_metrics
 from .pos_data import FORMATS, Sentence, read_file, read_token_tag_dataset, read_treebank_splits
-from .runner import ensure_pad_token, parse_and_run, start_run, train_and_record
+from .runner import check_terms_before_loading, ensure_pad_token, parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED, sample_list
 from .tagging import (
     encode_sentences,
@@ -162,6 +162,7 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
     config = load_pretrained(AutoConfig, model_args.model_name_or_path, num_labels=len(tags), id2label=id2tag,
                              label2id=tag2id, finetuning_task=data_args.task_name, cache_dir=model_args.cache_dir)
     ensure_pad_token(tokenizer, config)
+    check_terms_before_loading(AutoModelForTokenClassification, config, bitfit)
     model = load_pretrained(
         AutoModelForTokenClassification, model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)

@@ -17,13 +17,13 @@ from transformers import TrainingArguments, set_seed
 from .arguments import parse_args, runner_dataclasses
 from .best import BestEpochKeeper, keeper_rule
 from .checkpoints import checkpoint_step, resolve_resume
-from .config import BitFitConfig
+from .config import BIAS_TERM_MODES, BitFitConfig
 from .errors import UsageError
 from .fileio import atomic_write_text
 from .output_dir import claim_output_dir, release_output_dir
 from .recipes import apply_recipe
 from .results import eval_history, headline, loss_sum_of_call, run_record, train_loss_record
-from .selection import bias_parameter_ids, head_parameter_names
+from .selection import bias_parameter_ids, head_parameter_names, plan_bias_selection
 from .trainer import BitFitTrainer
 
 logger = logging.getLogger("bitfit_tasks")
@@ -53,6 +53,22 @@ def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, run_args: 
         logger.info("recipe %r: %s", decided["recipe"], decided["recipe_applied"])
     set_seed(training_args.seed)
     return training_args.data_seed if training_args.data_seed is not None else training_args.seed
+
+
+def check_terms_before_loading(auto_cls, config, bitfit: BitFitConfig) -> None:
+    """The bias-term selection checked on a skeleton of the task model (meta device: no weights, no
+    memory), so a term the architecture lacks is refused before minutes of loading a large model."""
+    if bitfit.mode not in BIAS_TERM_MODES:
+        return
+    quiet = logging.getLogger("bitfit_tasks")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # what the selection logs is logged once, when the real model is prepared
+    try:
+        with torch.device("meta"):
+            skeleton = auto_cls.from_config(config)
+        plan_bias_selection(skeleton, bitfit.bias_terms, add_missing=bitfit.add_missing_biases)
+    finally:
+        quiet.setLevel(level)
 
 
 def ensure_pad_token(tokenizer, config) -> None:

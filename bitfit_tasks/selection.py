@@ -494,16 +494,18 @@ def plan_bias_selection(
         else:
             sel.counts.pop(term, None)
         if not full and not from_preset:
-            if term in unbiasable:
-                raise UsageError(_rmsnorm_reason(term, unbiasable[term]) + f" Drop {term!r} from --bias_terms.")
             have = [t for t in TERMS if t in patterns and any(
                 patterns[t].fullmatch(m) and (f"{m}.bias" in params or (add_missing and bias_size(mod)))
                 for m, mod in modules.items())]
+            if term in unbiasable:
+                raise UsageError(_rmsnorm_reason(term, unbiasable[term]) + f" Drop {term!r} from --bias_terms; the "
+                                 f"terms this model has are {have}.")
             pat = patterns.get(term)
             if pat is not None and any(pat.fullmatch(m) and bias_size(mod) for m, mod in modules.items()):
                 raise UsageError(
                     f"bias term {term!r} has no bias in {type(model).__name__} (model_type {model_type!r} is built "
-                    f"without it) and add_missing_biases is off; {_TURN_ON} to add and train one, or drop {term!r}.")
+                    f"without it) and add_missing_biases is off; {_TURN_ON} to add and train one, or drop {term!r} "
+                    f"(the terms it has now: {have}).")
             raise UsageError(
                 f"bias term {term!r} matches no parameter of {type(model).__name__} "
                 f"(model_type {model_type!r}); the terms this model has are {have}. Drop {term!r} or use a "

@@ -24,7 +24,7 @@ from .config import BitFitConfig
 from .errors import UsageError, check_positive, load_pretrained
 from .hub_data import load_hub_dataset
 from .results import eval_history
-from .runner import ensure_pad_token, parse_and_run, start_run, train_and_record
+from .runner import check_terms_before_loading, ensure_pad_token, parse_and_run, start_run, train_and_record
 from .sampling import EVAL_SAMPLE_SEED
 from .squad_data import read_squad_file, sample_examples, window_dataset
 from .squad_qa import SquadBitFitTrainer, SquadEval
@@ -101,6 +101,7 @@ def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitCon
                          "(offset mappings); this one is slow.")
     config = load_pretrained(AutoConfig, model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     ensure_pad_token(tokenizer, config)  # decoder tokenizers (Llama, Qwen3, ...) often have none
+    check_terms_before_loading(AutoModelForQuestionAnswering, config, bitfit)
     model = load_pretrained(AutoModelForQuestionAnswering, model_args.model_name_or_path, config=config,
                             cache_dir=model_args.cache_dir)
     train_windows = window_dataset("train", train_rows, tokenizer, data_args.max_seq_length, data_args.doc_stride,

@@ -485,3 +485,22 @@ def test_multitask_refuses_a_delta_of_another_family(tmp_path):
                                          r"'llama'\. Serve it on a modernbert backbone"):
         mt.add_task("mb", str(tmp_path / "delta"))
     assert mt.tasks == {} and not [n for n, _ in mt.backbone.named_parameters() if n.endswith(".bias")]
+
+
+@pytest.mark.slow
+def test_a_term_the_model_lacks_is_refused_before_the_weights_load(tiny_bias_free_dirs, tmp_path):
+    """The selection is checked on a meta-device skeleton built from the config: with the weights file gone,
+    the refusal is still the bias term's, in one line."""
+    import shutil
+
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_bias_free_dirs["llama"], folder)
+    (folder / "model.safetensors").unlink()
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "run_glue.py"), "--task_name", "mrpc", "--data_dir",
+                           os.path.join(FIXTURES, "glue"), "--model_name_or_path", str(folder), "--output_dir",
+                           str(tmp_path / "out"), "--bias_terms", "q", "LN1", "--use_cpu", "true"],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "bias term 'LN1' is a norm without a bias (LlamaRMSNorm)" in lines[0], proc.stderr
+    assert "the terms this model has are ['q', 'k', 'v', 'm1', 'm2', 'm3']" in lines[0]

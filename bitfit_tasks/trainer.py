@@ -112,15 +112,14 @@ class BitFitTrainer(Trainer):
                 kwargs["args"] = targs
             else:
                 args = (args[0], targs, *args[2:])
-        if targs is not None:
-            refuse_unsupported_parallelism(targs)
+        refuse_unsupported_parallelism(targs)
         if bitfit_config.lean:
             if not lean_runs(targs):
                 bitfit_config = dataclasses.replace(bitfit_config, lean=False)  # what runs is recorded
             elif not targs.bf16:
                 # Lean mode is bf16 autocast by definition; the accelerator reads mixed_precision.
                 targs.bf16, targs.mixed_precision = True, "bf16"
-        if targs is not None and not full and targs.ddp_find_unused_parameters is None:
+        if not full and targs.ddp_find_unused_parameters is None:
             # Bias-only modes: every selected bias and the head take part in each forward, so DDP
             # needs no per-step search for unused parameters (Trainer's default turns it on). Not in
             # full mode: any parameter of the user's model may go unused in a step (Trainer's default

@@ -27,15 +27,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     """The runners' mains, imported on first use: importing the package loads no datasets or task
     code. Plain imports, so the module graph (docs/module_graph.py) and linters see them."""
-    if name == "run_glue":
-        from .glue import main
-    elif name == "run_squad":
-        from .squad import main
-    elif name == "run_pos":
-        from .pos import main
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return main
+    if name in ("run_glue", "run_squad", "run_pos"):
+        from .runners import runner_module
+
+        return runner_module(name.removeprefix("run_")).main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

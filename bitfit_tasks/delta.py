@@ -33,7 +33,7 @@ from .core import add_biases, remove_biases
 from .errors import MissingFileError, UsageError, first_line, read_utf8
 from .fileio import atomic_write_text, check_new_folder, publish_folder
 from .model_card import model_card
-from .selection import added_bias_sizes, head_parameter_names
+from .selection import added_bias_sizes, bias_map_for, head_parameter_names
 from .signature import base_mismatch, base_signature, check_signature_field, frozen_tensors, signature_id
 
 DELTA_WEIGHTS = "bitfit_delta.safetensors"
@@ -425,6 +425,23 @@ def task_config_for(config, delta: Delta):
     return config
 
 
+def base_task_model(base_model: str, delta: Delta, *, dtype: torch.dtype | str | None = None,
+                    **from_pretrained_kwargs) -> nn.Module:
+    """The base loaded with the delta's task class and task config, before the delta is applied."""
+    cls = task_model_class(delta.meta["task_class"], source=delta.path or "the delta")
+    config = task_config_for(transformers.AutoConfig.from_pretrained(base_model), delta)
+    if dtype is not None:
+        from_pretrained_kwargs["dtype"] = dtype
+    # The delta supplies the head (and any added bias): transformers' report of them as "newly
+    # initialised" would only mislead.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(base_model, config=config, **from_pretrained_kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
 def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revision: str | None = None,
                     dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
                     verify_fingerprint: bool = True, **from_pretrained_kwargs):
@@ -436,18 +453,7 @@ def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revisi
     if not isinstance(delta, Delta):
         delta = Delta.from_pretrained(delta, revision=revision, cache_dir=from_pretrained_kwargs.get("cache_dir"),
                                       token=from_pretrained_kwargs.get("token"))
-    cls = task_model_class(delta.meta["task_class"], source=delta.path or "the delta")
-    config = task_config_for(transformers.AutoConfig.from_pretrained(base_model), delta)
-    if dtype is not None:
-        from_pretrained_kwargs["dtype"] = dtype
-    # The delta supplies the head (and any added bias): transformers' report of them as "newly
-    # initialised" would only mislead.
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        model = cls.from_pretrained(base_model, config=config, **from_pretrained_kwargs)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    model = base_task_model(base_model, delta, dtype=dtype, **from_pretrained_kwargs)
     if device is not None:
         model.to(device)
     apply_delta(model, delta, verify_fingerprint=verify_fingerprint)
@@ -463,12 +469,10 @@ def flags_for_added_biases(config, delta: Delta) -> dict[str, bool]:
     """The config flags (``attention_bias``, ``mlp_bias``, ``norm_bias``, from the family's bias map) that
     make a standard model of ``config``'s class hold every bias the delta added; refused in one line
     when the config cannot express some (Mistral has no such flag, Qwen3 none for its MLP)."""
-    from .selection import DEFAULT_BIAS_MAPS, _user_maps
-
     added = set(delta.meta.get("added_biases") or {})
     cls = task_model_class(delta.meta["task_class"])
     task_cfg = delta.meta.get("task_config") or {}
-    bmap = _user_maps.get(config.model_type) or DEFAULT_BIAS_MAPS.get(config.model_type)
+    bmap = bias_map_for(config.model_type)
     base_names = {n for n, _ in _skeleton(cls, type(config).from_dict({**config.to_dict(), **task_cfg}))
                   .named_parameters()}
     flags: dict[str, bool] = {}

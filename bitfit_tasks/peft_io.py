@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .delta import Delta, task_config_for, task_model_class
+from .delta import Delta, base_task_model
 from .errors import UsageError
 from .fileio import check_new_folder, publish_folder
 
@@ -34,15 +34,6 @@ def _peft():
     if not hasattr(peft, "BeftConfig"):
         raise UsageError(f"peft {peft.__version__} has no BEFT (BeftConfig); upgrade: pip install 'peft>=0.20'.")
     return peft
-
-
-def base_task_model(base_model: str, delta: Delta) -> nn.Module:
-    """The base with the delta's task class and config, as ``load_task_model`` builds it, before the delta."""
-    import transformers
-
-    cls = task_model_class(delta.meta["task_class"])
-    config = task_config_for(transformers.AutoConfig.from_pretrained(base_model), delta)
-    return cls.from_pretrained(base_model, config=config)
 
 
 @torch.no_grad()

@@ -102,23 +102,17 @@ class BiasMap:
                 "capturing the layer index, e.g. r'encoder\\.layer\\.(\\d+)'."
             )
 
-    def patterns(self) -> dict[str, re.Pattern[str]]:
-        """One full-match pattern per term over backbone-relative parameter names."""
+    def module_patterns(self) -> dict[str, re.Pattern[str]]:
+        """One full-match pattern per term over backbone-relative *module* names: the modules whose
+        ``bias`` the term is (or, for a module built without one, would be)."""
 
         def alts(paths: str | Sequence[str]) -> str:
             return "|".join(re.escape(p) for p in ([paths] if isinstance(paths, str) else paths))
 
-        out = {
-            term: re.compile(rf"{self.layer_prefix}\.(?:{alts(paths)})\.bias")
-            for term, paths in self.layer_modules.items()
-        }
+        out = {term: re.compile(rf"{self.layer_prefix}\.(?:{alts(paths)})")
+               for term, paths in self.layer_modules.items()}
         for term, paths in self.global_modules.items():
-            out[term] = re.compile(rf"(?:{alts(paths)})\.bias")
-        return out
-
-    def module_patterns(self) -> dict[str, re.Pattern[str]]:
-        """The same, over backbone-relative *module* names (where a bias is, or could be added)."""
-        out = {t: re.compile(p.pattern.removesuffix(r"\.bias")) for t, p in self.patterns().items()}
+            out[term] = re.compile(rf"(?:{alts(paths)})")
         if self.fused_qkv is not None:
             for term in ("q", "k", "v"):
                 out.setdefault(term, re.compile(rf"{self.layer_prefix}\.{re.escape(self.fused_qkv)}"))
@@ -334,11 +328,15 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return getattr(model, "base_model", model)
 
 
+def bias_map_for(model_type: str | None) -> BiasMap | None:
+    """The bias map of ``config.model_type``: a registered one first, then the built-in."""
+    return _user_maps.get(model_type) or DEFAULT_BIAS_MAPS.get(model_type)
+
+
 def _find_bias_map(model: nn.Module, bias_map: BiasMap | None) -> BiasMap | None:
     if bias_map is not None:
         return bias_map
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return _user_maps.get(model_type) or DEFAULT_BIAS_MAPS.get(model_type)
+    return bias_map_for(getattr(getattr(model, "config", None), "model_type", None))
 
 
 def _get_bias_map(model: nn.Module, bias_map: BiasMap | None) -> BiasMap:

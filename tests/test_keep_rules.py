@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from safetensors.torch import load_file
-from test_best_epoch import STEPS_PER_EPOCH, glue_args
+from test_best_epoch import SCRIPT_END, SCRIPT_START, STEPS_PER_EPOCH, glue_args
 from test_best_epoch import run_scripted as run_best_epoch_script
 
 from bitfit_tasks.best import BEST_FILE, BestEpochKeeper, keeper_rule
@@ -28,24 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # run_glue.py with the dev F1 and accuracy of epoch e forced to F1[e] / ACC[e] (their best epochs differ
 # by construction), and with KILL_AT_STEP set, a SIGKILL when that step's checkpoint is complete and the
 # older ones rotated away, just before the on_save callbacks run.
-SCRIPTED = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import transformers.trainer_callback as TC
-import bitfit_tasks.glue as G
-from bitfit_tasks.trainer import BitFitTrainer
+SCRIPTED = SCRIPT_START + """
 F1 = {{1: 0.5, 2: 0.9, 3: 0.6, 4: 0.7, 5: 0.8}}
 ACC = {{1: 0.5, 2: 0.6, 3: 0.7, 4: 0.95, 5: 0.8}}
-now = {{}}
-evaluate = BitFitTrainer.evaluate
-def scripted_evaluate(self, *a, **k):
-    now["epoch"] = round(self.state.epoch or 0)
-    try:
-        return evaluate(self, *a, **k)
-    finally:
-        now.clear()
-BitFitTrainer.evaluate = scripted_evaluate
-metrics = G.compute_glue_metrics
 def scripted_metrics(task, predictions, labels):
     out = metrics(task, predictions, labels)
     if "epoch" in now:
@@ -58,9 +43,7 @@ def killing(self, args, state, control):
         os.kill(os.getpid(), signal.SIGKILL)
     return on_save(self, args, state, control)
 TC.CallbackHandler.on_save = killing
-from bitfit_tasks.launch import run_cli
-run_cli(G.main)
-"""
+""" + SCRIPT_END
 
 
 def run_scripted(tmp_path: Path, args: list[str], **env) -> subprocess.CompletedProcess:

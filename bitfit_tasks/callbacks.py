@@ -1,7 +1,10 @@
-"""``--train_eval_samples``: score a fixed sample of the training set at every dev evaluation."""
+"""The runners' callbacks: ``--train_eval_samples`` (score a fixed sample of the training set at every dev
+evaluation) and the step timer of results.json."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -51,3 +54,25 @@ def add_train_sample_eval(trainer: Trainer, train_dataset, run_args: Any,
     idx = sample_indices(len(train_dataset), EVAL_SAMPLE_SEED, k=n)
     sample = train_dataset if idx is None else train_dataset.select(idx)
     trainer.add_callback(TrainSampleEval(trainer, sample, compute_metrics))
+
+
+class StepTimer(TrainerCallback):
+    """Wall seconds of each optimizer step, from ``on_step_begin`` to ``on_step_end`` (forward, backward and
+    the update; no evaluation, which Trainer runs after ``on_step_end``): results.json's step time."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._start is not None:
+            self.seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+    def record(self) -> dict[str, Any]:
+        """``train_step_seconds``: the median step (the first steps warm caches up); None without steps."""
+        return {"train_step_seconds": round(statistics.median(self.seconds), 4) if self.seconds else None,
+                "timed_steps": len(self.seconds)}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import BitFitConfig
+from .config import PEFT_MODES, BitFitConfig
 from .errors import UsageError
 from .selection import (
     ADDABLE_BIAS_TYPES,
@@ -198,9 +198,17 @@ def prepare_model(
     Frozen tensors get ``requires_grad=False`` so autograd does no weight-gradient work for them.
     """
     config = config or BitFitConfig()
-    if config.mode != "full":
+    if config.mode in PEFT_MODES and not is_peft_model(model):
+        raise UsageError(f"mode {config.mode!r} trains a PEFT model: wrap it first (bitfit_tasks.wrap_with_peft, "
+                         "which BitFitTrainer calls), or pass it to BitFitTrainer as it is.")
+    if config.mode not in ("full", *PEFT_MODES):
         refuse_peft_model(model, config.mode)
-    head_all = head_parameter_names(model)
+    if config.mode in PEFT_MODES:
+        from .peft_modes import peft_head_names
+
+        head_all = peft_head_names(model)
+    else:
+        head_all = head_parameter_names(model)
     head = head_all if config.train_head else []
     all_params = dict(model.named_parameters())
     n_total = sum(p.numel() for p in all_params.values())
@@ -208,7 +216,7 @@ def prepare_model(
     masks: dict[str, torch.Tensor] = {}
     added: dict[str, int] = {}
 
-    if config.mode == "full":
+    if config.mode in ("full", *PEFT_MODES):
         # Full fine-tuning as Trainer does it: what the model itself marks trainable (a frozen
         # embedding, a frozen encoder half, a PEFT model's adapters stay as the user set them).
         trainable = [n for n, p in all_params.items() if p.requires_grad and (config.train_head or n not in head_all)]
@@ -255,10 +263,14 @@ def prepare_model(
     keep = set(trainable)
     for n, p in all_params.items():
         p.requires_grad_(n in keep)
+    if config.mode in PEFT_MODES:
+        # The model's own size, as for the other modes: not PEFT's adapters and trained copies of the head.
+        n_total = sum(p.numel() for n, p in all_params.items() if n not in keep)
 
     head_n = sum(all_params[n].numel() for n in head)
-    if config.mode == "full":
-        term_counts = {"backbone": sum(all_params[n].numel() for n in trainable if n not in head_all)}
+    if config.mode in ("full", *PEFT_MODES):
+        what = "backbone" if config.mode == "full" else f"{config.mode} adapters"
+        term_counts = {what: sum(all_params[n].numel() for n in trainable if n not in head_all)}
     elif config.mode == "frozen":
         term_counts = {}
     elif config.mode != "bitfit":

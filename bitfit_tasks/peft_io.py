@@ -19,28 +19,13 @@ from torch import nn
 from .delta import Delta, base_task_model
 from .errors import UsageError
 from .fileio import check_new_folder, publish_folder
-
-# PEFT's task types for the task classes BitFit trains.
-PEFT_TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
-                   "ForQuestionAnswering": "QUESTION_ANS"}
+from .peft_modes import PEFT_TASK_TYPES, import_peft
 
 
-def _peft():
-    try:
-        import peft
-    except ImportError:
-        raise UsageError("exporting to PEFT needs the peft package: pip install 'bitfit-tasks[bench]' (or pip "
-                         "install peft>=0.20).") from None
-    if not hasattr(peft, "BeftConfig"):
-        raise UsageError(f"peft {peft.__version__} has no BEFT (BeftConfig); upgrade: pip install 'peft>=0.20'.")
-    return peft
-
-
-@torch.no_grad()
 def export_peft(base_model: str, delta: Delta | str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """Write ``delta`` as a PEFT BEFT adapter into ``output_dir`` (new or empty): Linear bias changes as BEFT
     vectors, other changed modules (LayerNorms) and the head in ``modules_to_save``. Returns the folder."""
-    peft = _peft()
+    peft = import_peft("exporting to PEFT")
     delta = delta if isinstance(delta, Delta) else Delta.from_pretrained(delta)
     out = Path(output_dir)
     check_new_folder(out, "PEFT adapter")
@@ -122,7 +107,7 @@ def delta_from_peft(adapter: str | os.PathLike, base_model: str | None = None) -
     from .selection import bias_size, head_parameter_names
     from .signature import base_signature
 
-    peft = _peft()
+    peft = import_peft("reading a PEFT adapter")
     try:
         config = peft.PeftConfig.from_pretrained(str(adapter))
     except (OSError, ValueError) as err:

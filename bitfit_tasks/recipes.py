@@ -7,7 +7,14 @@ and epochs for each mode and task. A flag the user passes always wins over the r
   rate, batch 8, up to 20 epochs, the best epoch's dev score reported. A bias-only run has few
   parameters to move and moves them slowly; decaying the rate to zero over a few epochs starves it.
 
-``--recipe auto`` (the default) gives bias-only modes the recipe of :data:`AUTO_BIAS_RECIPES` for
+* ``lora``: LoRA's GLUE recipe (Hu et al., 2021, arXiv 2106.09685, Appendix D, Table 9, RoBERTa-base):
+  AdamW, linear decay after a linear warmup over 6% of the steps, batch 16, rate 4e-4 (their MRPC, STS-B,
+  CoLA and QNLI rate; 5e-4 for MNLI, SST-2, QQP, RTE), r = alpha = 8 on W_q and W_v. Their 30-80 epochs
+  are not taken: epochs stay the linear recipe's 3, so a comparison gives every method the same epoch budget.
+
+``--recipe auto`` (the default) gives LoRA runs ``lora``, BEFT runs the bias recipe (a BEFT run trains bias
+vectors like BitFit, so it gets BitFit's measured rate and schedule; the BEFT paper, Huang et al., 2025, arXiv
+2509.15974, searches its rate per model and task), bias-only modes the recipe of :data:`AUTO_BIAS_RECIPES` for
 the runner (``official`` for GLUE and tagging, ``linear`` for SQuAD) and full fine-tuning
 ``linear``; see benchmarks/RESULTS.md ("BitFit's recipe") for the evidence: on all-MiniLM-L6-v2
 the constant-rate recipe beat the linear one on STS-B, CoLA (given its epochs) and POS and tied
@@ -41,6 +48,9 @@ OFFICIAL_BIAS_LRS: dict[str, tuple[float, ...]] = {
 }
 DEFAULT_FULL_LR = 2e-5
 DEFAULT_BIAS_LR = 1e-3
+DEFAULT_LORA_LR = 4e-4
+#: The sweep's LoRA grid: the LoRA paper's two GLUE rates for RoBERTa-base (Table 9).
+LORA_LRS: tuple[float, ...] = (4e-4, 5e-4)
 
 
 @dataclass(frozen=True)
@@ -50,21 +60,30 @@ class Recipe:
     per_device_train_batch_size: int
     num_train_epochs: float
     bias_lr: float  # default learning rate of bias-only modes
+    warmup_steps: float = 0.0  # Trainer's --warmup_steps: a float in [0, 1) is a fraction of the steps
 
 
 RECIPES: dict[str, Recipe] = {
     "linear": Recipe("linear", "linear", 16, 3.0, DEFAULT_BIAS_LR),
     "official": Recipe("official", "constant", 8, 20.0, DEFAULT_BIAS_LR),
+    "lora": Recipe("lora", "linear", 16, 3.0, DEFAULT_BIAS_LR, warmup_steps=0.06),
 }
 RECIPE_CHOICES = ("auto", *RECIPES)
 #: What ``--recipe auto`` gives bias-only modes, per runner.
 AUTO_BIAS_RECIPES: dict[str, str] = {"glue": "official", "pos": "official", "squad": "linear"}
 FULL_RECIPE = "linear"
+#: Modes whose ``--recipe auto`` is not the bias recipe of the runner.
+AUTO_RECIPES: dict[str, str] = {"full": FULL_RECIPE, "lora": "lora"}
+
+
+def default_lr(mode: str, recipe: Recipe) -> float:
+    """A run's rate when none is given: full fine-tuning's, LoRA's (any recipe), else the recipe's bias rate."""
+    return {"full": DEFAULT_FULL_LR, "lora": DEFAULT_LORA_LR}.get(mode, recipe.bias_lr)
 
 
 def recipe_for(requested: str, mode: str, runner: str = "glue") -> Recipe:
     if requested == "auto":
-        return RECIPES[FULL_RECIPE if mode == "full" else AUTO_BIAS_RECIPES[runner]]
+        return RECIPES[AUTO_RECIPES.get(mode, AUTO_BIAS_RECIPES[runner])]
     if requested not in RECIPES:
         raise ValueError(f"unknown --recipe {requested!r}; choose one of {list(RECIPE_CHOICES)}.")
     return RECIPES[requested]
@@ -82,8 +101,11 @@ def apply_recipe(training_args: Any, mode: str, requested: str = "auto",
     recipe = recipe_for(requested, mode, runner)
     applied: dict[str, Any] = {}
     if math.isnan(training_args.learning_rate):  # the runners' "not given" value
-        training_args.learning_rate = applied["learning_rate"] = DEFAULT_FULL_LR if mode == "full" else recipe.bias_lr
-    for name in ("lr_scheduler_type", "per_device_train_batch_size", "num_train_epochs"):
+        training_args.learning_rate = applied["learning_rate"] = default_lr(mode, recipe)
+    # Warmup only where the recipe has one (Trainer's default is none): older runs' records stay as they were.
+    names = ("lr_scheduler_type", "per_device_train_batch_size", "num_train_epochs") + (
+        ("warmup_steps",) if recipe.warmup_steps else ())
+    for name in names:
         if explicit is not None and name not in explicit:
             applied[name] = getattr(recipe, name)
             setattr(training_args, name, SchedulerType(applied[name]) if name == "lr_scheduler_type" else applied[name])

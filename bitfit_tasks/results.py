@@ -9,7 +9,7 @@ from typing import Any
 from transformers import Trainer
 
 from .callbacks import TIMING_KEYS, TRAIN_SAMPLE_PREFIX
-from .config import BIAS_TERM_MODES, BitFitConfig
+from .config import BIAS_TERM_MODES, PEFT_MODES, BitFitConfig
 
 
 def eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -74,6 +74,16 @@ def headline_metrics(metrics: dict[str, Any]) -> str:
                      if k not in ("epoch", "step", "eval_loss") and not k.endswith(TIMING_KEYS))
 
 
+def peft_record(bitfit: BitFitConfig) -> dict[str, Any]:
+    """A LoRA / BEFT run's method options (targets in the paper's notation; LoRA's rank, scale, dropout)."""
+    if bitfit.mode not in PEFT_MODES:
+        return {}
+    options: dict[str, Any] = {"peft_targets": bitfit.targets}
+    if bitfit.mode == "lora":
+        options.update(lora_r=bitfit.lora_r, lora_alpha=bitfit.lora_alpha, lora_dropout=bitfit.lora_dropout)
+    return {"method_options": options}
+
+
 def run_record(trainer: Trainer, bitfit: BitFitConfig, history: list[dict[str, Any]], metric_key: str,
                saved: dict[str, Any], kept: str) -> dict[str, Any]:
     """What was really trained (steps, epochs, batch, recipe), the best and last dev score of
@@ -84,6 +94,7 @@ def run_record(trainer: Trainer, bitfit: BitFitConfig, history: list[dict[str, A
     return {
         "mode": bitfit.mode,
         "bias_terms": bitfit.bias_terms if bitfit.mode in BIAS_TERM_MODES else None,
+        **peft_record(bitfit),
         "learning_rate": args.learning_rate,
         "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         "seed": args.seed,

@@ -16,8 +16,10 @@ from transformers import TrainingArguments, set_seed
 
 from .arguments import parse_args, runner_dataclasses
 from .best import BestEpochKeeper, keeper_rule
+from .callbacks import StepTimer
 from .checkpoints import checkpoint_step, resolve_resume
-from .config import BIAS_TERM_MODES, BitFitConfig
+from .config import BIAS_TERM_MODES, PEFT_MODES, BitFitConfig
+from .delta import DELTA_WEIGHTS
 from .errors import UsageError
 from .fileio import atomic_write_text
 from .output_dir import claim_output_dir, release_output_dir
@@ -56,9 +58,9 @@ def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, run_args: 
 
 
 def check_terms_before_loading(auto_cls, config, bitfit: BitFitConfig) -> None:
-    """The bias-term selection checked on a skeleton of the task model (meta device: no weights, no
-    memory), so a term the architecture lacks is refused before minutes of loading a large model."""
-    if bitfit.mode not in BIAS_TERM_MODES:
+    """The bias-term selection (or a PEFT mode's targets) checked on a skeleton of the task model (meta device:
+    no weights, no memory), so a term the architecture lacks is refused before minutes of loading a large model."""
+    if bitfit.mode not in BIAS_TERM_MODES + PEFT_MODES:
         return
     quiet = logging.getLogger("bitfit_tasks")
     level = quiet.level
@@ -66,7 +68,12 @@ def check_terms_before_loading(auto_cls, config, bitfit: BitFitConfig) -> None:
     try:
         with torch.device("meta"):
             skeleton = auto_cls.from_config(config)
-        plan_bias_selection(skeleton, bitfit.bias_terms, add_missing=bitfit.add_missing_biases)
+        if bitfit.mode in PEFT_MODES:
+            from .peft_modes import peft_config_for
+
+            peft_config_for(skeleton, bitfit)  # peft installed, the targets there, a task type PEFT knows
+        else:
+            plan_bias_selection(skeleton, bitfit.bias_terms, add_missing=bitfit.add_missing_biases)
     finally:
         quiet.setLevel(level)
 
@@ -103,6 +110,17 @@ def save_biases_and_head(model, path: Path) -> None:
     save_file(tensors, str(path))
 
 
+# The weight files a run's save writes: a BitFit delta, a PEFT adapter, a whole model (maybe sharded).
+SAVED_WEIGHTS = (DELTA_WEIGHTS, "adapter_model.safetensors", "model.safetensors", "model-*.safetensors")
+
+
+def saved_weights_bytes(output_dir: str) -> int | None:
+    """Bytes of the trained weights the run saved in ``output_dir`` (None: nothing saved, e.g. --mode full
+    without --save_full_model): what a checkpoint of this method costs on disk."""
+    files = {f for pattern in SAVED_WEIGHTS for f in Path(output_dir).glob(pattern)}
+    return sum(f.stat().st_size for f in files) if files else None
+
+
 def parse_and_run(run: Callable[..., dict[str, Any]], task_args: type, argv: list[str],
                   defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """A runner's ``main``: parse the shared dataclasses plus the task's, call ``run``, and release the
@@ -135,6 +153,8 @@ def train_and_record(
     keeper = BestEpochKeeper(trainer, *keeper_rule(args, metric_key)) if keep == "best" else None
     if keeper is not None:
         trainer.add_callback(keeper)
+    timer = StepTimer()
+    trainer.add_callback(timer)
     resumed_step = 0
     if args.resume_from_checkpoint:
         resumed_step = checkpoint_step(args.resume_from_checkpoint)
@@ -167,6 +187,8 @@ def train_and_record(
                             loss_sum_of_call(trainer, train_result.training_loss, trainer.state.global_step,
                                              resumed_step), trainer.state.global_step, resumed_step),
         "train_seconds": round(time.time() - start, 1),
+        **timer.record(),
+        "saved_weights_bytes": saved_weights_bytes(args.output_dir),
         "device": device_name(args),
         "bitfit_config": asdict(trainer.bitfit_config),  # what ran (lean falls back to fp32 on some CPUs)
     }
@@ -177,7 +199,8 @@ def train_and_record(
     if trainer.is_world_process_zero():
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_biases_and_head(trainer.model, out / "biases_and_head.safetensors")
+        if bitfit.mode not in PEFT_MODES:  # a PEFT adapter folder holds its own trained tensors
+            save_biases_and_head(trainer.model, out / "biases_and_head.safetensors")
         atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
         # print, not logging: the headline must show whatever the user's logging setup is.
         print(headline(results, metric_key, out / "results.json"), flush=True)

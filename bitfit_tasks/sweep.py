@@ -29,7 +29,7 @@ from .errors import UsageError
 from .fileio import atomic_write_text
 from .launch import finish_distributed, run_cli
 from .plots import plot_training_size_curve
-from .recipes import OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS, PAPER_FULL_LRS, apply_recipe, recipe_for
+from .recipes import LORA_LRS, OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS, PAPER_FULL_LRS, apply_recipe, recipe_for
 from .report import summarize
 from .runners import RUNNERS, runner_module
 from .selection import PRESETS, resolve_terms
@@ -44,6 +44,8 @@ BASE_METHODS: dict[str, tuple[str, list[str]]] = {
     "frozen": ("frozen", ["bitfit"]),
     "rand_uniform": ("rand_uniform", ["bitfit"]),
     "rand_row_col": ("rand_row_col", ["bitfit"]),
+    "lora": ("lora", ["bitfit"]),
+    "beft": ("beft", ["bitfit"]),
 }
 
 def method_spec(method: str) -> tuple[str, list[str]]:
@@ -66,7 +68,8 @@ def run_dir(root: Path, task: str, method: str, lr: float, seed: int) -> Path:
 CELL_LOCK = ".sweep-cell.lock"
 # Flags the grid sets for every run: the same flag after '--' would silently override the grid.
 GRID_FLAGS = {"--task_name": "--tasks", "--mode": "--methods", "--bias_terms": "--methods",
-              "--learning_rate": "--bias_lrs/--full_lrs", "--seed": "--seeds", "--output_dir": "--output_dir"}
+              "--learning_rate": "--bias_lrs/--full_lrs/--lora_lrs", "--seed": "--seeds",
+              "--output_dir": "--output_dir"}
 
 
 def check_runner_args(extra_args: Sequence[str], task_flags: Sequence[str] = ()) -> None:
@@ -110,6 +113,7 @@ def run_grid(
     output_dir: str,
     bias_lrs: Sequence[float] = PAPER_BIAS_LRS,
     full_lrs: Sequence[float] = PAPER_FULL_LRS,
+    lora_lrs: Sequence[float] = LORA_LRS,
     extra_args: Sequence[str] = (),
     dry_run: bool = False,
     shard: tuple[int, int] = (0, 1),
@@ -140,7 +144,7 @@ def run_grid(
     for seed in seeds:
         for task in tasks:
             for method, (mode, terms) in specs.items():
-                for lr in (full_lrs if mode == "full" else bias_lrs):
+                for lr in {"full": full_lrs, "lora": lora_lrs}.get(mode, bias_lrs):
                     index += 1
                     if index % shard[1] != shard[0]:  # another worker's run
                         continue
@@ -254,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{ {k: list(v) for k, v in OFFICIAL_BIAS_LRS.items()} } (the rates that collapsed the model "
                         "under a constant rate are left out; benchmarks/RESULTS.md)")
     parser.add_argument("--full_lrs", nargs="+", type=float, default=list(PAPER_FULL_LRS))
+    parser.add_argument("--lora_lrs", nargs="+", type=float, default=list(LORA_LRS),
+                        help="learning rates of the lora method (default: the LoRA paper's GLUE rates); beft, "
+                        "a bias method, takes --bias_lrs")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--score", default="best", choices=["best", "final"],
                         help="best dev score over epochs (the paper) or the last epoch's")
@@ -299,8 +306,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     run_grid(runner_module(args.runner).main, runner=args.runner, task_args=task_args, tasks=args.tasks,
              methods=args.methods, seeds=args.seeds, output_dir=args.output_dir, bias_lrs=args.bias_lrs,
-             full_lrs=args.full_lrs, extra_args=extra, dry_run=args.dry_run, shard=_parse_shard(args.shard),
-             overwrite_unfinished=args.overwrite_unfinished)
+             full_lrs=args.full_lrs, lora_lrs=args.lora_lrs, extra_args=extra, dry_run=args.dry_run,
+             shard=_parse_shard(args.shard), overwrite_unfinished=args.overwrite_unfinished)
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     summary = {"markdown": ""}
     if is_main and not args.dry_run:  # one writer for the table

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .config import BitFitConfig
+from .config import PEFT_MODES, BitFitConfig
 from .core import BitFitState, is_peft_model, prepare_model
 from .delta import DELTA_CONFIG, DELTA_WEIGHTS, Delta, apply_delta, is_delta_dir, save_delta, upload_delta_folder
 from .errors import UsageError
@@ -98,6 +98,15 @@ class BitFitTrainer(Trainer):
     ) -> None:
         bitfit_config = bitfit_config or BitFitConfig()
         full = bitfit_config.mode == "full"
+        if bitfit_config.mode in PEFT_MODES:
+            # LoRA / BEFT: the model is wrapped in PEFT's adapters here, before Trainer sees it (as TRL's
+            # trainers take a peft_config); a model_init's models are wrapped in call_model_init.
+            from .peft_modes import wrap_with_peft
+
+            if kwargs.get("model") is not None:
+                kwargs["model"] = wrap_with_peft(kwargs["model"], bitfit_config, bias_map=bias_map)
+            elif args and args[0] is not None:
+                args = (wrap_with_peft(args[0], bitfit_config, bias_map=bias_map), *args[1:])
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         if targs is None:
             # Trainer's own default, built here so that the checks below see what will run.
@@ -155,6 +164,10 @@ class BitFitTrainer(Trainer):
         """Every model Trainer creates from ``model_init`` (at ``train()``, in each hyperparameter
         trial) is frozen and selected like one passed as ``model=``; otherwise it would train fully."""
         model = super().call_model_init(trial)
+        if self.bitfit_config.mode in PEFT_MODES:
+            from .peft_modes import wrap_with_peft
+
+            model = wrap_with_peft(model, self.bitfit_config, bias_map=self._bias_map)
         self._apply_bitfit(model)
         return model
 
@@ -228,7 +241,8 @@ class BitFitTrainer(Trainer):
         return list(dict.fromkeys(self.bitfit_state.trainable + self.bitfit_state.head_all))
 
     def _saves_delta(self) -> bool:
-        return self.bitfit_config.mode != "full"
+        # Full fine-tuning saves the model, LoRA / BEFT their PEFT adapter folder: Trainer's own saving.
+        return self.bitfit_config.mode not in ("full", *PEFT_MODES)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self._saves_delta():

@@ -1,0 +1,121 @@
+"""LoRA and BEFT as modes of BitFitTrainer and the runners (``--mode lora`` / ``--mode beft``), through the
+``peft`` library: the task model is wrapped in a ``PeftModel`` whose adapters sit on the Linear layers named in
+the paper's notation (``--peft_targets q v``), found through the same per-architecture maps BitFit selects its
+biases with, and whose task head is trained and saved whole (``modules_to_save``). What such a run saves is
+PEFT's own adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``): ``PeftModel.from_pretrained``
+loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from .config import PEFT_MODES, PEFT_TARGET_TERMS, BitFitConfig
+from .errors import UsageError
+from .selection import BiasMap, _get_bias_map, backbone_of, full_prefix, head_parameter_names
+
+logger = logging.getLogger("bitfit_tasks")
+
+# PEFT's task types for the task classes the runners train.
+PEFT_TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+                   "ForQuestionAnswering": "QUESTION_ANS"}
+# What PEFT wraps a module to be trained and saved whole with (the head).
+_SAVED_WHOLE = "ModulesToSaveWrapper"
+
+
+def import_peft(purpose: str = "--mode lora / beft"):
+    """The ``peft`` module, or one line naming the extra to install (BEFT needs peft 0.20)."""
+    try:
+        import peft
+    except ImportError:
+        raise UsageError(f"{purpose} needs the peft package: pip install 'bitfit-tasks[peft]' (or pip install "
+                         "'peft>=0.20').") from None
+    if not hasattr(peft, "BeftConfig"):
+        raise UsageError(f"peft {peft.__version__} has no BEFT (BeftConfig); upgrade: pip install 'peft>=0.20'.")
+    return peft
+
+
+def peft_task_type(model: nn.Module) -> str:
+    name = type(model).__name__
+    suffix = next((s for s in PEFT_TASK_TYPES if name.endswith(s)), None)
+    if suffix is None:
+        raise UsageError(f"{name} has no PEFT task type; --mode lora / beft train the task classes "
+                         f"*{', *'.join(PEFT_TASK_TYPES)}.")
+    return PEFT_TASK_TYPES[suffix]
+
+
+def peft_target_modules(model: nn.Module, terms: list[str], *, bias_map: BiasMap | None = None,
+                        mode: str = "lora") -> list[str]:
+    """Full module names (in ``model``) of the Linear layers that ``terms`` (paper notation) name, every layer,
+    in model order. A term the architecture does not have raises, naming those it has; ``q``/``k``/``v`` of a
+    fused query/key/value projection name that whole projection (an adapter on a module adapts all of it)."""
+    bmap = _get_bias_map(model, bias_map)
+    patterns = bmap.module_patterns()
+    backbone = backbone_of(model)
+    modules = dict(backbone.named_modules())
+    has = [t for t in PEFT_TARGET_TERMS if t in patterns and any(patterns[t].fullmatch(n) for n in modules)]
+    found: dict[str, None] = {}
+    for term in terms:
+        if term not in has:
+            raise UsageError(f"--peft_targets {term}: {type(model).__name__} has no such layer; its {mode} targets "
+                             f"are {has}.")
+        for name, module in modules.items():
+            if not patterns[term].fullmatch(name):
+                continue
+            if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+                raise UsageError(f"--peft_targets {term}: {name} is a {type(module).__name__}, not a Linear layer "
+                                 f"{mode} can adapt; choose from {has}.")
+            found[name] = None
+    if bmap.fused_qkv is not None and {"q", "k", "v"} & set(terms):
+        logger.info("%s fuses query, key and value in one projection (%s): %s adapts it whole for %s",
+                    type(model).__name__, bmap.fused_qkv, mode, [t for t in terms if t in ("q", "k", "v")])
+    prefix = full_prefix(model)
+    return [prefix + n for n in found]
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """The head's top-level modules (classifier, score, qa_outputs, DistilBERT's pre_classifier ...): PEFT trains
+    and saves them whole (``modules_to_save``)."""
+    return list(dict.fromkeys(n.split(".")[0] for n in head_parameter_names(model)))
+
+
+def peft_config_for(model: nn.Module, config: BitFitConfig, *, bias_map: BiasMap | None = None):
+    """The ``LoraConfig`` / ``BeftConfig`` of ``config`` for ``model`` (a plain transformers task model)."""
+    peft = import_peft()
+    targets = peft_target_modules(model, config.targets, bias_map=bias_map, mode=config.mode)
+    common = {"task_type": peft_task_type(model), "target_modules": targets,
+              "modules_to_save": head_module_names(model) if config.train_head else None}
+    if config.mode == "lora":
+        return peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                               bias="none", **common)
+    return peft.BeftConfig(**common)
+
+
+def is_saved_whole(module: nn.Module) -> bool:
+    return type(module).__name__ == _SAVED_WHOLE
+
+
+def wrap_with_peft(model: nn.Module, config: BitFitConfig, *, bias_map: BiasMap | None = None) -> nn.Module:
+    """``peft.get_peft_model`` with :func:`peft_config_for`; a model PEFT already wrapped is refused (its
+    adapters are set up already: train it with mode 'full')."""
+    from .core import is_peft_model
+
+    if config.mode not in PEFT_MODES:
+        raise ValueError(f"mode {config.mode!r} is not a PEFT mode {list(PEFT_MODES)}.")
+    if is_peft_model(model):
+        raise UsageError(f"mode {config.mode!r} wraps a plain model in its own adapters, and "
+                         f"{type(model).__name__} is a PEFT model already; pass the model unwrapped, or train it "
+                         "as set up with mode 'full'.")
+    peft = import_peft()
+    return peft.get_peft_model(model, peft_config_for(model, config, bias_map=bias_map))
+
+
+def peft_head_names(model: nn.Module) -> list[str]:
+    """Names of the trainable copies PEFT keeps of the head (``<head>.modules_to_save.default.*``)."""
+    names = []
+    for mod_name, module in model.named_modules():
+        if is_saved_whole(module):
+            names += [f"{mod_name}.modules_to_save.{n}" for n, _ in module.modules_to_save.named_parameters()]
+    return names

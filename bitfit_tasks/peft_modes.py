@@ -56,18 +56,19 @@ def peft_target_modules(model: nn.Module, terms: list[str], *, bias_map: BiasMap
     backbone = backbone_of(model)
     modules = dict(backbone.named_modules())
     has = [t for t in PEFT_TARGET_TERMS if t in patterns and any(patterns[t].fullmatch(n) for n in modules)]
-    found: dict[str, None] = {}
     for term in terms:
         if term not in has:
             raise UsageError(f"--peft_targets {term}: {type(model).__name__} has no such layer; its {mode} targets "
                              f"are {has}.")
-        for name, module in modules.items():
-            if not patterns[term].fullmatch(name):
-                continue
-            if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
-                raise UsageError(f"--peft_targets {term}: {name} is a {type(module).__name__}, not a Linear layer "
-                                 f"{mode} can adapt; choose from {has}.")
-            found[name] = None
+    found = []
+    for name, module in modules.items():
+        term = next((t for t in terms if patterns[t].fullmatch(name)), None)
+        if term is None:
+            continue
+        if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+            raise UsageError(f"--peft_targets {term}: {name} is a {type(module).__name__}, not a Linear layer "
+                             f"{mode} can adapt; choose from {has}.")
+        found.append(name)
     if bmap.fused_qkv is not None and {"q", "k", "v"} & set(terms):
         logger.info("%s fuses query, key and value in one projection (%s): %s adapts it whole for %s",
                     type(model).__name__, bmap.fused_qkv, mode, [t for t in terms if t in ("q", "k", "v")])

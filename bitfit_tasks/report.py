@@ -59,15 +59,38 @@ def paper_reference(runner: str, method: str, task: str, metric: str = "word acc
     return PAPER_GLUE.get(method, {}).get(task)
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def cost(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the runs of one cell cost: trainable values (and share of the model), the median of their median step
+    times, the bytes of the weights they saved (records without these fields, from older versions: '–')."""
+    trainable = runs[0].get("trainable_params")
+    total = runs[0].get("all_params")
+    steps = [r["train_step_seconds"] for r in runs if r.get("train_step_seconds") is not None]
+    saved = [r["saved_weights_bytes"] for r in runs if r.get("saved_weights_bytes") is not None]
+    return {
+        "trainable_params": trainable, "all_params": total,
+        "trainable": f"{trainable:,d} ({100 * trainable / total:.3f}%)" if trainable and total else "–",
+        "train_step_seconds": statistics.median(steps) if steps else None,
+        "step_cell": f"{statistics.median(steps):.3f}" if steps else "–",
+        "saved_weights_bytes": statistics.median(saved) if saved else None,
+        "saved_cell": _size(statistics.median(saved)) if saved else "–",
+    }
+
+
 def summarize(output_dir: str, score: str = "best", runner: str = "glue") -> dict[str, Any]:
     """Collect every results.json below ``output_dir`` into a paper-style table (Markdown + JSON)."""
     root = Path(output_dir)
     runs: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    records: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     meta: dict[str, str] = {}
     for path in sorted(root.glob("*/*/lr*/seed*/results.json")):
         r = read_results(path)
         task, method = path.parts[-5], path.parts[-4]
         runs[(task, method)][float(r["learning_rate"])].append(float(r[score]))
+        records[(task, method, float(r["learning_rate"]))].append(r)
         meta[task] = r["metric"]
     table: dict[str, dict[str, Any]] = defaultdict(dict)
     for (task, method), by_lr in runs.items():
@@ -78,8 +101,12 @@ def summarize(output_dir: str, score: str = "best", runner: str = "glue") -> dic
             "n_seeds": len(vals), "best_lr": best_lr, "scores": vals, "cell": fmt_cell(vals),
             "all_lrs": {str(lr): fmt_cell(v) for lr, v in sorted(by_lr.items())},
             "paper": paper_reference(runner, method, task, meta[task]),
+            **cost(records[(task, method, best_lr)]),
         }
     tasks = sorted(meta)
+    # Rows: full fine-tuning, then the PEFT methods from most to fewest trained values, then the rest by name.
+    order = ("full", "lora", "bitfit", "beft")
+    table = dict(sorted(table.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
     lines = [
         f"| method | {' | '.join(f'{t} ({meta[t]})' for t in tasks)} |",
         "|---" * (len(tasks) + 1) + "|",
@@ -94,6 +121,13 @@ def summarize(output_dir: str, score: str = "best", runner: str = "glue") -> dic
                 paper = f" [paper {c['paper']}]" if c["paper"] else ""
                 cells.append(f"{c['cell']} (lr {c['best_lr']:g}, n={c['n_seeds']}){paper}")
         lines.append(f"| {method} | {' | '.join(cells)} |")
+    lines += ["", "| method | task | trainable values (% of the model) | train step, s (median) | saved weights |",
+              "|---|---|---|---|---|"]
+    for method in table:
+        for t in tasks:
+            c = table[method].get(t)
+            if c is not None:
+                lines.append(f"| {method} | {t} | {c['trainable']} | {c['step_cell']} | {c['saved_cell']} |")
     md = "\n".join(lines) + "\n"
     atomic_write_text(root / "results.md", md)
     atomic_write_text(root / "results.json", json.dumps(table, indent=2))

@@ -217,6 +217,20 @@ case("rmsnorm-term", "`--bias_terms q LN1` on Llama (LN1 is an RMSNorm)",
      r"bias term 'LN1' is a norm without a bias \(LlamaRMSNorm\).*Drop 'LN1' from --bias_terms")(
     lambda d: __import__("bitfit_tasks").prepare_model(_llama(), __import__("bitfit_tasks").BitFitConfig(
         bias_terms=["q", "LN1"])))
+case("peft-target-mode", "`--peft_targets q` with `--mode bitfit`",
+     r"--peft_targets q is for --mode lora / beft, not 'bitfit'; drop it")(
+    lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--peft_targets", "q"))
+case("peft-target-norm", "`--mode lora --peft_targets LN1`",
+     r"--peft_targets LN1: a lora target is a Linear layer of each transformer layer; choose from \['q'")(
+    lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--mode", "lora", "--peft_targets", "LN1"))
+case("peft-target-missing", "`--mode lora --peft_targets q` on GPT-2 (a fused `c_attn`)",
+     r"--peft_targets q: GPT2ForSequenceClassification has no such layer; its lora targets are \['qkv'")(
+    lambda d: __import__("bitfit_tasks").BitFitTrainer(
+        model=__import__("conftest").tiny_model("gpt2"), args=__import__("transformers").TrainingArguments(
+            output_dir=str(d), report_to=[], use_cpu=True),
+        bitfit_config=__import__("bitfit_tasks").BitFitConfig(mode="lora", peft_targets=["q"])))
+case("lora-rank", "`--mode lora --lora_r 0`", r"--lora_r must be >= 1, got 0")(
+    lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--mode", "lora", "--lora_r", "0"))
 
 
 def _llama():

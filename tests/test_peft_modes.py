@@ -1,0 +1,236 @@
+"""``--mode lora`` / ``--mode beft``: PEFT's LoRA and BEFT as modes of BitFitTrainer, the runners and the sweep.
+The mode trains exactly what ``peft.get_peft_model`` + ``Trainer`` train, on targets named in the paper's notation
+and mapped per architecture; the run saves PEFT's own adapter folder, resumes, keeps its best epoch and reports
+like every other mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES, bias_free_config, tiny_config, tiny_model
+from test_trainer_parity import Pairs, assert_same, params, targs
+from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+from bitfit_tasks import BitFitConfig, BitFitTrainer, prepare_model
+from bitfit_tasks.errors import UsageError
+from bitfit_tasks.peft_modes import import_peft, peft_target_modules, wrap_with_peft
+from bitfit_tasks.recipes import apply_recipe
+
+peft = pytest.importorskip("peft", reason="the peft extra: pip install 'bitfit-tasks[peft]'")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- the mode is PEFT's method under Trainer ---------------------------------------------------------------------
+
+PEFT_TWINS = {
+    "lora": (BitFitConfig(mode="lora", lora_r=2, lora_alpha=4),
+             lambda: peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"],
+                                     modules_to_save=["classifier"])),
+    "beft": (BitFitConfig(mode="beft"),
+             lambda: peft.BeftConfig(task_type="SEQ_CLS", target_modules=["value"], modules_to_save=["classifier"])),
+}
+
+
+@pytest.mark.parametrize("mode", list(PEFT_TWINS))
+def test_mode_trains_what_peft_and_trainer_train(mode, tmp_path):
+    """Same trainable tensors, same training, bit for bit: the mode is PEFT's method, not a look-alike."""
+    ours_cfg, theirs_cfg = PEFT_TWINS[mode]
+    ours = BitFitTrainer(model=tiny_model("bert"), args=targs(tmp_path / "ours"), train_dataset=Pairs(),
+                         bitfit_config=ours_cfg)
+    theirs = Trainer(model=peft.get_peft_model(tiny_model("bert"), theirs_cfg()), args=targs(tmp_path / "theirs"),
+                     train_dataset=Pairs())
+    trainable = {n for n, p in ours.model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in theirs.model.named_parameters() if p.requires_grad}
+    assert ours.bitfit_state.n_trainable == theirs.model.get_nb_trainable_parameters()[0]
+    before = params(ours.model)
+    ours.train()
+    theirs.train()
+    assert_same(params(ours.model), params(theirs.model))
+    # Only the adapters and the head's trained copy moved; every base weight (and the original head) is as loaded.
+    after = params(ours.model)
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    assert moved and moved <= trainable
+    assert all(("lora_" in n or "beft_" in n or ".modules_to_save." in n) for n in trainable)
+
+
+@pytest.mark.parametrize("mode", list(PEFT_TWINS))
+def test_saved_adapter_folder_loads_with_peft(mode, tmp_path):
+    cfg, _ = PEFT_TWINS[mode]
+    torch.manual_seed(0)
+    base = tiny_model("bert")
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    trainer = BitFitTrainer(model=AutoModelForSequenceClassification.from_pretrained(base_dir),
+                            args=targs(tmp_path / "run"), train_dataset=Pairs(), bitfit_config=cfg)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "out"))
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == mode.upper() and "classifier" in saved["modules_to_save"]
+    assert not (tmp_path / "out" / "bitfit_delta.safetensors").exists()
+    loaded = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base_dir),
+                                            str(tmp_path / "out")).eval()
+    ids = torch.randint(0, 100, (3, 7))
+    trainer.model.eval()
+    with torch.no_grad():
+        want, got = trainer.model(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert torch.equal(want, got)
+
+
+def test_model_init_models_are_wrapped_too(tmp_path):
+    trainer = BitFitTrainer(model_init=lambda *_: tiny_model("bert"), args=targs(tmp_path),
+                            train_dataset=Pairs(), bitfit_config=BitFitConfig(mode="lora", lora_r=2))
+    trainer.train()  # Trainer builds a fresh model here, through call_model_init
+    assert type(trainer.model).__name__ == "PeftModelForSequenceClassification"
+    assert trainer.bitfit_state.term_counts["lora adapters"] == 2 * 2 * (2 * 16 * 2)  # 2 layers x q, v x r(16+16)
+
+
+# ---- targets in the paper's notation, per architecture ------------------------------------------------------------
+
+def _modules(model, terms, mode="lora"):
+    return peft_target_modules(model, terms, mode=mode)
+
+
+def test_targets_map_per_architecture():
+    bert = tiny_model("bert")
+    assert _modules(bert, ["q", "v"]) == [f"bert.encoder.layer.{i}.attention.self.{m}"
+                                          for i in range(2) for m in ("query", "value")]
+    llama = AutoModelForSequenceClassification.from_config(bias_free_config("llama"))
+    assert _modules(llama, ["v", "m2"]) == [f"model.layers.{i}.{m}" for i in range(2)
+                                            for m in ("self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")]
+    # A fused query/key/value projection is adapted whole, once per layer.
+    modern = AutoModelForSequenceClassification.from_config(bias_free_config("modernbert"))
+    assert _modules(modern, ["q", "v"]) == [f"model.layers.{i}.attn.Wqkv" for i in range(2)]
+    gpt2 = AutoModelForSequenceClassification.from_config(tiny_config("gpt2"))
+    assert _modules(gpt2, ["qkv", "m3"]) == [f"transformer.h.{i}.{m}" for i in range(2)
+                                             for m in ("attn.c_attn", "mlp.c_proj")]
+
+
+def test_target_the_architecture_lacks_is_refused_naming_what_it_has():
+    gpt2 = AutoModelForSequenceClassification.from_config(tiny_config("gpt2"))
+    with pytest.raises(UsageError, match=r"--peft_targets q: GPT2ForSequenceClassification has no such layer; its "
+                                         r"lora targets are \['qkv', 'm1', 'm2', 'm3'\]\."):
+        _modules(gpt2, ["q"])
+    qwen2 = AutoModelForSequenceClassification.from_config(tiny_config("qwen2"))
+    with pytest.raises(UsageError, match=r"--peft_targets m2: .* its beft targets are \['q', 'k', 'v'\]"):
+        _modules(qwen2, ["m2"], mode="beft")
+
+
+# ---- bad input: one line each -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mode": "bitfit", "peft_targets": ["q"]}, r"--peft_targets q is for --mode lora / beft, not 'bitfit'"),
+    ({"mode": "lora", "peft_targets": ["LN1"]},
+     r"--peft_targets LN1: a lora target is a Linear layer .* choose from \['q', 'k', 'v', 'qkv', 'm1', 'm2', 'm3'\]"),
+    ({"mode": "lora", "lora_r": 0}, r"--lora_r must be >= 1, got 0"),
+    ({"mode": "lora", "lora_alpha": 0.0}, r"--lora_alpha must be > 0, got 0.0"),
+    ({"mode": "lora", "lora_dropout": 1.0}, r"--lora_dropout must be in \[0, 1\), got 1.0"),
+    ({"mode": "beft", "bias_terms": ["q"]}, r"--bias_terms q has no effect with --mode beft, which trains adapters "
+                                            r"on --peft_targets"),
+    ({"mode": "lora", "lean": True}, r"lean=True .* mode 'lora' updates weights"),
+])
+def test_bad_options_are_refused(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        BitFitConfig(**kwargs)
+
+
+def test_a_model_peft_wrapped_already_is_refused(tmp_path):
+    wrapped = peft.get_peft_model(tiny_model("bert"), peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    with pytest.raises(UsageError, match=r"mode 'lora' wraps a plain model in its own adapters, and "
+                                         r"PeftModelForSequenceClassification is a PEFT model already; .*mode 'full'"):
+        BitFitTrainer(model=wrapped, args=targs(tmp_path), bitfit_config=BitFitConfig(mode="lora"))
+    with pytest.raises(UsageError, match=r"mode 'beft' trains a PEFT model: wrap it first"):
+        prepare_model(tiny_model("bert"), BitFitConfig(mode="beft"))
+    with pytest.raises(ValueError, match=r"mode 'bitfit' is not a PEFT mode"):
+        wrap_with_peft(tiny_model("bert"), BitFitConfig())
+
+
+def test_without_peft_installed_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    with pytest.raises(UsageError, match=r"--mode lora / beft needs the peft package: pip install "
+                                         r"'bitfit-tasks\[peft\]'"):
+        import_peft()
+
+
+def test_lora_recipe_fills_what_the_user_did_not_set(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=float("nan"), report_to=[])
+    decided = apply_recipe(args, "lora", "auto", explicit={"num_train_epochs"})
+    assert decided == {"recipe": "lora", "recipe_applied": {
+        "learning_rate": 4e-4, "lr_scheduler_type": "linear", "per_device_train_batch_size": 16,
+        "warmup_steps": 0.06}}
+    assert args.get_warmup_steps(100) == 6
+    beft = apply_recipe(TrainingArguments(output_dir=str(tmp_path), learning_rate=float("nan"), report_to=[]),
+                        "beft", "auto", explicit=set())
+    assert beft["recipe"] == "official" and beft["recipe_applied"]["learning_rate"] == 1e-3
+
+
+# ---- runners and the sweep, as a user runs them ------------------------------------------------------------------
+
+def run(args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def glue_args(model_dir, out, *extra):
+    return [os.path.join(REPO, "run_glue.py"), "--task_name", "mrpc", "--data_dir", os.path.join(FIXTURES, "glue"),
+            "--model_name_or_path", model_dir, "--output_dir", str(out), "--max_seq_length", "32",
+            "--use_cpu", "true", "--disable_tqdm", "true", "--train_eval_samples", "0", *extra]
+
+
+@pytest.mark.parametrize("mode", ["lora", "beft"])
+def test_run_glue_trains_saves_resumes_and_reports(mode, tiny_model_dir, tmp_path):
+    whole = tmp_path / "whole"
+    proc = run(glue_args(tiny_model_dir, whole, "--mode", mode, "--num_train_epochs", "3", "--save_strategy", "epoch",
+                         "--per_device_train_batch_size", "8"), tmp_path)
+    res = json.loads((whole / "results.json").read_text())
+    assert f"mrpc ({mode}): best f1 {res['best']:.4f}" in proc.stdout
+    assert res["mode"] == mode and res["method_options"]["peft_targets"] == (["q", "v"] if mode == "lora" else ["v"])
+    assert res["saved_weights_bytes"] == (whole / "adapter_model.safetensors").stat().st_size
+    assert res["train_step_seconds"] > 0 and res["timed_steps"] == res["optimizer_steps"]
+    # The saved adapter is the headline's evaluation: its predictions re-score to the saved f1.
+    rows = [json.loads(x) for x in (whole / "predictions_validation.jsonl").read_text().splitlines()]
+    tp = sum(r["label"] == r["prediction"] == "equivalent" for r in rows)
+    fp = sum(r["prediction"] == "equivalent" != r["label"] for r in rows)
+    fn = sum(r["label"] == "equivalent" != r["prediction"] for r in rows)
+    assert res["saved_metrics"]["eval_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    # Killed after the first epoch: resuming its checkpoint ends where the whole run ended.
+    steps = sorted(whole.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(steps[0], cut / steps[0].name)
+    run(glue_args(tiny_model_dir, cut, "--mode", mode, "--num_train_epochs", "3", "--save_strategy", "epoch",
+                  "--per_device_train_batch_size", "8", "--resume_from_checkpoint", "true"), tmp_path)
+    resumed = json.loads((cut / "results.json").read_text())
+    assert resumed["resumed_from"].endswith(steps[0].name)
+    assert [h["eval_f1"] for h in resumed["history"]] == [h["eval_f1"] for h in res["history"]]
+    from safetensors.torch import load_file
+
+    assert_same(load_file(str(whole / "adapter_model.safetensors")), load_file(str(cut / "adapter_model.safetensors")))
+
+
+def test_sweep_compares_the_four_methods(tiny_model_dir, tmp_path):
+    proc = run(["-m", "bitfit_tasks.sweep", "--tasks", "mrpc", "--methods", "full", "bitfit", "beft", "lora",
+                "--seeds", "1", "--full_lrs", "2e-5", "--bias_lrs", "1e-3", "--lora_lrs", "4e-4", "--output_dir",
+                str(tmp_path / "grid"), "--", "--data_dir", os.path.join(FIXTURES, "glue"), "--model_name_or_path",
+                tiny_model_dir, "--num_train_epochs", "1", "--max_seq_length", "32", "--use_cpu", "true",
+                "--disable_tqdm", "true", "--train_eval_samples", "0"], REPO)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    table = json.loads((tmp_path / "grid" / "results.json").read_text())
+    assert [r.split(" | ")[0] for r in rows[1:5]] == ["| full", "| lora", "| bitfit", "| beft"]
+    for method in ("full", "bitfit", "beft", "lora"):
+        cell = table[method]["mrpc"]
+        run_res = json.loads(Path(tmp_path, "grid", "mrpc", method, f"lr{cell['best_lr']:g}", "seed1",
+                                  "results.json").read_text())
+        assert cell["trainable_params"] == run_res["trainable_params"]
+        assert any(r.startswith(f"| {method} | mrpc | {run_res['trainable_params']:,d} (") for r in rows)
+    assert table["lora"]["mrpc"]["best_lr"] == 4e-4 and table["beft"]["mrpc"]["best_lr"] == 1e-3
+    assert table["beft"]["mrpc"]["trainable_params"] < table["bitfit"]["mrpc"]["trainable_params"]

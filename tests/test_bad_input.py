@@ -187,8 +187,8 @@ case("output-unfinished", "`--output_dir` holding checkpoints of a killed run",
 
 case("term", "`--bias_terms zz`", r"unknown bias term or preset 'zz'; terms are \['q', 'k'")(
     lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--bias_terms", "zz"))
-case("mode", "`--mode lora`", r"invalid choice: 'lora'|unknown mode 'lora'")(
-    lambda d: __import__("bitfit_tasks").BitFitConfig(mode="lora"))
+case("mode", "`--mode prefix`", r"invalid choice: 'prefix'|unknown mode 'prefix'")(
+    lambda d: __import__("bitfit_tasks").BitFitConfig(mode="prefix"))
 case("lean-full", "`--lean true --mode full`", r"lean=True stores frozen weights in bf16, which only bias-only modes allow")(
     lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--mode", "full", "--lean", "true"))
 case("head-lr", "`--head_learning_rate 0`", r"head_learning_rate must be > 0, got 0\.0")(
@@ -398,8 +398,8 @@ case("sweep-seed", "`--seed` after `--` in a sweep", r"runner argument --seed af
      r"sets it for every run; use the sweep's --seeds instead")(
     lambda d: __import__("bitfit_tasks.sweep").sweep.main(["--tasks", "rte", "--output_dir", str(d), "--dry_run",
                                                           "--", "--seed", "3"]))
-case("sweep-method", "`--methods lora`", r"unknown method 'lora': use one of \['full', 'bitfit'")(
-    lambda d: __import__("bitfit_tasks.sweep").sweep.main(["--tasks", "rte", "--methods", "lora", "--output_dir", str(d)]))
+case("sweep-method", "`--methods adapter`", r"unknown method 'adapter': use one of \['full', 'bitfit'")(
+    lambda d: __import__("bitfit_tasks.sweep").sweep.main(["--tasks", "rte", "--methods", "adapter", "--output_dir", str(d)]))
 case("sweep-epochs", "`--fraction_epochs` of the wrong length", r"--fraction_epochs needs one value per fraction: got 1 "
      r"for 2 fractions")(
     lambda d: __import__("bitfit_tasks.sweep").sweep.fraction_task_args([0.1, 0.3], [3]))

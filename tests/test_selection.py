@@ -182,8 +182,8 @@ def test_nothing_trainable(bert):
 
 
 def test_bad_mode_and_head_lr():
-    with pytest.raises(ValueError, match=r"unknown mode 'lora'; choose one of"):
-        BitFitConfig(mode="lora")
+    with pytest.raises(ValueError, match=r"unknown mode 'prefix'; choose one of"):
+        BitFitConfig(mode="prefix")
     with pytest.raises(ValueError, match=r"head_learning_rate must be > 0"):
         BitFitConfig(head_learning_rate=0.0)
 

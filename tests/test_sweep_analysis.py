@@ -48,8 +48,8 @@ def test_grid_resumes_and_shards(tmp_path):
 
 
 def test_unknown_method_and_bad_shard():
-    with pytest.raises(ValueError, match=r"unknown method 'lora'"):
-        sweep.method_spec("lora")
+    with pytest.raises(ValueError, match=r"unknown method 'prefix'"):
+        sweep.method_spec("prefix")
     with pytest.raises(ValueError, match=r"--shard must look like i/n"):
         sweep._parse_shard("2")
     with pytest.raises(ValueError, match=r"need 0 <= i < n"):

@@ -202,6 +202,19 @@ def test_run_glue_trains_saves_resumes_and_reports(mode, tiny_model_dir, tmp_pat
     fp = sum(r["prediction"] == "equivalent" != r["label"] for r in rows)
     fn = sum(r["label"] == "equivalent" != r["prediction"] for r in rows)
     assert res["saved_metrics"]["eval_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    ids = torch.randint(1, 20, (3, 9))
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir),
+                                              str(whole)).eval()(input_ids=ids).logits
+    if mode == "beft":  # the run's BEFT adapter serves as a delta on the shared backbone
+        from transformers import AutoModel
+
+        from bitfit_tasks import MultiTaskBitFit
+
+        served = MultiTaskBitFit(AutoModel.from_pretrained(tiny_model_dir))
+        served.add_task("mrpc", str(whole))
+        rows = served.forward_mixed(["mrpc"] * 3, input_ids=ids)
+        assert torch.allclose(torch.stack([r["logits"] for r in rows]), want, atol=1e-5)
     # Killed after the first epoch: resuming its checkpoint ends where the whole run ended.
     steps = sorted(whole.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     cut = tmp_path / "cut"

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import PEFT_MODES, BitFitConfig
 from .errors import UsageError
+from .peft_modes import is_peft_model, peft_head_names
 from .selection import (
     ADDABLE_BIAS_TYPES,
     BiasMap,
@@ -169,12 +170,6 @@ def remove_biases(model: nn.Module, names: list[str]) -> None:
         model.get_submodule(mod_name).bias = None
 
 
-def is_peft_model(model: nn.Module) -> bool:
-    """Whether PEFT has wrapped ``model`` or injected adapter layers into it (checked by the modules'
-    classes, so peft need not be installed or imported)."""
-    return any(type(m).__module__.split(".")[0] == "peft" for m in model.modules())
-
-
 def refuse_peft_model(model: nn.Module, mode: str) -> None:
     """Bias-only modes select by the base model's own parameter names and save those tensors as a
     delta onto the plain base; a PEFT model renames them (``base_model.model.``, ``base_layer``) and
@@ -204,8 +199,6 @@ def prepare_model(
     if config.mode not in ("full", *PEFT_MODES):
         refuse_peft_model(model, config.mode)
     if config.mode in PEFT_MODES:
-        from .peft_modes import peft_head_names
-
         head_all = peft_head_names(model)
     else:
         head_all = head_parameter_names(model)

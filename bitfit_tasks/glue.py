@@ -1,5 +1,5 @@
-"""run_glue.py: a GLUE task with BitFit, a bias subset, a random baseline or full fine-tuning; its
-arguments, metrics and prediction files. The data: glue_data.py."""
+"""run_glue.py: a GLUE task with BitFit, a bias subset, a random baseline, full fine-tuning,
+LoRA or BEFT; its arguments, metrics and prediction files. The data: glue_data.py."""
 
 from __future__ import annotations
 

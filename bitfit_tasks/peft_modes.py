@@ -37,6 +37,12 @@ def import_peft(purpose: str = "--mode lora / beft"):
     return peft
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether PEFT has wrapped ``model`` or injected adapter layers into it (checked by the modules'
+    classes, so peft need not be installed or imported)."""
+    return any(type(m).__module__.split(".")[0] == "peft" for m in model.modules())
+
+
 def peft_task_type(model: nn.Module) -> str:
     name = type(model).__name__
     suffix = next((s for s in PEFT_TASK_TYPES if name.endswith(s)), None)
@@ -101,8 +107,6 @@ def is_saved_whole(module: nn.Module) -> bool:
 def wrap_with_peft(model: nn.Module, config: BitFitConfig, *, bias_map: BiasMap | None = None) -> nn.Module:
     """``peft.get_peft_model`` with :func:`peft_config_for`; a model PEFT already wrapped is refused (its
     adapters are set up already: train it with mode 'full')."""
-    from .core import is_peft_model
-
     if config.mode not in PEFT_MODES:
         raise ValueError(f"mode {config.mode!r} is not a PEFT mode {list(PEFT_MODES)}.")
     if is_peft_model(model):

@@ -1,5 +1,5 @@
-"""run_pos.py: token tagging (POS tagging, chunking, BIO NER) with BitFit or full fine-tuning; word
-accuracy for POS tags, seqeval span precision/recall/F1 for BIO tag sets. Reading: pos_data.py;
+"""run_pos.py: token tagging (POS tagging, chunking, BIO NER) with BitFit, full fine-tuning,
+LoRA or BEFT; word accuracy for POS tags, seqeval span precision/recall/F1 for BIO tag sets. Reading: pos_data.py;
 encoding and word-level scoring: tagging.py."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""run_squad.py: SQuAD v1.1 with BitFit or full fine-tuning, on training-size subsets (the paper's
-Figure 2). Data and windows: squad_data.py; span search and the QA trainer: squad_qa.py."""
+"""run_squad.py: SQuAD v1.1 with BitFit, full fine-tuning, LoRA or BEFT, on training-size subsets (the
+paper's Figure 2). Data and windows: squad_data.py; span search and the QA trainer: squad_qa.py."""
 
 from __future__ import annotations
 

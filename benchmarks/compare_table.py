@@ -1,0 +1,128 @@
+"""The method comparison (full / LoRA / BitFit / BEFT) from the records of benchmarks/compare_methods.sh.
+
+Per task and method: the mean ± std over seeds of the best dev score, every run's score re-computed from the
+prediction file it saved (with scikit-learn, scipy and seqeval, not the package's metric code) and checked
+against its results.json; trainable values and their share of the model; the median training-step time; the
+bytes of the weights the run saved. Writes <root>/comparison.json (every run's numbers) and prints the table.
+
+    python benchmarks/compare_table.py benchmarks/results/compare-methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+from pathlib import Path
+
+METHODS = ("full", "lora", "bitfit", "beft")
+NAMES = {"full": "full FT", "lora": "LoRA r=8 (q, v)", "bitfit": "BitFit", "beft": "BEFT (b_v)"}
+
+
+def _lines(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def rescore(run: Path, record: dict) -> float:
+    """The run's saved score, from its prediction file alone."""
+    files = sorted(run.glob("predictions_validation.jsonl*"))
+    if not files:
+        raise SystemExit(f"{run}: no predictions_validation.jsonl[.gz] to re-score")
+    rows = _lines(files[0])
+    metric = record["metric"]
+    if metric in ("f1", "accuracy", "spearmanr"):  # GLUE rows: {"idx", "label", "prediction"}
+        gold = [r["label"] for r in rows]
+        pred = [r["prediction"] for r in rows]
+        if metric == "spearmanr":
+            from scipy.stats import spearmanr
+
+            return float(spearmanr(pred, gold).correlation)
+        if metric == "f1":
+            from sklearn.metrics import f1_score
+
+            return float(f1_score(gold, pred, pos_label="equivalent"))
+        return sum(g == p for g, p in zip(gold, pred, strict=True)) / len(gold)
+    if metric == "word accuracy":  # tagging rows: {"tokens", "gold", "predicted"}; a truncated word is wrong
+        pairs = [(g, p) for r in rows for g, p in zip(r["gold"], r["predicted"], strict=True)]
+        return sum(g == p for g, p in pairs) / len(pairs)
+    if metric == "span F1 (seqeval)":
+        from seqeval.metrics import f1_score
+
+        return float(f1_score([r["gold"] for r in rows],
+                              [[p if p is not None else "O" for p in r["predicted"]] for r in rows]))
+    raise SystemExit(f"{run}: no re-scoring for metric {metric!r}")
+
+
+def fmt(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.1f}±{100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def size(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", type=Path, help="the output folder of benchmarks/compare_methods.sh")
+    a = p.parse_args(argv)
+    runs = []
+    for path in sorted(a.root.glob("*/*/*/lr*/seed*/results.json")):
+        r = json.loads(path.read_text())
+        task, method = path.parts[-5], path.parts[-4]
+        score = rescore(path.parent, r)
+        saved = r["saved_metrics"][next(k for k in r["saved_metrics"] if k == f"eval_{metric_key(r)}")]
+        if abs(score - saved) > 1e-6 or abs(saved - r["best"]) > 1e-12:
+            raise SystemExit(f"{path.parent}: re-scored {score} but results.json saved {saved} / best {r['best']}")
+        runs.append({"task": task, "method": method, "seed": r["seed"], "learning_rate": r["learning_rate"],
+                     "recipe": r.get("recipe"), "best": r["best"], "rescored": score, "best_epoch": r["best_epoch"],
+                     "trainable_params": r["trainable_params"], "all_params": r["all_params"],
+                     "train_step_seconds": r["train_step_seconds"], "train_seconds": r["train_seconds"],
+                     "global_batch_size": r["global_batch_size"], "optimizer_steps": r["optimizer_steps"],
+                     "saved_weights_bytes": r["saved_weights_bytes"], "metric": r["metric"],
+                     "run": str(path.parent.relative_to(a.root))})
+    tasks = list(dict.fromkeys(x["task"] for x in runs))
+    table: dict[str, dict[str, dict]] = {}
+    for m in METHODS:
+        for t in tasks:
+            cell = [x for x in runs if x["task"] == t and x["method"] == m]
+            if not cell:
+                continue
+            table.setdefault(m, {})[t] = {
+                "scores": [x["best"] for x in cell], "seeds": [x["seed"] for x in cell],
+                "cell": fmt([x["best"] for x in cell]),
+                "mean": statistics.fmean(x["best"] for x in cell),
+                "std": statistics.stdev(x["best"] for x in cell) if len(cell) > 1 else 0.0,
+                "learning_rate": cell[0]["learning_rate"], "recipe": cell[0]["recipe"],
+                "trainable_params": cell[0]["trainable_params"], "all_params": cell[0]["all_params"],
+                "train_step_seconds": statistics.median(x["train_step_seconds"] for x in cell),
+                "global_batch_size": cell[0]["global_batch_size"],
+                "saved_weights_bytes": statistics.median(x["saved_weights_bytes"] for x in cell),
+            }
+    metric = {t: next(x["metric"] for x in runs if x["task"] == t) for t in tasks}
+    head = " | ".join(f"{t} ({metric[t]})" for t in tasks)
+    out = [f"| method | {head} | trainable values | step, s (batch) | saved |",
+           "|---" * (len(tasks) + 4) + "|"]
+    for m, cells in table.items():
+        c0 = cells[tasks[0]] if tasks[0] in cells else next(iter(cells.values()))
+        scores = [f"{cells[t]['cell']} (n={len(cells[t]['scores'])})" if t in cells else "–" for t in tasks]
+        steps = ", ".join(f"{cells[t]['train_step_seconds']:.3f}" for t in tasks if t in cells)
+        trainable = sorted({cells[t]["trainable_params"] for t in cells})
+        share = 100 * c0["trainable_params"] / c0["all_params"]
+        out.append(f"| {NAMES[m]} | {' | '.join(scores)} | {trainable[0]:,d}–{trainable[-1]:,d} ({share:.2f}%) | "
+                   f"{steps} ({c0['global_batch_size']}) | {size(c0['saved_weights_bytes'])} |")
+    md = "\n".join(out)
+    (a.root / "comparison.json").write_text(json.dumps({"runs": runs, "table": table}, indent=1))
+    print(md)
+    print(f"\n{len(runs)} runs, each re-scored from its prediction file: equal to its results.json (|diff| <= 1e-6).")
+
+
+def metric_key(record: dict) -> str:
+    return {"span F1 (seqeval)": "f1", "word accuracy": "accuracy"}.get(record["metric"], record["metric"])
+
+
+if __name__ == "__main__":
+    main()

@@ -258,7 +258,7 @@ def prepare_model(
         p.requires_grad_(n in keep)
     if config.mode in PEFT_MODES:
         # The model's own size, as for the other modes: not PEFT's adapters and trained copies of the head.
-        n_total = sum(p.numel() for n, p in all_params.items() if n not in keep)
+        n_total = sum(p.numel() for n, p in all_params.items() if n not in keep and n not in head_all)
 
     head_n = sum(all_params[n].numel() for n in head)
     if config.mode in ("full", *PEFT_MODES):

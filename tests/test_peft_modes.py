@@ -92,6 +92,22 @@ def test_model_init_models_are_wrapped_too(tmp_path):
     assert trainer.bitfit_state.term_counts["lora adapters"] == 2 * 2 * (2 * 16 * 2)  # 2 layers x q, v x r(16+16)
 
 
+@pytest.mark.parametrize("train_head", [True, False])
+@pytest.mark.parametrize(("arch", "head"), [("distilbert", {"pre_classifier", "classifier"}),
+                                            ("deberta-v2", {"pooler", "classifier"})])
+def test_the_whole_head_trains_with_the_adapters(arch, head, train_head, tmp_path):
+    """A head of two modules (DeBERTa's pooler + classifier; PEFT's SEQ_CLS default saves only the classifier)
+    trains whole. The count of all parameters stays the model's own (not PEFT's adapters and head copies)."""
+    model = tiny_model(arch)
+    own = sum(p.numel() for p in model.parameters())
+    trainer = BitFitTrainer(model=model, args=targs(tmp_path), bitfit_config=BitFitConfig(
+        mode="lora", lora_r=2, train_head=train_head))
+    heads = {n.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for n in trainer.bitfit_state.head}
+    assert heads == (head if train_head else set())
+    assert trainer.bitfit_state.n_total == own
+    assert trainer.bitfit_state.n_trainable == sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+
 # ---- targets in the paper's notation, per architecture ------------------------------------------------------------
 
 def _modules(model, terms, mode="lora"):

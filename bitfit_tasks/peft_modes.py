@@ -62,24 +62,42 @@ def peft_target_modules(model: nn.Module, terms: list[str], *, bias_map: BiasMap
     backbone = backbone_of(model)
     modules = dict(backbone.named_modules())
     has = [t for t in PEFT_TARGET_TERMS if t in patterns and any(patterns[t].fullmatch(n) for n in modules)]
+    fused = [t for t in terms if t in ("q", "k", "v") and t not in has and "qkv" in has]
+    if fused:
+        # GPT-2's c_attn, BLOOM's and GPT-NeoX's query_key_value: one Linear computes q, k and v.
+        logger.info("%s computes query, key and value in one projection (qkv): %s adapts it whole for %s",
+                    type(model).__name__, mode, fused)
+        terms = list(dict.fromkeys("qkv" if t in fused else t for t in terms))
     for term in terms:
         if term not in has:
             raise UsageError(f"--peft_targets {term}: {type(model).__name__} has no such layer; its {mode} targets "
                              f"are {has}.")
+    # LoRA adapts Linear layers and GPT-2's Conv1D; PEFT's BEFT adapts nn.Linear only.
+    kinds = (nn.Linear,) if mode == "beft" else (nn.Linear, *_conv1d())
     found = []
     for name, module in modules.items():
         term = next((t for t in terms if patterns[t].fullmatch(name)), None)
         if term is None:
             continue
-        if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
-            raise UsageError(f"--peft_targets {term}: {name} is a {type(module).__name__}, not a Linear layer "
-                             f"{mode} can adapt; choose from {has}.")
+        if not isinstance(module, kinds):
+            kind_names = ", ".join(k.__name__ for k in kinds)
+            raise UsageError(f"--peft_targets {term}: {full_prefix(model)}{name} is a {type(module).__name__}, "
+                             f"which PEFT's {mode} does not adapt (it takes {kind_names} layers); choose other "
+                             f"targets of {has}, or --mode bitfit, which trains this layer's bias.")
         found.append(name)
     if bmap.fused_qkv is not None and {"q", "k", "v"} & set(terms):
         logger.info("%s fuses query, key and value in one projection (%s): %s adapts it whole for %s",
                     type(model).__name__, bmap.fused_qkv, mode, [t for t in terms if t in ("q", "k", "v")])
     prefix = full_prefix(model)
     return [prefix + n for n in found]
+
+
+def _conv1d() -> tuple[type, ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - every transformers this package supports has it
+        return ()
+    return (Conv1D,)
 
 
 def head_module_names(model: nn.Module) -> list[str]:
@@ -92,8 +110,10 @@ def peft_config_for(model: nn.Module, config: BitFitConfig, *, bias_map: BiasMap
     """The ``LoraConfig`` / ``BeftConfig`` of ``config`` for ``model`` (a plain transformers task model)."""
     peft = import_peft()
     targets = peft_target_modules(model, config.targets, bias_map=bias_map, mode=config.mode)
+    # The whole head is saved with the adapter even when it stays frozen (prepare_model freezes it): its random
+    # initialisation is not in the base checkpoint, and PEFT's own default keeps only classifier / score.
     common = {"task_type": peft_task_type(model), "target_modules": targets,
-              "modules_to_save": head_module_names(model) if config.train_head else None}
+              "modules_to_save": head_module_names(model)}
     if config.mode == "lora":
         return peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                bias="none", **common)

@@ -98,15 +98,6 @@ class BitFitTrainer(Trainer):
     ) -> None:
         bitfit_config = bitfit_config or BitFitConfig()
         full = bitfit_config.mode == "full"
-        if bitfit_config.mode in PEFT_MODES:
-            # LoRA / BEFT: the model is wrapped in PEFT's adapters here, before Trainer sees it (as TRL's
-            # trainers take a peft_config); a model_init's models are wrapped in call_model_init.
-            from .peft_modes import wrap_with_peft
-
-            if kwargs.get("model") is not None:
-                kwargs["model"] = wrap_with_peft(kwargs["model"], bitfit_config, bias_map=bias_map)
-            elif args and args[0] is not None:
-                args = (wrap_with_peft(args[0], bitfit_config, bias_map=bias_map), *args[1:])
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         if targs is None:
             # Trainer's own default, built here so that the checks below see what will run.
@@ -134,6 +125,16 @@ class BitFitTrainer(Trainer):
             # full mode: any parameter of the user's model may go unused in a step (Trainer's default
             # is there for that), so full mode leaves the flag, and the arguments, as given.
             targs.ddp_find_unused_parameters = False
+        if bitfit_config.mode in PEFT_MODES:
+            # LoRA / BEFT: the model is wrapped in PEFT's adapters here, before Trainer sees it (as TRL's trainers
+            # take a peft_config), and after the refusals above: PEFT changes the caller's model in place. A
+            # model_init's models are wrapped in call_model_init.
+            from .peft_modes import wrap_with_peft
+
+            if kwargs.get("model") is not None:
+                kwargs["model"] = wrap_with_peft(kwargs["model"], bitfit_config, bias_map=bias_map)
+            elif args and args[0] is not None:
+                args = (wrap_with_peft(args[0], bitfit_config, bias_map=bias_map), *args[1:])
         self.bitfit_config = bitfit_config
         self._bias_map = bias_map
         self._bitfit_model: torch.nn.Module | None = None

@@ -223,12 +223,12 @@ case("peft-target-mode", "`--peft_targets q` with `--mode bitfit`",
 case("peft-target-norm", "`--mode lora --peft_targets LN1`",
      r"--peft_targets LN1: a lora target is a Linear layer of each transformer layer; choose from \['q'")(
     lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--mode", "lora", "--peft_targets", "LN1"))
-case("peft-target-missing", "`--mode lora --peft_targets q` on GPT-2 (a fused `c_attn`)",
-     r"--peft_targets q: GPT2ForSequenceClassification has no such layer; its lora targets are \['qkv'")(
+case("peft-target-missing", "`--mode beft --peft_targets m2` on Qwen2 (biases on q, k, v only)",
+     r"--peft_targets m2: Qwen2ForSequenceClassification has no such layer; its beft targets are \['q', 'k', 'v'\]")(
     lambda d: __import__("bitfit_tasks").BitFitTrainer(
-        model=__import__("conftest").tiny_model("gpt2"), args=__import__("transformers").TrainingArguments(
+        model=__import__("conftest").tiny_model("qwen2"), args=__import__("transformers").TrainingArguments(
             output_dir=str(d), report_to=[], use_cpu=True),
-        bitfit_config=__import__("bitfit_tasks").BitFitConfig(mode="lora", peft_targets=["q"])))
+        bitfit_config=__import__("bitfit_tasks").BitFitConfig(mode="beft", peft_targets=["m2"])))
 case("lora-rank", "`--mode lora --lora_r 0`", r"--lora_r must be >= 1, got 0")(
     lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--mode", "lora", "--lora_r", "0"))
 

@@ -80,6 +80,26 @@ def test_run_glue_two_processes_equals_one_process_double_batch(launcher, tiny_m
     assert e1["eval_accuracy"] == e2["eval_accuracy"] and e1["eval_f1"] == e2["eval_f1"]
 
 
+@pytest.mark.parametrize("mode", ["lora", "beft"])
+def test_peft_modes_two_processes_equal_one_process_double_batch(mode, tiny_model_dir, tmp_path):
+    """PEFT's adapters and the head's trained copy under DDP (ddp_find_unused_parameters off, as in every bias-only
+    mode): the same adapter as one process with the doubled batch."""
+    pytest.importorskip("peft")
+    extra = ["--mode", mode, "--learning_rate", "1e-2"]
+    launch(glue_args(tiny_model_dir, tmp_path / "one", 8) + extra, 1, tmp_path)
+    two = launch(glue_args(tiny_model_dir, tmp_path / "two", 4) + extra, 2, tmp_path)
+    assert (two.stdout + two.stderr).count("trainable params:") == 1
+    a = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert set(a) == set(b) and any(k.endswith("classifier.weight") for k in a)  # the head is in the adapter
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert r1["history"][-1]["eval_accuracy"] == r2["history"][-1]["eval_accuracy"]
+    assert r2["global_batch_size"] == r1["global_batch_size"] == 8
+
+
 def test_two_process_eval_of_a_fixed_model_equals_one_process(tiny_model_dir, tmp_path):
     """Evaluate the same trained delta with 1 and 2 processes (no training in the second run)."""
     launch(glue_args(tiny_model_dir, tmp_path / "train", 8), 1, tmp_path)

@@ -130,13 +130,20 @@ def test_targets_map_per_architecture():
 
 
 def test_target_the_architecture_lacks_is_refused_naming_what_it_has():
-    gpt2 = AutoModelForSequenceClassification.from_config(tiny_config("gpt2"))
-    with pytest.raises(UsageError, match=r"--peft_targets q: GPT2ForSequenceClassification has no such layer; its "
-                                         r"lora targets are \['qkv', 'm1', 'm2', 'm3'\]\."):
-        _modules(gpt2, ["q"])
     qwen2 = AutoModelForSequenceClassification.from_config(tiny_config("qwen2"))
-    with pytest.raises(UsageError, match=r"--peft_targets m2: .* its beft targets are \['q', 'k', 'v'\]"):
-        _modules(qwen2, ["m2"], mode="beft")
+    with pytest.raises(UsageError, match=r"--peft_targets m2: Qwen2ForSequenceClassification has no such layer; its "
+                                         r"beft targets are \['q', 'k', 'v'\]\."):
+        _modules(qwen2, ["q", "m2"], mode="beft")
+
+
+def test_q_k_v_of_a_one_projection_family_adapt_that_projection():
+    """GPT-2 computes q, k and v in one layer (c_attn, a Conv1D): the defaults adapt it whole for LoRA; PEFT's
+    BEFT takes Linear layers only, so BEFT there is refused before the weights load, naming the way out."""
+    gpt2 = AutoModelForSequenceClassification.from_config(tiny_config("gpt2"))
+    assert _modules(gpt2, ["q", "v"]) == [f"transformer.h.{i}.attn.c_attn" for i in range(2)]
+    with pytest.raises(UsageError, match=r"--peft_targets qkv: transformer.h.0.attn.c_attn is a Conv1D, which PEFT's "
+                                         r"beft does not adapt \(it takes Linear layers\); .* or --mode bitfit"):
+        _modules(gpt2, ["v"], mode="beft")
 
 
 # ---- bad input: one line each -------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ loads it.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -144,3 +148,59 @@ def peft_head_names(model: nn.Module) -> list[str]:
         if is_saved_whole(module):
             names += [f"{mod_name}.modules_to_save.{n}" for n, _ in module.modules_to_save.named_parameters()]
     return names
+
+
+# What an adapter's options must match for a checkpoint to resume in this run.
+_RESUME_KEYS = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
+
+
+def _comparable(value: Any) -> Any:
+    value = getattr(value, "value", value)  # PeftType enum
+    return sorted(value) if isinstance(value, list | set | tuple) else value
+
+
+def adapter_mismatch(current, checkpoint: str | os.PathLike) -> dict[str, tuple[Any, Any]]:
+    """The options in which the adapter saved in ``checkpoint`` differs from ``current`` (a PeftConfig):
+    ``{key: (saved, now)}``; empty when they agree."""
+    saved = json.loads(Path(checkpoint, "adapter_config.json").read_text())
+    now = current.to_dict()
+    return {k: (_comparable(saved.get(k)), _comparable(now.get(k))) for k in _RESUME_KEYS
+            if _comparable(saved.get(k)) != _comparable(now.get(k))}
+
+
+def write_adapter_extras(model: nn.Module, output_dir: str | os.PathLike, *, n_trainable: int, n_total: int,
+                         metrics: dict[str, Any] | None = None) -> None:
+    """Beside PEFT's adapter files: the task model's config (``config.json``: the head's size and labels, which the
+    adapter alone does not hold) and a model card with the lines that load it (``README.md``, replacing PEFT's
+    template)."""
+    from .fileio import atomic_write_text
+
+    task = model.get_base_model()
+    task.config.save_pretrained(str(output_dir))
+    peft_config = model.peft_config["default"]
+    base = peft_config.base_model_name_or_path or "BASE_MODEL"
+    cls = type(task).__name__
+    auto = "AutoModelFor" + next((s.removeprefix("For") for s in PEFT_TASK_TYPES if cls.endswith(s)), "")
+    scores = {k: v for k, v in (metrics or {}).items()
+              if isinstance(v, int | float) and not k.endswith(("runtime", "per_second"))}
+    kind = getattr(peft_config.peft_type, "value", peft_config.peft_type)
+    lines = [
+        "---", "library_name: peft", f"base_model: {base}", "tags: [bitfit-tasks, " + kind.lower() + "]", "---", "",
+        f"# {kind} adapter: {cls} on `{base}`", "",
+        f"A PEFT {kind} adapter trained by bitfit-tasks (`--mode {kind.lower()}`), with the task head "
+        "(`modules_to_save`). `config.json` is the task model's config (its labels and head size).", "",
+        f"- targets: {len(peft_config.target_modules or [])} modules, "
+        f"{', '.join(sorted({t.rsplit('.', 1)[-1] for t in peft_config.target_modules or []}))} of each layer",
+        f"- trainable params: {n_trainable:,d} of {n_total:,d} ({100.0 * n_trainable / max(n_total, 1):.4f}%)",
+    ]
+    if kind == "LORA":
+        lines.append(f"- r {peft_config.r}, alpha {peft_config.lora_alpha}, dropout {peft_config.lora_dropout}")
+    if scores:
+        lines.append("- evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    lines += ["", "```python", f"from transformers import AutoConfig, {auto}", "from peft import PeftModel", "",
+              'adapter = "THIS_FOLDER"',
+              "# the task's head size and labels; the adapter brings the trained head",
+              f'base = {auto}.from_pretrained("{base}", config=AutoConfig.from_pretrained(adapter),',
+              "                                ignore_mismatched_sizes=True)",
+              "model = PeftModel.from_pretrained(base, adapter)", "```", ""]
+    atomic_write_text(Path(output_dir, "README.md"), "\n".join(lines))

@@ -246,6 +246,16 @@ class BitFitTrainer(Trainer):
         return self.bitfit_config.mode not in ("full", *PEFT_MODES)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.bitfit_config.mode in PEFT_MODES:
+            super()._save(output_dir, state_dict=state_dict)  # PEFT's adapter folder
+            if self.args.should_save:
+                from .peft_modes import write_adapter_extras
+
+                write_adapter_extras(self.accelerator.unwrap_model(self.model, keep_torch_compile=False),
+                                     output_dir if output_dir is not None else self.args.output_dir,
+                                     n_trainable=self.bitfit_state.n_trainable, n_total=self.bitfit_state.n_total,
+                                     metrics=self._saved_metrics())
+            return None
         if not self._saves_delta():
             return super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -255,8 +265,7 @@ class BitFitTrainer(Trainer):
         save_delta(model, output_dir, names=self._delta_names(), mode=self.bitfit_config.mode,
                    terms=self.bitfit_state.terms, signature=self._base_signature, added=self.bitfit_state.added)
         # The model card says what the folder is (a delta, not a model) and how to load it.
-        evals = [e for e in self.state.log_history if any(k.startswith("eval_") for k in e)]
-        metrics = self.saved_metrics or (evals[-1] if evals else None)
+        metrics = self._saved_metrics()
         meta = json.loads(Path(output_dir, DELTA_CONFIG).read_text())
         card = model_card(output_dir, meta, weights_file=DELTA_WEIGHTS, n_trainable=self.bitfit_state.n_trainable,
                           n_total=self.bitfit_state.n_total, metrics=metrics)
@@ -265,6 +274,11 @@ class BitFitTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         logger.info("Saved BitFit delta (%s) to %s", self.bitfit_config.mode, output_dir)
+
+    def _saved_metrics(self) -> dict | None:
+        """The evaluation of the tensors being saved: the kept one (a runner sets it), else the last."""
+        evals = [e for e in self.state.log_history if any(k.startswith("eval_") for k in e)]
+        return self.saved_metrics or (evals[-1] if evals else None)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Callbacks with ``before_checkpoint(args, folder)`` (the best-epoch keeper) write their files into
@@ -299,7 +313,33 @@ class BitFitTrainer(Trainer):
                                    token=token, private=kwargs.get("private"), revision=kwargs.get("revision"),
                                    commit_message=commit_message)
 
+    def _check_checkpoint_kind(self, checkpoint: str, model) -> None:
+        """A checkpoint resumes only in the kind of run that wrote it: a PEFT adapter with the same options in a
+        LoRA / BEFT run, anything else elsewhere (one line, before training, not a library's traceback)."""
+        from .peft_modes import adapter_mismatch
+
+        is_adapter = Path(checkpoint, "adapter_config.json").is_file()
+        mode = self.bitfit_config.mode
+        if mode in PEFT_MODES and not is_adapter:
+            held = "a BitFit delta" if is_delta_dir(checkpoint) else "no PEFT adapter"
+            raise UsageError(f"--resume_from_checkpoint {checkpoint} holds {held}, not the adapter of a --mode {mode} "
+                             "run; resume it with the --mode it was trained with, or start this run in another "
+                             "--output_dir.")
+        if mode not in PEFT_MODES and is_adapter:
+            raise UsageError(f"--resume_from_checkpoint {checkpoint} holds a PEFT adapter (a --mode lora / beft run), "
+                             f"not a --mode {mode} checkpoint; resume it with the --mode it was trained with, or start "
+                             "this run in another --output_dir.")
+        if is_adapter:
+            wrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+            differ = adapter_mismatch(wrapped.peft_config["default"], checkpoint)
+            if differ:
+                said = "; ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in differ.items())
+                raise UsageError(f"--resume_from_checkpoint {checkpoint} holds an adapter trained with other options "
+                                 f"({said}); resume with the options it was trained with, or start this run in "
+                                 "another --output_dir.")
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self._check_checkpoint_kind(resume_from_checkpoint, model)
         if not is_delta_dir(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         self._apply_own_delta(model if model is not None else self.model, resume_from_checkpoint)

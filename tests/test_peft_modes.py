@@ -84,6 +84,33 @@ def test_saved_adapter_folder_loads_with_peft(mode, tmp_path):
     assert torch.equal(want, got)
 
 
+def _checkpoint(tmp_path, cfg: BitFitConfig) -> str:
+    trainer = BitFitTrainer(model=tiny_model("bert"), args=targs(tmp_path / "first", save_strategy="steps",
+                                                                 save_steps=2, max_steps=2),
+                            train_dataset=Pairs(), bitfit_config=cfg)
+    trainer.train()
+    return str(tmp_path / "first" / "checkpoint-2")
+
+
+@pytest.mark.parametrize(("saved", "now", "message"), [
+    (BitFitConfig(mode="lora", lora_r=2), BitFitConfig(mode="lora", lora_r=4),
+     r"holds an adapter trained with other options \(r: saved 2, now 4\); resume with the options it was trained"),
+    (BitFitConfig(mode="lora", lora_r=2), BitFitConfig(mode="lora", lora_r=2, peft_targets=["q", "k", "v"]),
+     r"other options \(target_modules: saved \[.*\]\); resume"),
+    (BitFitConfig(mode="lora", lora_r=2), BitFitConfig(mode="beft"), r"other options \(peft_type: saved LORA, now BEFT"),
+    (BitFitConfig(mode="lora", lora_r=2), BitFitConfig(mode="bitfit"),
+     r"holds a PEFT adapter \(a --mode lora / beft run\), not a --mode bitfit checkpoint"),
+    (BitFitConfig(mode="bitfit"), BitFitConfig(mode="beft"),
+     r"holds a BitFit delta, not the adapter of a --mode beft run; resume it with the --mode it was trained with"),
+])
+def test_resuming_a_checkpoint_of_another_kind_is_one_line(saved, now, message, tmp_path):
+    checkpoint = _checkpoint(tmp_path, saved)
+    trainer = BitFitTrainer(model=tiny_model("bert"), args=targs(tmp_path / "again", max_steps=4),
+                            train_dataset=Pairs(), bitfit_config=now)
+    with pytest.raises(UsageError, match=message):
+        trainer.train(resume_from_checkpoint=checkpoint)
+
+
 def test_model_init_models_are_wrapped_too(tmp_path):
     trainer = BitFitTrainer(model_init=lambda *_: tiny_model("bert"), args=targs(tmp_path),
                             train_dataset=Pairs(), bitfit_config=BitFitConfig(mode="lora", lora_r=2))
@@ -270,3 +297,22 @@ def test_sweep_compares_the_four_methods(tiny_model_dir, tmp_path):
         assert any(r.startswith(f"| {method} | mrpc | {run_res['trainable_params']:,d} (") for r in rows)
     assert table["lora"]["mrpc"]["best_lr"] == 4e-4 and table["beft"]["mrpc"]["best_lr"] == 1e-3
     assert table["beft"]["mrpc"]["trainable_params"] < table["bitfit"]["mrpc"]["trainable_params"]
+
+
+def test_a_tagging_adapter_reloads_as_its_model_card_says(tiny_model_dir, tmp_path):
+    """A POS head has as many outputs as tags, not the base's two: the folder keeps the task config, and the
+    card's own lines load it (before: a size-mismatch error from PeftModel.from_pretrained)."""
+    out = tmp_path / "pos"
+    run([os.path.join(REPO, "run_pos.py"), "--treebank", os.path.join(FIXTURES, "pos", "treebank"),
+         "--unknown_tags", "count_wrong", "--model_name_or_path", tiny_model_dir, "--ignore_mismatched_sizes", "true",
+         "--output_dir", str(out),
+         "--mode", "lora", "--num_train_epochs", "1", "--use_cpu", "true", "--disable_tqdm", "true"], tmp_path)
+    card = (out / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].replace("THIS_FOLDER", str(out))
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 -- the card's own lines, as a user runs them
+    config = json.loads((out / "config.json").read_text())
+    assert len(config["id2label"]) > 2
+    with torch.no_grad():
+        logits = scope["model"].eval()(input_ids=torch.tensor([[2, 7, 9, 3]])).logits
+    assert logits.shape == (1, 4, len(config["id2label"]))

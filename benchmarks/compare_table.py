@@ -17,7 +17,17 @@ import statistics
 from pathlib import Path
 
 METHODS = ("full", "lora", "bitfit", "beft")
-NAMES = {"full": "full FT", "lora": "LoRA r=8 (q, v)", "bitfit": "BitFit", "beft": "BEFT (b_v)"}
+
+
+def method_name(method: str, record: dict) -> str:
+    """The row's name, from what the run recorded (LoRA's rank and targets, BEFT's targets)."""
+    options = record.get("method_options") or {}
+    targets = ", ".join(options.get("peft_targets", []))
+    if method == "lora":
+        return f"LoRA r={options.get('lora_r')}, alpha={options.get('lora_alpha'):g} ({targets})"
+    if method == "beft":
+        return f"BEFT ({targets})"
+    return {"full": "full FT", "bitfit": "BitFit (all biases)"}.get(method, method)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -83,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                      "train_step_seconds": r["train_step_seconds"], "train_seconds": r["train_seconds"],
                      "global_batch_size": r["global_batch_size"], "optimizer_steps": r["optimizer_steps"],
                      "saved_weights_bytes": r["saved_weights_bytes"], "metric": r["metric"],
+                     "name": method_name(method, r),
                      "run": str(path.parent.relative_to(a.root))})
     tasks = list(dict.fromkeys(x["task"] for x in runs))
     table: dict[str, dict[str, dict]] = {}
@@ -91,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
             cell = [x for x in runs if x["task"] == t and x["method"] == m]
             if not cell:
                 continue
+            if len({(x["learning_rate"], x["name"]) for x in cell}) > 1:
+                raise SystemExit(f"{t}/{m}: runs with several learning rates or options; this table takes one "
+                                 "setting per method (the comparison's own grid)")
             table.setdefault(m, {})[t] = {
                 "scores": [x["best"] for x in cell], "seeds": [x["seed"] for x in cell],
                 "cell": fmt([x["best"] for x in cell]),
@@ -100,20 +114,22 @@ def main(argv: list[str] | None = None) -> None:
                 "trainable_params": cell[0]["trainable_params"], "all_params": cell[0]["all_params"],
                 "train_step_seconds": statistics.median(x["train_step_seconds"] for x in cell),
                 "global_batch_size": cell[0]["global_batch_size"],
-                "saved_weights_bytes": statistics.median(x["saved_weights_bytes"] for x in cell),
+                "saved_weights_bytes": statistics.median(x["saved_weights_bytes"] or 0 for x in cell) or None,
+                "name": cell[0]["name"],
             }
     metric = {t: next(x["metric"] for x in runs if x["task"] == t) for t in tasks}
     head = " | ".join(f"{t} ({metric[t]})" for t in tasks)
     out = [f"| method | {head} | trainable values | step, s (batch) | saved |",
            "|---" * (len(tasks) + 4) + "|"]
-    for m, cells in table.items():
+    for cells in table.values():
         c0 = cells[tasks[0]] if tasks[0] in cells else next(iter(cells.values()))
         scores = [f"{cells[t]['cell']} (n={len(cells[t]['scores'])})" if t in cells else "–" for t in tasks]
         steps = ", ".join(f"{cells[t]['train_step_seconds']:.3f}" for t in tasks if t in cells)
         trainable = sorted({cells[t]["trainable_params"] for t in cells})
         share = 100 * c0["trainable_params"] / c0["all_params"]
-        out.append(f"| {NAMES[m]} | {' | '.join(scores)} | {trainable[0]:,d}–{trainable[-1]:,d} ({share:.2f}%) | "
-                   f"{steps} ({c0['global_batch_size']}) | {size(c0['saved_weights_bytes'])} |")
+        saved = size(c0["saved_weights_bytes"]) if c0["saved_weights_bytes"] else "not saved"
+        out.append(f"| {c0['name']} | {' | '.join(scores)} | {trainable[0]:,d}–{trainable[-1]:,d} ({share:.2f}%) | "
+                   f"{steps} ({c0['global_batch_size']}) | {saved} |")
     md = "\n".join(out)
     (a.root / "comparison.json").write_text(json.dumps({"runs": runs, "table": table}, indent=1))
     print(md)

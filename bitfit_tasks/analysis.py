@@ -82,6 +82,9 @@ def analyze_run(run_dir: str, output: str | None = None, base_model: str | None 
     run = Path(run_dir)
     tensors_path = run / "biases_and_head.safetensors"
     if not tensors_path.exists():
+        if (run / "adapter_config.json").is_file():
+            raise UsageError(f"{run} is a LoRA / BEFT run (a PEFT adapter folder): it changes no bias of the model, "
+                             "so there is no bias change to analyse; analyze a bias-only or full fine-tuning run.")
         raise MissingFileError(f"{tensors_path} not found; analyze a finished run_glue.py output folder.")
     results = json.loads((run / "results.json").read_text())
     base_path = base_model or results["model"]

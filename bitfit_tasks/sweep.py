@@ -24,7 +24,8 @@ import torch.distributed as dist
 from filelock import FileLock, Timeout
 from transformers import HfArgumentParser
 
-from .arguments import parse_args, runner_dataclasses
+from .arguments import option_dest, parse_args, runner_dataclasses
+from .config import PEFT_MODES
 from .errors import UsageError
 from .fileio import atomic_write_text
 from .launch import finish_distributed, run_cli
@@ -70,6 +71,32 @@ CELL_LOCK = ".sweep-cell.lock"
 GRID_FLAGS = {"--task_name": "--tasks", "--mode": "--methods", "--bias_terms": "--methods",
               "--learning_rate": "--bias_lrs/--full_lrs/--lora_lrs", "--seed": "--seeds",
               "--output_dir": "--output_dir"}
+
+
+# Runner options of the LoRA / BEFT modes: a grid passes them to its lora and beft runs only (BitFitConfig refuses
+# --peft_targets in other modes), so one command compares every method.
+PEFT_OPTIONS = ("--peft_targets", "--lora_r", "--lora_alpha", "--lora_dropout")
+
+
+def without_peft_options(args: Sequence[str], table: dict | None = None) -> list[str]:
+    """``args`` without the PEFT modes' options and their values (any spelling the runner's parser accepts when
+    ``table``, its option table, is given)."""
+    def is_peft(token: str) -> bool:
+        flag = token.split("=", 1)[0]
+        dest = option_dest(table, flag) if table is not None else None
+        return flag in PEFT_OPTIONS or (dest is not None and f"--{dest}" in PEFT_OPTIONS)
+
+    out: list[str] = []
+    skipping = False
+    for token in args:
+        if token.startswith("--"):
+            skipping = is_peft(token) and "=" not in token
+            if is_peft(token):
+                continue
+        elif skipping:
+            continue
+        out.append(token)
+    return out
 
 
 def check_runner_args(extra_args: Sequence[str], task_flags: Sequence[str] = ()) -> None:
@@ -149,9 +176,10 @@ def run_grid(
                     if index % shard[1] != shard[0]:  # another worker's run
                         continue
                     out = run_dir(root, task, method, lr, seed)
+                    extra = extra_args if mode in PEFT_MODES else without_peft_options(extra_args, table)
                     argv = ["--task_name", task, "--mode", mode, "--bias_terms", *terms,
                             "--learning_rate", str(lr), "--seed", str(seed),
-                            "--output_dir", str(out), *(task_args(task) if task_args else []), *extra_args]
+                            "--output_dir", str(out), *(task_args(task) if task_args else []), *extra]
                     cells.append((out, argv))
 
     def state_of(out: Path, argv: list[str]) -> str:
@@ -173,6 +201,8 @@ def run_grid(
     # when its process dies.
     if not dry_run:  # refuse before any cell trains, not after hours of the others
         for out, argv in cells:
+            if runner:
+                resolved_recipe(runner, argv)  # every cell's arguments, as its runner will parse them
             state_of(out, argv)
     pending: list[tuple[Path, list[str], FileLock]] = []
     for out, argv in cells:

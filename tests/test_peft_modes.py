@@ -316,3 +316,24 @@ def test_a_tagging_adapter_reloads_as_its_model_card_says(tiny_model_dir, tmp_pa
     with torch.no_grad():
         logits = scope["model"].eval()(input_ids=torch.tensor([[2, 7, 9, 3]])).logits
     assert logits.shape == (1, 4, len(config["id2label"]))
+
+
+def test_the_sweep_gives_peft_options_to_peft_runs_only_and_checks_every_run_first(tmp_path):
+    from bitfit_tasks.sweep import run_grid
+
+    ran: list[list[str]] = []
+    common = dict(tasks=["mrpc"], seeds=[1], output_dir=str(tmp_path / "grid"), bias_lrs=[1e-3], lora_lrs=[4e-4],
+                  runner="glue", main=ran.append)
+    data = ["--data_dir", os.path.join(FIXTURES, "glue")]
+    run_grid(methods=["bitfit", "lora", "beft"], extra_args=[*data, "--peft_targets", "q", "k", "--lora_r=4"],
+             **common)
+    by_mode = {a[a.index("--mode") + 1]: a for a in ran}
+    assert "--peft_targets" not in by_mode["bitfit"] and "--lora_r=4" not in by_mode["bitfit"]
+    at = by_mode["lora"].index("--peft_targets")
+    assert by_mode["lora"][at:at + 3] == ["--peft_targets", "q", "k"] and "--lora_r=4" in by_mode["beft"]
+    # A bad option for the lora runs stops the grid before its first run (bitfit) trains.
+    ran.clear()
+    with pytest.raises(UsageError, match=r"--lora_r must be >= 1, got 0"):
+        run_grid(methods=["bitfit", "lora"], extra_args=[*data, "--lora_r", "0"],
+                 **{**common, "output_dir": str(tmp_path / "bad")})
+    assert ran == []

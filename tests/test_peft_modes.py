@@ -337,3 +337,12 @@ def test_the_sweep_gives_peft_options_to_peft_runs_only_and_checks_every_run_fir
         run_grid(methods=["bitfit", "lora"], extra_args=[*data, "--lora_r", "0"],
                  **{**common, "output_dir": str(tmp_path / "bad")})
     assert ran == []
+
+
+def test_the_bias_change_analysis_says_a_peft_run_has_none(tmp_path):
+    from bitfit_tasks.analysis import analyze_run
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"is a LoRA / BEFT run \(a PEFT adapter folder\): it changes no bias of the "
+                                         r"model, so there is no bias change to analyse"):
+        analyze_run(str(tmp_path))

@@ -22,6 +22,7 @@ from .fileio import check_new_folder, publish_folder
 from .peft_modes import PEFT_TASK_TYPES, import_peft
 
 
+@torch.no_grad()
 def export_peft(base_model: str, delta: Delta | str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """Write ``delta`` as a PEFT BEFT adapter into ``output_dir`` (new or empty): Linear bias changes as BEFT
     vectors, other changed modules (LayerNorms) and the head in ``modules_to_save``. Returns the folder."""

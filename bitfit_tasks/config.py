@@ -14,6 +14,8 @@ PEFT_MODES: tuple[str, ...] = ("lora", "beft")
 #: What each PEFT mode adapts by default, in the paper's notation: LoRA's W_q and W_v (Hu et al., 2021,
 #: Sec. 7.1 and the GLUE runs of Appendix D), BEFT's value-projection bias b_v (Huang et al., 2025).
 DEFAULT_PEFT_TARGETS: dict[str, tuple[str, ...]] = {"lora": ("q", "v"), "beft": ("v",)}
+#: LoRA's options and their defaults (the LoRA paper's GLUE setting for RoBERTa-base; dropout: PEFT's default).
+LORA_DEFAULTS: dict[str, float] = {"lora_r": 8, "lora_alpha": 8.0, "lora_dropout": 0.0}
 #: Terms a PEFT target can name: the Linear layers of a transformer layer (PEFT adapts modules, not LayerNorms).
 PEFT_TARGET_TERMS: tuple[str, ...] = ("q", "k", "v", "qkv", "m1", "m2", "m3")
 
@@ -58,11 +60,14 @@ class BitFitConfig:
                   "adapted whole.",
                   "nargs": "+"},
     )
-    lora_r: int = field(default=8, metadata={"help": "--mode lora: the rank r (LoRA paper, GLUE: 8)."})
+    lora_r: int = field(default=int(LORA_DEFAULTS["lora_r"]),
+                        metadata={"help": "--mode lora: the rank r (LoRA paper, GLUE: 8)."})
     lora_alpha: float = field(
-        default=8.0, metadata={"help": "--mode lora: the scale alpha (the update is alpha/r * BA; LoRA paper, "
-                               "RoBERTa-base GLUE: 8)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "--mode lora: dropout on the adapter's input."})
+        default=LORA_DEFAULTS["lora_alpha"],
+        metadata={"help": "--mode lora: the scale alpha (the update is alpha/r * BA; LoRA paper, RoBERTa-base "
+                  "GLUE: 8)."})
+    lora_dropout: float = field(default=LORA_DEFAULTS["lora_dropout"],
+                                metadata={"help": "--mode lora: dropout on the adapter's input."})
     train_head: bool = field(
         default=True,
         metadata={"help": "Train the task head (classifier / qa_outputs); --train_head false "
@@ -116,6 +121,10 @@ class BitFitConfig:
         if self.peft_targets is not None and self.mode not in PEFT_MODES:
             raise UsageError(f"--peft_targets {' '.join(self.peft_targets)} is for --mode {' / '.join(PEFT_MODES)}, "
                              f"not {self.mode!r}; drop it (BitFit chooses its biases with --bias_terms).")
+        changed = [f"--{f}" for f, default in LORA_DEFAULTS.items() if getattr(self, f) != default]
+        if changed and self.mode != "lora":
+            raise UsageError(f"{' '.join(changed)} set LoRA's adapters, and --mode {self.mode} trains none; drop "
+                             f"{'them' if len(changed) > 1 else 'it'}, or use --mode lora.")
         if self.mode not in PEFT_MODES:
             return
         if self.peft_targets is not None:

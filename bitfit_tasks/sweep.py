@@ -73,18 +73,20 @@ GRID_FLAGS = {"--task_name": "--tasks", "--mode": "--methods", "--bias_terms": "
               "--output_dir": "--output_dir"}
 
 
-# Runner options of the LoRA / BEFT modes: a grid passes them to its lora and beft runs only (BitFitConfig refuses
-# --peft_targets in other modes), so one command compares every method.
+# Runner options of the LoRA / BEFT modes: a grid passes --peft_targets to its lora and beft runs and LoRA's own
+# options to its lora runs only (BitFitConfig refuses them elsewhere), so one command compares every method.
 PEFT_OPTIONS = ("--peft_targets", "--lora_r", "--lora_alpha", "--lora_dropout")
 
 
-def without_peft_options(args: Sequence[str], table: dict | None = None) -> list[str]:
-    """``args`` without the PEFT modes' options and their values (any spelling the runner's parser accepts when
-    ``table``, its option table, is given)."""
+def without_peft_options(args: Sequence[str], table: dict | None = None, keep: Sequence[str] = ()) -> list[str]:
+    """``args`` without the PEFT modes' options (but ``keep``) and their values (any spelling the runner's parser
+    accepts when ``table``, its option table, is given)."""
+    dropped = set(PEFT_OPTIONS) - set(keep)
+
     def is_peft(token: str) -> bool:
         flag = token.split("=", 1)[0]
         dest = option_dest(table, flag) if table is not None else None
-        return flag in PEFT_OPTIONS or (dest is not None and f"--{dest}" in PEFT_OPTIONS)
+        return flag in dropped or (dest is not None and f"--{dest}" in dropped)
 
     out: list[str] = []
     skipping = False
@@ -176,7 +178,8 @@ def run_grid(
                     if index % shard[1] != shard[0]:  # another worker's run
                         continue
                     out = run_dir(root, task, method, lr, seed)
-                    extra = extra_args if mode in PEFT_MODES else without_peft_options(extra_args, table)
+                    extra = extra_args if mode == "lora" else without_peft_options(
+                        extra_args, table, keep=("--peft_targets",) if mode in PEFT_MODES else ())
                     argv = ["--task_name", task, "--mode", mode, "--bias_terms", *terms,
                             "--learning_rate", str(lr), "--seed", str(seed),
                             "--output_dir", str(out), *(task_args(task) if task_args else []), *extra]

@@ -185,6 +185,10 @@ def test_q_k_v_of_a_one_projection_family_adapt_that_projection():
     ({"mode": "beft", "bias_terms": ["q"]}, r"--bias_terms q has no effect with --mode beft, which trains adapters "
                                             r"on --peft_targets"),
     ({"mode": "lora", "lean": True}, r"lean=True .* mode 'lora' updates weights"),
+    ({"mode": "beft", "lora_r": 4, "lora_dropout": 0.1}, r"--lora_r --lora_dropout set LoRA's adapters, and --mode "
+                                                         r"beft trains none; drop them, or use --mode lora"),
+    ({"mode": "bitfit", "lora_alpha": 16.0}, r"--lora_alpha set LoRA's adapters, and --mode bitfit trains none; drop "
+                                             r"it"),
 ])
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(UsageError, match=message):
@@ -330,7 +334,8 @@ def test_the_sweep_gives_peft_options_to_peft_runs_only_and_checks_every_run_fir
     by_mode = {a[a.index("--mode") + 1]: a for a in ran}
     assert "--peft_targets" not in by_mode["bitfit"] and "--lora_r=4" not in by_mode["bitfit"]
     at = by_mode["lora"].index("--peft_targets")
-    assert by_mode["lora"][at:at + 3] == ["--peft_targets", "q", "k"] and "--lora_r=4" in by_mode["beft"]
+    assert by_mode["lora"][at:at + 3] == ["--peft_targets", "q", "k"] and "--lora_r=4" in by_mode["lora"]
+    assert "--peft_targets" in by_mode["beft"] and "--lora_r=4" not in by_mode["beft"]
     # A bad option for the lora runs stops the grid before its first run (bitfit) trains.
     ran.clear()
     with pytest.raises(UsageError, match=r"--lora_r must be >= 1, got 0"):

@@ -63,7 +63,7 @@ def test_auto_gives_full_fine_tuning_its_own_recipe():
     targs, decided = _decide([])
     assert decided["recipe"] == "official" and targs.lr_scheduler_type.value == "constant"
     assert (targs.per_device_train_batch_size, targs.num_train_epochs, targs.learning_rate) == (8, 20.0, 1e-3)
-    with pytest.raises(ValueError, match=r"unknown --recipe 'fast'; choose one of \['auto', 'linear', 'official'\]"):
+    with pytest.raises(ValueError, match=r"unknown --recipe 'fast'; choose one of \['auto', 'linear', 'official', 'lora'\]"):
         recipe_for("fast", "bitfit")
 
 

@@ -127,7 +127,7 @@ def test_rerun_with_changed_runner_args_never_mixes(tmp_path):
     assert len(calls) == 2  # same arguments: every cell is done
 
 
-@pytest.mark.parametrize("flag, grid", [("--seed", "--seeds"), ("--learning_rate", "--bias_lrs/--full_lrs"),
+@pytest.mark.parametrize("flag, grid", [("--seed", "--seeds"), ("--learning_rate", "--bias_lrs/--full_lrs/--lora_lrs"),
                                         ("--mode", "--methods"), ("--output_dir", "--output_dir")])
 def test_runner_args_colliding_with_the_grid_are_refused(flag, grid, tmp_path):
     with pytest.raises(ValueError, match=rf"runner argument {flag} after '--' collides with the grid, which sets it "
@@ -269,7 +269,7 @@ def test_a_copied_or_moved_sweep_skips_its_finished_cells(tmp_path, monkeypatch)
     absolute = ["--data_dir", str(copy / "data" / "glue"), *extra[2:]]
     sweep.run_grid(glue_cell_runner(copy, calls), output_dir=str(copy / "S"), extra_args=absolute, **kw)
     assert len(calls) == 2  # every cell finished, nothing trained again
-    assert sweep.summarize(str(copy / "S"))["markdown"].count("| bitfit |") == 1
+    assert sweep.summarize(str(copy / "S"))["markdown"].count("| bitfit | 50") == 1  # one row of scores
     # A real difference is still refused, naming it.
     with pytest.raises(ValueError, match=r"seed1 was trained with other runner arguments \(--max_steps: \['2'\] -> "
                                          r"\['3'\]\)"):

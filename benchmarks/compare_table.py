@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                      "train_step_seconds": r["train_step_seconds"], "train_seconds": r["train_seconds"],
                      "global_batch_size": r["global_batch_size"], "optimizer_steps": r["optimizer_steps"],
                      "saved_weights_bytes": r["saved_weights_bytes"], "metric": r["metric"],
-                     "name": method_name(method, r),
+                     "name": method_name(method, r), "train_loss": r.get("train_loss"),
                      "run": str(path.parent.relative_to(a.root))})
     tasks = list(dict.fromkeys(x["task"] for x in runs))
     table: dict[str, dict[str, dict]] = {}
@@ -112,10 +112,13 @@ def main(argv: list[str] | None = None) -> None:
                 "std": statistics.stdev(x["best"] for x in cell) if len(cell) > 1 else 0.0,
                 "learning_rate": cell[0]["learning_rate"], "recipe": cell[0]["recipe"],
                 "trainable_params": cell[0]["trainable_params"], "all_params": cell[0]["all_params"],
-                "train_step_seconds": statistics.median(x["train_step_seconds"] for x in cell),
+                "train_step_seconds": statistics.median(x["train_step_seconds"] for x in cell
+                                                        if x["train_step_seconds"] is not None),
                 "global_batch_size": cell[0]["global_batch_size"],
                 "saved_weights_bytes": statistics.median(x["saved_weights_bytes"] or 0 for x in cell) or None,
                 "name": cell[0]["name"],
+                "train_loss": statistics.fmean(x["train_loss"] for x in cell) if all(
+                    x["train_loss"] is not None for x in cell) else None,
             }
     metric = {t: next(x["metric"] for x in runs if x["task"] == t) for t in tasks}
     head = " | ".join(f"{t} ({metric[t]})" for t in tasks)

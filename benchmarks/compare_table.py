@@ -122,16 +122,20 @@ def main(argv: list[str] | None = None) -> None:
             }
     metric = {t: next(x["metric"] for x in runs if x["task"] == t) for t in tasks}
     head = " | ".join(f"{t} ({metric[t]})" for t in tasks)
-    out = [f"| method | {head} | trainable values | step, s (batch) | saved |",
+    out = [f"| method | {head} | trainable values (share of the model) | step s, per task (batch) | saved weights |",
            "|---" * (len(tasks) + 4) + "|"]
     for cells in table.values():
         c0 = cells[tasks[0]] if tasks[0] in cells else next(iter(cells.values()))
         scores = [f"{cells[t]['cell']} (n={len(cells[t]['scores'])})" if t in cells else "–" for t in tasks]
         steps = ", ".join(f"{cells[t]['train_step_seconds']:.3f}" for t in tasks if t in cells)
         trainable = sorted({cells[t]["trainable_params"] for t in cells})
-        share = 100 * c0["trainable_params"] / c0["all_params"]
-        saved = size(c0["saved_weights_bytes"]) if c0["saved_weights_bytes"] else "not saved"
-        out.append(f"| {c0['name']} | {' | '.join(scores)} | {trainable[0]:,d}–{trainable[-1]:,d} ({share:.2f}%) | "
+        shares = sorted(100 * cells[t]["trainable_params"] / cells[t]["all_params"] for t in cells)
+        low, high = f"{shares[0]:.2f}", f"{shares[-1]:.2f}"
+        share = f"{low}–{high}%" if low != high else f"{low}%"
+        sizes = sorted(cells[t]["saved_weights_bytes"] for t in cells if cells[t]["saved_weights_bytes"])
+        saved = "not saved" if not sizes else size(sizes[0]) if size(sizes[0]) == size(sizes[-1]) else (
+            f"{size(sizes[0])}–{size(sizes[-1])}")
+        out.append(f"| {c0['name']} | {' | '.join(scores)} | {trainable[0]:,d}–{trainable[-1]:,d} ({share}) | "
                    f"{steps} ({c0['global_batch_size']}) | {saved} |")
     md = "\n".join(out)
     (a.root / "comparison.json").write_text(json.dumps({"runs": runs, "table": table}, indent=1))

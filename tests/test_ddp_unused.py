@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, {root!r})
 from bitfit_tasks import BitFitConfig, BitFitTrainer
+from bitfit_tasks.launch import finish_distributed
 
 
 class Pairs(Dataset):
@@ -59,6 +60,9 @@ trainer = BitFitTrainer(model=model, args=args, train_dataset=Pairs(), bitfit_co
 trainer.train()
 print(f"rank {{args.process_index}} of {{args.world_size}}: {{type(trainer.model_wrapped).__name__}}, "
       f"step {{trainer.state.global_step}}, unused trainable {{model.bert.unused.weight.requires_grad}}", flush=True)
+# A clean shutdown (torch asks scripts to destroy their process group): a process that exits with gloo's threads
+# still up can abort in teardown ("terminate called without an active exception"), seen on a loaded machine.
+finish_distributed()
 """
 
 

@@ -11,9 +11,12 @@ bytes of the weights the run saved. Writes <root>/comparison.json (every run's n
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
 import json
+import re
 import statistics
+import string
 from pathlib import Path
 
 METHODS = ("full", "lora", "bitfit", "beft")
@@ -36,8 +39,43 @@ def _lines(path: Path) -> list[dict]:
         return [json.loads(x) for x in f if x.strip()]
 
 
-def rescore(run: Path, record: dict) -> float:
-    """The run's saved score, from its prediction file alone."""
+def _squad_normalize(text: str) -> str:
+    """The official SQuAD v1.1 evaluation script's answer normalization."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def _squad_f1(prediction: str, truth: str) -> float:
+    pred, gold = _squad_normalize(prediction).split(), _squad_normalize(truth).split()
+    common = sum((collections.Counter(pred) & collections.Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_f1(predictions: dict[str, str], dev_file: Path) -> float:
+    """Official SQuAD v1.1 F1 (as a fraction) of {question id: answer text} against the dev file's answers."""
+    answers = {qa["id"]: [a["text"] for a in qa["answers"]]
+               for article in json.loads(dev_file.read_text())["data"]
+               for paragraph in article["paragraphs"] for qa in paragraph["qas"]}
+    missing = set(predictions) - set(answers)
+    if missing:
+        raise SystemExit(f"{dev_file}: {len(missing)} predicted question ids are not in it (e.g. {min(missing)})")
+    return statistics.fmean(max(_squad_f1(text, truth) for truth in answers[qid])
+                            for qid, text in predictions.items())
+
+
+def rescore(run: Path, record: dict, squad_dev: Path | None = None) -> float:
+    """The run's saved score, from its prediction file alone (SQuAD: and the dev file's answers)."""
+    if (run / "predictions.json").exists():  # run_squad.py: {question id: answer text}, F1 in percent
+        if squad_dev is None or not squad_dev.exists():
+            raise SystemExit(f"{run}: a SQuAD run; re-scoring it needs the dev file (--squad_dev {squad_dev})")
+        predictions = json.loads((run / "predictions.json").read_text())
+        if len(predictions) != record["eval_examples"]:
+            raise SystemExit(f"{run}: predictions.json holds {len(predictions)} answers, the run scored "
+                             f"{record['eval_examples']} questions")
+        return 100 * squad_f1(predictions, squad_dev)
     files = sorted(run.glob("predictions_validation.jsonl*"))
     if not files:
         raise SystemExit(f"{run}: no predictions_validation.jsonl[.gz] to re-score")
@@ -78,17 +116,21 @@ def size(n: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path, help="the output folder of benchmarks/compare_methods.sh")
+    p.add_argument("--squad_dev", type=Path, default=Path("../shared/data/squad/dev-v1.1.rebuilt.json"),
+                   help="the SQuAD dev file the squad runs were scored on (default: %(default)s)")
     a = p.parse_args(argv)
     runs = []
     for path in sorted(a.root.glob("*/*/*/lr*/seed*/results.json")):
         r = json.loads(path.read_text())
         task, method = path.parts[-5], path.parts[-4]
-        score = rescore(path.parent, r)
+        score = rescore(path.parent, r, a.squad_dev)
         saved = r["saved_metrics"][next(k for k in r["saved_metrics"] if k == f"eval_{metric_key(r)}")]
         if abs(score - saved) > 1e-6 or abs(saved - r["best"]) > 1e-12:
             raise SystemExit(f"{path.parent}: re-scored {score} but results.json saved {saved} / best {r['best']}")
+        unit = 100 if (path.parent / "predictions.json").exists() else 1  # SQuAD records F1 in percent
         runs.append({"task": task, "method": method, "seed": r["seed"], "learning_rate": r["learning_rate"],
-                     "recipe": r.get("recipe"), "best": r["best"], "rescored": score, "best_epoch": r["best_epoch"],
+                     "recipe": r.get("recipe"), "best": r["best"] / unit, "rescored": score / unit,
+                     "best_epoch": r["best_epoch"],
                      "trainable_params": r["trainable_params"], "all_params": r["all_params"],
                      "train_step_seconds": r["train_step_seconds"], "train_seconds": r["train_seconds"],
                      "global_batch_size": r["global_batch_size"], "optimizer_steps": r["optimizer_steps"],

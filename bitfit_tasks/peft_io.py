@@ -19,7 +19,7 @@ from torch import nn
 from .delta import Delta, base_task_model
 from .errors import UsageError
 from .fileio import check_new_folder, publish_folder
-from .peft_modes import PEFT_TASK_TYPES, import_peft
+from .peft_modes import PEFT_TASK_TYPES, import_peft, write_adapter_extras
 
 
 @torch.no_grad()
@@ -65,6 +65,7 @@ def export_peft(base_model: str, delta: Delta | str | os.PathLike, output_dir: s
     if not linear:
         raise UsageError("the delta changes no Linear bias, so a BEFT adapter would hold nothing but "
                          "modules_to_save; export it with bitfit-delta export instead.")
+    n_total = sum(p.numel() for p in model.parameters())
     peft_model = peft.get_peft_model(model, config)
     inner = dict(peft_model.named_modules())
     for mod_name, name in linear.items():
@@ -84,7 +85,14 @@ def export_peft(base_model: str, delta: Delta | str | os.PathLike, output_dir: s
         if key not in saved:
             raise UsageError(f"PEFT did not wrap {top} for modules_to_save (no {key}); this delta cannot be exported.")
         saved[key].copy_(value.to(saved[key].dtype))
-    return publish_folder(out, lambda tmp: peft_model.save_pretrained(str(tmp)))
+
+    def write(tmp: Path) -> None:
+        peft_model.save_pretrained(str(tmp))
+        # config.json carries what the base's own config lacks: the head's labels and a decoder's pad token.
+        write_adapter_extras(peft_model, tmp, n_trainable=sum(t.numel() for t in delta.tensors.values()),
+                             n_total=n_total, origin="exported from a bitfit-tasks delta (`bitfit-delta export-peft`)")
+
+    return publish_folder(out, write)
 
 
 PEFT_TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",

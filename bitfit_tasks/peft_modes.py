@@ -169,10 +169,10 @@ def adapter_mismatch(current, checkpoint: str | os.PathLike) -> dict[str, tuple[
 
 
 def write_adapter_extras(model: nn.Module, output_dir: str | os.PathLike, *, n_trainable: int, n_total: int,
-                         metrics: dict[str, Any] | None = None) -> None:
-    """Beside PEFT's adapter files: the task model's config (``config.json``: the head's size and labels, which the
-    adapter alone does not hold) and a model card with the lines that load it (``README.md``, replacing PEFT's
-    template)."""
+                         metrics: dict[str, Any] | None = None, origin: str | None = None) -> None:
+    """Beside PEFT's adapter files: the task model's config (``config.json``: the head's size and labels and a
+    decoder's padding token, which the adapter alone does not hold) and a model card with the lines that load it
+    (``README.md``, replacing PEFT's template). ``origin``: how the adapter was made (default: a training run)."""
     from .fileio import atomic_write_text
 
     task = model.get_base_model()
@@ -187,8 +187,9 @@ def write_adapter_extras(model: nn.Module, output_dir: str | os.PathLike, *, n_t
     lines = [
         "---", "library_name: peft", f"base_model: {base}", "tags: [bitfit-tasks, " + kind.lower() + "]", "---", "",
         f"# {kind} adapter: {cls} on `{base}`", "",
-        f"A PEFT {kind} adapter trained by bitfit-tasks (`--mode {kind.lower()}`), with the task head "
-        "(`modules_to_save`). `config.json` is the task model's config (its labels and head size).", "",
+        f"A PEFT {kind} adapter {origin or f'trained by bitfit-tasks (`--mode {kind.lower()}`)'}, with the task "
+        "head (`modules_to_save`). `config.json` is the task model's config (its labels, head size and padding "
+        "token).", "",
         f"- targets: {len(peft_config.target_modules or [])} modules, "
         f"{', '.join(sorted({t.rsplit('.', 1)[-1] for t in peft_config.target_modules or []}))} of each layer",
         f"- trainable params: {n_trainable:,d} of {n_total:,d} ({100.0 * n_trainable / max(n_total, 1):.4f}%)",
@@ -199,7 +200,7 @@ def write_adapter_extras(model: nn.Module, output_dir: str | os.PathLike, *, n_t
         lines.append("- evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     lines += ["", "```python", f"from transformers import AutoConfig, {auto}", "from peft import PeftModel", "",
               'adapter = "THIS_FOLDER"',
-              "# the task's head size and labels; the adapter brings the trained head",
+              "# the task's head size, labels and padding token; the adapter brings the trained head",
               f'base = {auto}.from_pretrained("{base}", config=AutoConfig.from_pretrained(adapter),',
               "                                ignore_mismatched_sizes=True)",
               "model = PeftModel.from_pretrained(base, adapter)", "```", ""]

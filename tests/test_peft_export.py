@@ -62,6 +62,30 @@ def test_export_peft_round_trip(name, cfg, terms, tmp_path):
     assert peft.PeftConfig.from_pretrained(str(tmp_path / "peft")).peft_type == "BEFT"
 
 
+def test_export_peft_carries_labels_and_the_pad_token_the_card_loads(tmp_path):
+    """A decoder base without a pad token (as Llama ships): the delta was trained with one, so the exported folder's
+    config.json carries it, and the card's own lines give base + delta's logits on a padded 3-row batch."""
+    cfg = bias_free_config("llama", num_labels=3, id2label={0: "neg", 1: "mid", 2: "pos"}, label2id=None)
+    torch.manual_seed(0)
+    T.AutoModel.from_config(bias_free_config("llama", pad_token_id=None)).save_pretrained(tmp_path / "base")
+    base = trained_delta(tmp_path, cfg, ["bitfit"], base=str(tmp_path / "base"))
+    x = X.clone()
+    x[1, 4:] = 0  # right padding: the decoder's head reads each row's last token before the pad token
+    with torch.no_grad():
+        want = load_task_model(base, str(tmp_path / "delta")).eval()(input_ids=x).logits
+    out = export_peft(base, str(tmp_path / "delta"), tmp_path / "peft")
+    saved = T.AutoConfig.from_pretrained(out)
+    assert (saved.pad_token_id, saved.num_labels, saved.id2label[2]) == (0, 3, "pos")
+    card = (out / "README.md").read_text()
+    assert "exported from a bitfit-tasks delta" in card and "--mode beft" not in card
+    code = card.split("```python\n", 1)[1].split("```", 1)[0].replace("THIS_FOLDER", str(out))
+    scope: dict = {}
+    exec(code, scope)  # the card's lines as a user runs them
+    with torch.no_grad():
+        got = scope["model"].eval()(input_ids=x).logits
+    assert (got - want).abs().max().item() <= 1e-5
+
+
 def test_export_peft_refuses_a_bias_added_to_a_layernorm(tmp_path):
     cfg = bias_free_config("modernbert", num_labels=3)
     base = trained_delta(tmp_path, cfg, ["bitfit"])

@@ -294,3 +294,25 @@ def test_several_gpus_in_one_process_are_refused_by_the_trainer(tmp_path):
     with mock.patch.dict("os.environ", {"ACCELERATE_USE_FSDP": "true"}):
         with pytest.raises(ValueError, match=r"FSDP shards parameters"):
             BitFitTrainer(tiny_model("bert"), args, train_dataset=RandomPairs(), bitfit_config=BitFitConfig())
+
+
+
+def test_step_timer_times_each_optimizer_step_over_all_its_micro_batches(tmp_path):
+    """Under gradient accumulation one timed step is one optimizer step: every micro-batch's forward (here each
+    sleeps 50 ms) falls inside it, and there are as many timings as optimizer steps."""
+    import time
+
+    from bitfit_tasks.callbacks import StepTimer
+
+    model = tiny_model("bert")
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
+    timer = StepTimer()
+    targs = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                              gradient_accumulation_steps=3, report_to=[], save_strategy="no",
+                              logging_strategy="no", use_cpu=True, seed=0)
+    trainer = BitFitTrainer(model=model, args=targs, train_dataset=RandomPairs(), bitfit_config=BitFitConfig(),
+                            callbacks=[timer])
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert timer.record()["timed_steps"] == 4
+    assert min(timer.seconds) >= 3 * 0.05  # the three micro-batches of each step, not one

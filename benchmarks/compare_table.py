@@ -1,11 +1,12 @@
 """The method comparison (full / LoRA / BitFit / BEFT) from the records of benchmarks/compare_methods.sh.
 
 Per task and method: the mean ± std over seeds of the best dev score, every run's score re-computed from the
-prediction file it saved (with scikit-learn, scipy and seqeval, not the package's metric code) and checked
-against its results.json; trainable values and their share of the model; the median training-step time; the
+prediction file it saved (with scikit-learn, scipy and seqeval, not the package's metric code; SQuAD answers with
+the official v1.1 normalization against the dev file's answers, ``--squad_dev``) and checked against its
+results.json; trainable values and their share of the model; the median training-step time; the
 bytes of the weights the run saved. Writes <root>/comparison.json (every run's numbers) and prints the table.
 
-    python benchmarks/compare_table.py benchmarks/results/compare-methods
+    python benchmarks/compare_table.py benchmarks/results/compare-methods [--squad_dev DEV_JSON]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import re
 import statistics
 import string
@@ -116,7 +118,8 @@ def size(n: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path, help="the output folder of benchmarks/compare_methods.sh")
-    p.add_argument("--squad_dev", type=Path, default=Path("../shared/data/squad/dev-v1.1.rebuilt.json"),
+    p.add_argument("--squad_dev", type=Path,
+                   default=Path(os.environ.get("SHARED_DATA", "../shared/data"), "squad", "dev-v1.1.rebuilt.json"),
                    help="the SQuAD dev file the squad runs were scored on (default: %(default)s)")
     a = p.parse_args(argv)
     runs = []

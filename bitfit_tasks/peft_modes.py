@@ -203,5 +203,10 @@ def write_adapter_extras(model: nn.Module, output_dir: str | os.PathLike, *, n_t
               "# the task's head size, labels and padding token; the adapter brings the trained head",
               f'base = {auto}.from_pretrained("{base}", config=AutoConfig.from_pretrained(adapter),',
               "                                ignore_mismatched_sizes=True)",
-              "model = PeftModel.from_pretrained(base, adapter)", "```", ""]
+              "model = PeftModel.from_pretrained(base, adapter)"]
+    pad = getattr(task.config, "pad_token_id", None)
+    if pad is not None:  # a decoder tokenizer (Llama's) often has none; the model was trained padding with this id
+        lines.append(f"# padded batches: pad with id {pad} (a tokenizer without a pad token: "
+                     f"tokenizer.pad_token_id = {pad})")
+    lines += ["```", ""]
     atomic_write_text(Path(output_dir, "README.md"), "\n".join(lines))

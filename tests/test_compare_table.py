@@ -104,3 +104,4 @@ def test_squad_answer_normalization_is_the_official_one(table):
     assert table._squad_f1("a blue  sky", "blue sky") == 1.0
     assert table._squad_f1("dog", "cat") == 0.0
     assert table._squad_f1("big red dog", "red dog") == pytest.approx(0.8)
+    assert table._squad_normalize("the-cat") == "thecat"  # punctuation goes before the articles

@@ -78,6 +78,7 @@ def test_export_peft_carries_labels_and_the_pad_token_the_card_loads(tmp_path):
     assert (saved.pad_token_id, saved.num_labels, saved.id2label[2]) == (0, 3, "pos")
     card = (out / "README.md").read_text()
     assert "exported from a bitfit-tasks delta" in card and "--mode beft" not in card
+    assert "tokenizer.pad_token_id = 0" in card
     code = card.split("```python\n", 1)[1].split("```", 1)[0].replace("THIS_FOLDER", str(out))
     scope: dict = {}
     exec(code, scope)  # the card's lines as a user runs them

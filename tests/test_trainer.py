@@ -310,7 +310,8 @@ def test_step_timer_times_each_optimizer_step_over_all_its_micro_batches(tmp_pat
     targs = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
                               gradient_accumulation_steps=3, report_to=[], save_strategy="no",
                               logging_strategy="no", use_cpu=True, seed=0)
-    trainer = BitFitTrainer(model=model, args=targs, train_dataset=RandomPairs(), bitfit_config=BitFitConfig(),
+    # 48 rows = 12 micro-batches of 4 = 4 steps of 3 (Trainer closes a short step at an epoch's end).
+    trainer = BitFitTrainer(model=model, args=targs, train_dataset=RandomPairs(n=48), bitfit_config=BitFitConfig(),
                             callbacks=[timer])
     trainer.train()
     assert trainer.state.global_step == 4

@@ -40,11 +40,13 @@ def read_results(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path} is not valid JSON ({err}); rerun the sweep to train that cell again.") from None
 
 
-def fmt_cell(values: list[float]) -> str:
-    mean = 100 * statistics.fmean(values)
+def fmt_cell(values: list[float], *, percent: bool = False) -> str:
+    """Mean ± std ×100 of fractions (GLUE, tagging), or as recorded when already ``percent`` (SQuAD's EM/F1)."""
+    scale = 1 if percent else 100
+    mean = scale * statistics.fmean(values)
     if len(values) == 1:
         return f"{mean:.1f}"  # one seed: no spread to report (a "±0.0" would claim one)
-    return f"{mean:.1f}±{100 * statistics.stdev(values):.1f}"
+    return f"{mean:.1f}±{scale * statistics.stdev(values):.1f}"
 
 
 # BERT-base PTB POS accuracy (Sec. 4, "Token-level tasks").
@@ -93,13 +95,14 @@ def summarize(output_dir: str, score: str = "best", runner: str = "glue") -> dic
         records[(task, method, float(r["learning_rate"]))].append(r)
         meta[task] = r["metric"]
     table: dict[str, dict[str, Any]] = defaultdict(dict)
+    percent = runner == "squad"  # run_squad.py records EM/F1 in percent, the official script's scale
     for (task, method), by_lr in runs.items():
         best_lr = max(by_lr, key=lambda lr: statistics.fmean(by_lr[lr]))
         vals = by_lr[best_lr]
         table[method][task] = {
             "mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-            "n_seeds": len(vals), "best_lr": best_lr, "scores": vals, "cell": fmt_cell(vals),
-            "all_lrs": {str(lr): fmt_cell(v) for lr, v in sorted(by_lr.items())},
+            "n_seeds": len(vals), "best_lr": best_lr, "scores": vals, "cell": fmt_cell(vals, percent=percent),
+            "all_lrs": {str(lr): fmt_cell(v, percent=percent) for lr, v in sorted(by_lr.items())},
             "paper": paper_reference(runner, method, task, meta[task]),
             **cost(records[(task, method, best_lr)]),
         }

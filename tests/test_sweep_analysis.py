@@ -75,6 +75,17 @@ def test_summary_picks_best_lr_by_mean_and_reports_std(tmp_path):
     assert (tmp_path / "results.md").exists() and json.loads((tmp_path / "results.json").read_text())
 
 
+def test_squad_summary_keeps_the_percent_scale(tmp_path):
+    """run_squad.py records F1 in percent (official script): the table shows 10.7, not 1067.3."""
+    for seed, v in enumerate([10.5, 10.9], 1):
+        d = sweep.run_dir(tmp_path, "frac0.01", "bitfit", 1e-3, seed)
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"learning_rate": 1e-3, "best": v, "final": v, "metric": "f1"}))
+    out = sweep.summarize(str(tmp_path), runner="squad")
+    assert out["table"]["bitfit"]["frac0.01"]["cell"] == "10.7±0.3"
+    assert "| bitfit | 10.7±0.3 (lr 0.001, n=2) |" in out["markdown"]
+
+
 def test_sweep_cli_real_runner_resumes(tiny_model_dir, tmp_path, capsys):
     argv = ["--tasks", "rte", "--methods", "bitfit", "frozen", "--seeds", "1", "--bias_lrs", "1e-3",
             "--output_dir", str(tmp_path), "--", "--data_dir", f"{FIXTURES}/glue",

@@ -2,8 +2,9 @@
 # full / BitFit / BEFT / LoRA r=8 on the packaged all-MiniLM-L6-v2, each under its own recipe (recipes.py) and the
 # same epochs per task: MRPC, STS-B, RTE (1,000 training examples, dev subsets of <= 500), the WSJ POS sample and
 # CoNLL-2000 chunking (1,000 training sentences), 3 epochs, seeds 1-3; then SQuAD v1.1 at 1% of the training
-# questions (876), 3 epochs, seed 1, scored on a fixed 1,000-question dev subset (full FT at BERT's SQuAD rate 5e-5). Two sweep workers side by side, one CPU
-# thread each (a 2-core machine); a killed run resumes where it was when this script is started again.
+# questions (876), 3 epochs, seed 1, scored on a fixed 1,000-question dev subset (full FT at BERT's SQuAD rate
+# 5e-5). Two sweep workers side by side, one CPU thread each (a 2-core machine); a killed run resumes where it
+# was when this script is started again.
 #   bash benchmarks/compare_methods.sh [OUT]   (OUT: benchmarks/results/compare-methods)
 set -euo pipefail
 OUT=${1:-benchmarks/results/compare-methods}

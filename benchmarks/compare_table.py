@@ -41,9 +41,13 @@ def _lines(path: Path) -> list[dict]:
         return [json.loads(x) for x in f if x.strip()]
 
 
+PUNCTUATION = frozenset(string.punctuation)
+
+
 def _squad_normalize(text: str) -> str:
-    """The official SQuAD v1.1 evaluation script's answer normalization."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    """The official SQuAD v1.1 evaluation script's answer normalization (written out here, not taken from the
+    package's metrics, so that the re-scoring checks that code rather than repeating it)."""
+    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
@@ -68,9 +72,15 @@ def squad_f1(predictions: dict[str, str], dev_file: Path) -> float:
                             for qid, text in predictions.items())
 
 
+def is_squad_run(run: Path) -> bool:
+    """run_squad.py writes predictions.json ({question id: answer text}) and records EM/F1 in percent."""
+    return (run / "predictions.json").exists()
+
+
 def rescore(run: Path, record: dict, squad_dev: Path | None = None) -> float:
-    """The run's saved score, from its prediction file alone (SQuAD: and the dev file's answers)."""
-    if (run / "predictions.json").exists():  # run_squad.py: {question id: answer text}, F1 in percent
+    """The run's saved score on its record's own scale, from its prediction file alone (SQuAD: and the dev
+    file's answers)."""
+    if is_squad_run(run):
         if squad_dev is None or not squad_dev.exists():
             raise SystemExit(f"{run}: a SQuAD run; re-scoring it needs the dev file (--squad_dev {squad_dev})")
         predictions = json.loads((run / "predictions.json").read_text())
@@ -130,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         saved = r["saved_metrics"][next(k for k in r["saved_metrics"] if k == f"eval_{metric_key(r)}")]
         if abs(score - saved) > 1e-6 or abs(saved - r["best"]) > 1e-12:
             raise SystemExit(f"{path.parent}: re-scored {score} but results.json saved {saved} / best {r['best']}")
-        unit = 100 if (path.parent / "predictions.json").exists() else 1  # SQuAD records F1 in percent
+        unit = 100 if is_squad_run(path.parent) else 1  # the table holds fractions
         runs.append({"task": task, "method": method, "seed": r["seed"], "learning_rate": r["learning_rate"],
                      "recipe": r.get("recipe"), "best": r["best"] / unit, "rescored": score / unit,
                      "best_epoch": r["best_epoch"],

@@ -32,11 +32,12 @@ def atomic_write_lines(path: str | os.PathLike, lines) -> Path:
     return atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
 
-def check_new_folder(out: Path, what: str) -> None:
-    """``out`` must be new or an empty folder: a result is never written over another."""
+def check_new_folder(out: Path, what: str, name: str = "--output") -> None:
+    """``out`` must be new or an empty folder: a result is never written over another. ``name``: how the user
+    gave ``out`` (a flag, or a positional argument's name)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         kind = "a file" if not out.is_dir() else "a folder that is not empty"
-        raise UsageError(f"--output {out} is {kind}; give a new or empty folder for the {what}.")
+        raise UsageError(f"{name} {out} is {kind}; give a new or empty folder for the {what}.")
 
 
 def publish_folder(out: Path, write) -> Path:

@@ -29,7 +29,7 @@ def export_peft(base_model: str, delta: Delta | str | os.PathLike, output_dir: s
     peft = import_peft("exporting to PEFT")
     delta = delta if isinstance(delta, Delta) else Delta.from_pretrained(delta)
     out = Path(output_dir)
-    check_new_folder(out, "PEFT adapter")
+    check_new_folder(out, "PEFT adapter", name="the output")  # positional in `bitfit-delta export-peft`
     suffix = next((s for s in PEFT_TASK_TYPES if delta.meta["task_class"].endswith(s)), None)
     if suffix is None:
         raise UsageError(f"{delta.meta['task_class']} has no PEFT task type; deltas of {sorted(PEFT_TASK_TYPES)} "

@@ -377,6 +377,10 @@ case("export-file", "`bitfit-delta export --output` an existing file", r"--outpu
 case("export-dir", "`bitfit-delta export --output` a non-empty folder", r"is a folder that is not empty")(
     lambda d: (d / "full").mkdir() or (d / "full" / "x").write_text("x") and
     __import__("bitfit_tasks.cli").cli.main(["export", str(saved_delta(d)), "--base", "x", "--output", str(d / "full")]))
+case("export-peft-dir", "`bitfit-delta export-peft DELTA OUT` into a non-empty folder",
+     r"^the output .*/peft is a folder that is not empty; give a new or empty folder for the PEFT adapter\.$")(
+    lambda d: (d / "peft").mkdir() or (d / "peft" / "x").write_text("x") and
+    __import__("bitfit_tasks.cli").cli.main(["export-peft", str(saved_delta(d)), str(d / "peft"), "--base", "x"]))
 
 case("delta-head-name", "`bitfit-delta info` on a delta whose JSON `head` names a missing tensor",
      r"bitfit_delta\.json: field 'head' names tensor\(s\) \['classifier\.nope'\] that bitfit_delta\.safetensors "

@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
-from bitfit_tasks.launch import run_cli
-from bitfit_tasks.pos import main
+from bitfit_tasks.tasks.pos.run import main
+from bitfit_tasks.utils.launch import run_cli
 
 if __name__ == "__main__":
     run_cli(main)

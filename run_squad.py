@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
-from bitfit_tasks.launch import run_cli
-from bitfit_tasks.squad import main
+from bitfit_tasks.tasks.squad.run import main
+from bitfit_tasks.utils.launch import run_cli
 
 if __name__ == "__main__":
     run_cli(main)

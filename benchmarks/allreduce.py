@@ -18,8 +18,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from transformers import AutoModelForSequenceClassification
 
 from bitfit_tasks import BitFitConfig, prepare_model
-from bitfit_tasks.arguments import demo_model_path
-from bitfit_tasks.launch import cpu_only_multiprocess, finish_distributed
+from bitfit_tasks.tasks.arguments import demo_model_path
+from bitfit_tasks.utils.launch import cpu_only_multiprocess, finish_distributed
 
 MODES = {"full": BitFitConfig(mode="full"), "bitfit": BitFitConfig(), "qm2": BitFitConfig(bias_terms=["qm2"]),
          "frozen": BitFitConfig(mode="frozen")}

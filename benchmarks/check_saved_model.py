@@ -20,10 +20,10 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from bitfit_tasks.delta import load_task_model
-from bitfit_tasks.fileio import atomic_write_text
-from bitfit_tasks.glue import GlueArguments
-from bitfit_tasks.glue_data import GLUE_TASKS, check_and_encode_labels, load_glue
+from bitfit_tasks.delta.apply import load_task_model
+from bitfit_tasks.tasks.glue.data import GLUE_TASKS, check_and_encode_labels, load_glue
+from bitfit_tasks.tasks.glue.run import GlueArguments
+from bitfit_tasks.utils.fileio import atomic_write_text
 
 
 def rescore(pred_file: Path, gold: dict[int, str], metric: str) -> dict[str, float]:

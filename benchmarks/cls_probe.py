@@ -20,9 +20,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from bitfit_tasks.arguments import demo_model_path
-from bitfit_tasks.delta import load_task_model
-from bitfit_tasks.glue_data import GLUE_TASKS
+from bitfit_tasks.delta.apply import load_task_model
+from bitfit_tasks.tasks.arguments import demo_model_path
+from bitfit_tasks.tasks.glue.data import GLUE_TASKS
 
 
 @torch.no_grad()

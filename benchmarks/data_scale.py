@@ -38,9 +38,9 @@ def worker(a: argparse.Namespace) -> None:
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer, TrainerCallback, TrainingArguments
 
     from bitfit_tasks import BitFitConfig
-    from bitfit_tasks.arguments import demo_model_path
-    from bitfit_tasks.squad_data import read_squad_file, window_dataset
-    from bitfit_tasks.squad_qa import SquadBitFitTrainer, postprocess
+    from bitfit_tasks.tasks.arguments import demo_model_path
+    from bitfit_tasks.tasks.squad.data import read_squad_file, window_dataset
+    from bitfit_tasks.tasks.squad.qa import SquadBitFitTrainer, postprocess
 
     args = TrainingArguments(output_dir=a.out, max_steps=5, per_device_train_batch_size=a.batch,
                              gradient_accumulation_steps=a.accumulate, report_to=[],

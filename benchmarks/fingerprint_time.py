@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from bitfit_tasks.fileio import atomic_write_text
-from bitfit_tasks.selection import head_parameter_names
-from bitfit_tasks.signature import base_signature, format1_stats, legacy_fingerprint, signature_mismatch
+from bitfit_tasks.core.selection import head_parameter_names
+from bitfit_tasks.core.signature import base_signature, format1_stats, legacy_fingerprint, signature_mismatch
+from bitfit_tasks.utils.fileio import atomic_write_text
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from transformers import AutoModel, AutoModelForSequenceClassification, TrainingArguments
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, MultiTaskBitFit
-from bitfit_tasks.arguments import demo_model_path
+from bitfit_tasks.tasks.arguments import demo_model_path
 
 TASKS = {"cls2": 2, "nli3": 3, "sts": 1}
 

@@ -22,9 +22,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from bitfit_tasks import BitFitConfig, prepare_model
-from bitfit_tasks.fileio import atomic_write_text
-from bitfit_tasks.lean import make_lean
-from bitfit_tasks.signature import base_mismatch, base_signature, format1_stats, frozen_tensors, signature_id
+from bitfit_tasks.core.lean import make_lean
+from bitfit_tasks.core.signature import base_mismatch, base_signature, format1_stats, frozen_tensors, signature_id
+from bitfit_tasks.utils.fileio import atomic_write_text
 
 
 def _swap_rows(name: str, i: int, j: int) -> Callable[[dict[str, torch.Tensor]], None]:

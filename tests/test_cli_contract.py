@@ -18,14 +18,14 @@ from conftest import FIXTURES, tiny_model
 from safetensors.torch import load_file
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer
-from bitfit_tasks.arguments import ModelArguments, parse_args
-from bitfit_tasks.checkpoints import last_complete_checkpoint
-from bitfit_tasks.config import BitFitConfig as Cfg
-from bitfit_tasks.errors import UsageError
-from bitfit_tasks.glue import GlueArguments
-from bitfit_tasks.glue import main as glue_main
-from bitfit_tasks.pos import main as pos_main
-from bitfit_tasks.squad import main as squad_main
+from bitfit_tasks.core.config import BitFitConfig as Cfg
+from bitfit_tasks.tasks.arguments import ModelArguments, parse_args
+from bitfit_tasks.tasks.checkpoints import last_complete_checkpoint
+from bitfit_tasks.tasks.glue.run import GlueArguments
+from bitfit_tasks.tasks.glue.run import main as glue_main
+from bitfit_tasks.tasks.pos.run import main as pos_main
+from bitfit_tasks.tasks.squad.run import main as squad_main
+from bitfit_tasks.utils.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = os.path.join(FIXTURES, "glue")
@@ -38,9 +38,9 @@ ENTRY_POINTS = {
     "run_pos.py": ([str(ROOT / "run_pos.py")], "--treebank"),
     "sweep": (["-m", "bitfit_tasks.sweep"], "--methods"),
     "analysis": (["-m", "bitfit_tasks.analysis"], "--output"),
-    "bitfit-delta": (["-m", "bitfit_tasks.cli"], "export"),
-    "bitfit-delta info": (["-m", "bitfit_tasks.cli", "info"], "--tensors"),
-    "bitfit-delta export": (["-m", "bitfit_tasks.cli", "export"], "--base"),
+    "bitfit-delta": (["-m", "bitfit_tasks.serving.cli"], "export"),
+    "bitfit-delta info": (["-m", "bitfit_tasks.serving.cli", "info"], "--tensors"),
+    "bitfit-delta export": (["-m", "bitfit_tasks.serving.cli", "export"], "--base"),
 }
 
 
@@ -281,7 +281,7 @@ def test_squad_keeps_the_best_evaluation_and_rewrites_its_predictions(tiny_model
     """With an evaluation per epoch and the first one best (scripted), the saved model, the top-level
     EM/F1 and predictions.json are the first evaluation's: predictions.json is written again from the
     restored model after training."""
-    import bitfit_tasks.squad_qa as S
+    import bitfit_tasks.tasks.squad.qa as S
 
     real, calls = S.squad_metrics, []
 
@@ -308,11 +308,11 @@ def test_squad_keeps_the_best_evaluation_and_rewrites_its_predictions(tiny_model
 # ---- optional dependencies -------------------------------------------------------------------
 
 def test_squad_sweep_checks_matplotlib_before_training(tmp_path, capsys):
-    from bitfit_tasks import sweep
+    from bitfit_tasks.experiments import sweep
 
     ran = []
     with mock.patch.dict(sys.modules, {"matplotlib": None}), \
-            mock.patch("bitfit_tasks.sweep.run_grid", side_effect=lambda *a, **k: ran.append(1)):
+            mock.patch("bitfit_tasks.experiments.sweep.run_grid", side_effect=lambda *a, **k: ran.append(1)):
         with pytest.raises(SystemExit) as exc:
             sweep.main(["--runner", "squad", "--fractions", "0.01", "--output_dir", str(tmp_path)])
     assert exc.value.code == 2 and not ran

@@ -21,8 +21,8 @@ from test_trainer import RandomPairs, snapshot
 from transformers import TrainingArguments
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, MultiTaskBitFit, load_task_model
-from bitfit_tasks.metrics import squad_metrics
-from bitfit_tasks.selection import head_parameter_names, select_bias_parameters
+from bitfit_tasks.core.selection import head_parameter_names, select_bias_parameters
+from bitfit_tasks.tasks.metrics import squad_metrics
 
 DEVICE = os.environ.get("BITFIT_CUDA_TESTS_DEVICE", "cuda")
 ON_CPU = DEVICE == "cpu"
@@ -38,7 +38,7 @@ def native_bf16_on_cpu():
     if not ON_CPU:
         yield
         return
-    with mock.patch("bitfit_tasks.lean.cpu_bf16_capability", return_value={"avx512_bf16": False, "amx": True}):
+    with mock.patch("bitfit_tasks.core.lean.cpu_bf16_capability", return_value={"avx512_bf16": False, "amx": True}):
         yield
 
 
@@ -182,7 +182,7 @@ def _check_device(out) -> dict:
 
 
 def test_run_glue_end_to_end_on_the_device(tiny_model_dir, tmp_path):
-    from bitfit_tasks.glue import main
+    from bitfit_tasks.tasks.glue.run import main
 
     main(["--task_name", "mrpc", "--data_dir", f"{FIXTURES}/glue", "--model_name_or_path", tiny_model_dir,
           "--output_dir", str(tmp_path), "--num_train_epochs", "2", "--max_seq_length", "32", "--bf16", "true",
@@ -192,10 +192,10 @@ def test_run_glue_end_to_end_on_the_device(tiny_model_dir, tmp_path):
 
 
 def test_run_pos_end_to_end_on_the_device(tiny_model_dir, tmp_path):
-    from bitfit_tasks.lean import make_lean
-    from bitfit_tasks.pos import main
+    from bitfit_tasks.core.lean import make_lean
+    from bitfit_tasks.tasks.pos.run import main
 
-    with mock.patch("bitfit_tasks.trainer.make_lean", wraps=make_lean) as lean:
+    with mock.patch("bitfit_tasks.training.trainer.make_lean", wraps=make_lean) as lean:
         main(["--treebank", f"{FIXTURES}/pos/treebank", "--model_name_or_path", tiny_model_dir, "--output_dir",
               str(tmp_path), "--num_train_epochs", "2", "--ignore_mismatched_sizes", "true", "--disable_tqdm", "true",
               "--unknown_tags", "count_wrong", "--lean", "true", *_device_flags()])
@@ -211,7 +211,7 @@ def test_run_pos_end_to_end_on_the_device(tiny_model_dir, tmp_path):
 
 
 def test_run_squad_end_to_end_on_the_device(tiny_model_dir, tmp_path):
-    from bitfit_tasks.squad import main
+    from bitfit_tasks.tasks.squad.run import main
 
     sq = f"{FIXTURES}/squad"
     res = main(["--train_file", f"{sq}/official.json", "--validation_file", f"{sq}/flat.jsonl",

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, {root!r})
 from bitfit_tasks import BitFitConfig, BitFitTrainer
-from bitfit_tasks.launch import finish_distributed
+from bitfit_tasks.utils.launch import finish_distributed
 
 
 class Pairs(Dataset):

@@ -20,8 +20,8 @@ from bitfit_tasks import (
     prepare_model,
     save_delta,
 )
-from bitfit_tasks.delta import DELTA_CONFIG, DELTA_WEIGHTS
-from bitfit_tasks.signature import base_signature, signature_id
+from bitfit_tasks.core.signature import base_signature, signature_id
+from bitfit_tasks.delta.files import DELTA_CONFIG, DELTA_WEIGHTS
 
 
 def make_args(tmp_path, **kw):
@@ -325,7 +325,7 @@ def test_save_delta_function_and_describe(tmp_path):
 def test_cli_info_and_export(tmp_path, capsys, tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
-    from bitfit_tasks.cli import main as cli
+    from bitfit_tasks.serving.cli import main as cli
 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
     trainer = BitFitTrainer(model=base, args=make_args(tmp_path / "t", max_steps=2),
@@ -439,7 +439,7 @@ def test_from_pretrained_folder_hub_cache_and_mocked_download_reproduce_eval(tin
 
 
 def test_hub_delta_errors_are_one_line(tmp_path):
-    from bitfit_tasks.errors import UsageError
+    from bitfit_tasks.utils.errors import UsageError
 
     with pytest.raises(UsageError, match=r"not a local folder, and the Hub download failed .* check the id"):
         Delta.from_pretrained("user/no-such-delta", cache_dir=str(tmp_path), local_files_only=True)
@@ -491,7 +491,7 @@ def test_fp32_delta_applies_to_the_base_loaded_in_half_precision(dtype, tiny_mod
 def test_fp32_delta_applies_to_a_lean_model_and_a_perturbed_base_is_refused(tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from bitfit_tasks.lean import make_lean
+    from bitfit_tasks.core.lean import make_lean
 
     _, d = _delta_on_saved_base(tiny_model_dir, tmp_path)
     lean = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
@@ -510,8 +510,8 @@ def test_fp32_delta_applies_to_a_lean_model_and_a_perturbed_base_is_refused(tiny
 def test_a_delta_saved_before_signatures_is_still_checked_bit_exactly(tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from bitfit_tasks.delta import write_delta_files
-    from bitfit_tasks.signature import legacy_fingerprint
+    from bitfit_tasks.core.signature import legacy_fingerprint
+    from bitfit_tasks.delta.format import write_delta_files
 
     model, d = _delta_on_saved_base(tiny_model_dir, tmp_path)
     old = Delta.load(d)

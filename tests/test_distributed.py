@@ -104,7 +104,7 @@ def test_two_process_eval_of_a_fixed_model_equals_one_process(tiny_model_dir, tm
     """Evaluate the same trained delta with 1 and 2 processes (no training in the second run)."""
     launch(glue_args(tiny_model_dir, tmp_path / "train", 8), 1, tmp_path)
     merged = tmp_path / "merged"
-    from bitfit_tasks.delta import export_merged
+    from bitfit_tasks.delta.merge import export_merged
 
     export_merged(tiny_model_dir, tmp_path / "train", merged)
     shutil.copy(Path(tiny_model_dir) / "tokenizer.json", merged / "tokenizer.json")
@@ -206,15 +206,15 @@ def test_run_squad_two_processes_equals_one_process_double_batch(tiny_model_dir,
 RANK1_FAILS = """
 import os, sys
 sys.path.insert(0, {root!r})
-import bitfit_tasks.glue as G
-from bitfit_tasks.errors import UsageError
+import bitfit_tasks.tasks.glue.run as G
+from bitfit_tasks.utils.errors import UsageError
 metrics = G.compute_glue_metrics
 def failing(*a, **k):
     if os.environ.get("RANK") == "1":
         raise UsageError("rank-one data problem")
     return metrics(*a, **k)
 G.compute_glue_metrics = failing
-from bitfit_tasks.launch import run_cli
+from bitfit_tasks.utils.launch import run_cli
 run_cli(G.main)
 """
 

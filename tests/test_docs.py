@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bitfit_tasks import analysis, cli, sweep
+from bitfit_tasks.experiments import analysis, sweep
+from bitfit_tasks.serving import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -11,7 +11,7 @@ from conftest import FAMILIES, tiny_config
 from test_trainer import RandomPairs, snapshot
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, apply_delta
-from bitfit_tasks.selection import head_parameter_names, select_bias_parameters
+from bitfit_tasks.core.selection import head_parameter_names, select_bias_parameters
 
 H = 16
 # term -> number of bias values (all layers) for the 'bitfit' preset.
@@ -101,8 +101,8 @@ def test_runners_with_a_decoder_backbone(tiny_gpt2_dir, tmp_path):
     from conftest import FIXTURES
     from safetensors.torch import load_file
 
-    from bitfit_tasks.glue import main as glue_main
-    from bitfit_tasks.pos import main as pos_main
+    from bitfit_tasks.tasks.glue.run import main as glue_main
+    from bitfit_tasks.tasks.pos.run import main as pos_main
 
     res = glue_main(["--task_name", "mrpc", "--data_dir", os.path.join(FIXTURES, "glue"), "--model_name_or_path",
                      tiny_gpt2_dir, "--output_dir", str(tmp_path / "glue"), "--num_train_epochs", "1",

@@ -13,7 +13,7 @@ import pytest
 from conftest import FIXTURES
 from safetensors.torch import load_file
 
-from bitfit_tasks.checkpoints import last_complete_checkpoint
+from bitfit_tasks.tasks.checkpoints import last_complete_checkpoint
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,15 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from bitfit_tasks.trainer import BitFitTrainer
+from bitfit_tasks.training.trainer import BitFitTrainer
 original = BitFitTrainer._save_rng_state
 def killing(self, output_dir):
     if self.state.global_step == int(os.environ["KILL_AT_STEP"]):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self, output_dir)
 BitFitTrainer._save_rng_state = killing
-from bitfit_tasks.launch import run_cli
-from bitfit_tasks.glue import main
+from bitfit_tasks.utils.launch import run_cli
+from bitfit_tasks.tasks.glue.run import main
 run_cli(main)
 """
 
@@ -63,7 +63,7 @@ def test_sigkill_during_checkpoint_save_then_resume(tiny_model_dir, tmp_path):
     assert not (out / "results.json").exists()
     assert last_complete_checkpoint(str(out)) == str(out / f"checkpoint-{steps[0]}")
     # Rerunning without saying what to do is refused (the folder holds an unfinished run) ...
-    from bitfit_tasks.glue import main as glue_main
+    from bitfit_tasks.tasks.glue.run import main as glue_main
 
     with pytest.raises(ValueError, match=r"holds checkpoints of an unfinished run \(checkpoint-"):
         glue_main(glue(tiny_model_dir, out))
@@ -85,7 +85,7 @@ def test_two_runners_into_one_folder_second_is_refused(tiny_model_dir, tmp_path)
     """While one run holds --output_dir, a second one is refused at once instead of interleaving."""
     from filelock import FileLock
 
-    from bitfit_tasks.output_dir import LOCK_NAME, OWNER_NAME
+    from bitfit_tasks.utils.output_dir import LOCK_NAME, OWNER_NAME
 
     out = tmp_path / "shared"
     out.mkdir()
@@ -101,8 +101,8 @@ def test_a_refused_run_releases_its_folder(tiny_model_dir, tmp_path):
     """A run refused (or failing) before training leaves no lock behind in a long-lived process."""
     from filelock import FileLock
 
-    from bitfit_tasks.glue import main as glue_main
-    from bitfit_tasks.output_dir import LOCK_NAME
+    from bitfit_tasks.tasks.glue.run import main as glue_main
+    from bitfit_tasks.utils.output_dir import LOCK_NAME
 
     out = tmp_path / "run"
     (out / "checkpoint-4").mkdir(parents=True)
@@ -115,7 +115,7 @@ def test_a_refused_run_releases_its_folder(tiny_model_dir, tmp_path):
 
 def test_the_refusal_names_the_newest_checkpoint_by_step(tiny_model_dir, tmp_path):
     """checkpoint-150 is newer than checkpoint-50, though it sorts before it as a name."""
-    from bitfit_tasks.glue import main as glue_main
+    from bitfit_tasks.tasks.glue.run import main as glue_main
 
     out = tmp_path / "run"
     for step in (50, 100, 150):

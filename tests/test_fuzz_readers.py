@@ -19,7 +19,7 @@ from conftest import FIXTURES, tiny_model
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from bitfit_tasks.errors import UsageError
+from bitfit_tasks.utils.errors import UsageError
 
 # BITFIT_FUZZ_EXAMPLES=500 for a longer hunt; CI runs the fixed 40.
 BUDGET = settings(max_examples=int(os.environ.get("BITFIT_FUZZ_EXAMPLES", "40")), deadline=None, derandomize=True, database=None,
@@ -112,8 +112,8 @@ def outcome(fn, *args, **kwargs) -> Any:
 
 
 def _glue_read(path: str, task: str, cache: str):
-    from bitfit_tasks.glue import GlueArguments
-    from bitfit_tasks.glue_data import GLUE_TASKS, check_and_encode_labels, load_glue
+    from bitfit_tasks.tasks.glue.data import GLUE_TASKS, check_and_encode_labels, load_glue
+    from bitfit_tasks.tasks.glue.run import GlueArguments
 
     args = GlueArguments(task_name=task, train_file=path, validation_file=path)
     raw = load_glue(args, cache_dir=cache)
@@ -121,7 +121,7 @@ def _glue_read(path: str, task: str, cache: str):
 
 
 def _check_glue(ds, task: str) -> None:
-    from bitfit_tasks.glue_data import GLUE_TASKS
+    from bitfit_tasks.tasks.glue.data import GLUE_TASKS
 
     spec = GLUE_TASKS[task]
     for row in ds:
@@ -184,7 +184,7 @@ def _check_squad(rows: list[dict]) -> None:
 @seed(3)
 @given(data=st.data())
 def test_squad_official_json_reader_fuzzed(split, data):
-    from bitfit_tasks.squad_data import read_squad_file
+    from bitfit_tasks.tasks.squad.data import read_squad_file
 
     official = json.loads(Path(f"{FIXTURES}/squad/official.json").read_text())
     raw = mutate_bytes(data, json.dumps(mutate_json(data, official)).encode())
@@ -200,7 +200,7 @@ def test_squad_official_json_reader_fuzzed(split, data):
 @seed(4)
 @given(data=st.data())
 def test_squad_jsonl_reader_fuzzed(data):
-    from bitfit_tasks.squad_data import read_squad_file
+    from bitfit_tasks.tasks.squad.data import read_squad_file
 
     raw = mutate_bytes(data, jsonl(mutate_json(data, read_jsonl(f"{FIXTURES}/squad/flat.jsonl"))))
     with tempfile.TemporaryDirectory() as d:
@@ -226,7 +226,7 @@ def _check_sentences(sentences: list[dict]) -> None:
 @seed(5)
 @given(data=st.data())
 def test_tagging_text_readers_fuzzed(name, data):
-    from bitfit_tasks.pos_data import read_file
+    from bitfit_tasks.tasks.pos.data import read_file
 
     raw = mutate_bytes(data, Path(f"{FIXTURES}/pos/{name}").read_bytes()[:1500])
     with tempfile.TemporaryDirectory() as d:
@@ -242,7 +242,7 @@ def test_tagging_text_readers_fuzzed(name, data):
 @seed(6)
 @given(data=st.data())
 def test_tagging_jsonl_reader_fuzzed(name, field, data):
-    from bitfit_tasks.pos_data import read_file
+    from bitfit_tasks.tasks.pos.data import read_file
 
     raw = mutate_bytes(data, jsonl(mutate_json(data, read_jsonl(f"{FIXTURES}/pos/{name}"))))
     with tempfile.TemporaryDirectory() as d:

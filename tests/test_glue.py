@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import FIXTURES
 
-from bitfit_tasks.glue import (
+from bitfit_tasks.tasks.glue.run import (
     GLUE_TASKS,
     GlueArguments,
     check_and_encode_labels,
@@ -177,7 +177,7 @@ def test_eval_subset_is_the_same_for_every_seed_and_method(tiny_model_dir, tmp_p
         idx[mode] = [json.loads(x)["idx"] for x in (out / "predictions_validation.jsonl").read_text().splitlines()]
         train[mode] = res["train_examples"]
     assert len(idx["bitfit"]) == 6 and idx["bitfit"] == idx["full"] == idx["frozen"]
-    from bitfit_tasks.sampling import sample_indices
+    from bitfit_tasks.tasks.sampling import sample_indices
 
     assert sample_indices(100, 1, k=8) != sample_indices(100, 2, k=8)  # training subsets differ by seed
     assert sample_indices(100, 1, fraction=0.1) == sample_indices(100, 1, k=10)

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from test_best_epoch import SCRIPT_END, SCRIPT_START, STEPS_PER_EPOCH, glue_args
 from test_best_epoch import run_scripted as run_best_epoch_script
 
-from bitfit_tasks.best import BEST_FILE, BestEpochKeeper, keeper_rule
-from bitfit_tasks.errors import UsageError
+from bitfit_tasks.training.best import BEST_FILE, BestEpochKeeper, keeper_rule
+from bitfit_tasks.utils.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def test_a_best_copy_kept_by_another_metric_is_refused(tmp_path):
 @pytest.mark.slow
 def test_full_fine_tuning_checkpoints_hold_the_model_and_the_best_copy(tiny_model_dir, tmp_path):
     """The copy goes in before Trainer's save_pretrained, which must leave it there."""
-    from bitfit_tasks.glue import main
+    from bitfit_tasks.tasks.glue.run import main
 
     out = tmp_path / "full"
     main(glue_args(tiny_model_dir, out, "--mode", "full", "--num_train_epochs", "2", "--learning_rate", "1e-4"))

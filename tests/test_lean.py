@@ -12,7 +12,7 @@ from torch import nn
 from transformers import TrainingArguments
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, apply_delta, prepare_model
-from bitfit_tasks.lean import BoolDropout, make_lean
+from bitfit_tasks.core.lean import BoolDropout, make_lean
 
 
 def test_bool_dropout_keeps_a_bool_mask_and_matches_dropout_semantics():
@@ -69,7 +69,7 @@ def test_lean_loss_and_gradients_match_fp32_within_bf16_tolerance():
 @pytest.fixture
 def fast_bf16_cpu():
     """Pretend the CPU has native bf16 matmuls (AMX), so lean mode runs here (emulated, tiny model)."""
-    with mock.patch("bitfit_tasks.lean.cpu_bf16_capability", return_value={"avx512_bf16": False, "amx": True}):
+    with mock.patch("bitfit_tasks.core.lean.cpu_bf16_capability", return_value={"avx512_bf16": False, "amx": True}):
         yield
 
 
@@ -140,7 +140,7 @@ def test_bf16_mixed_precision_keeps_trainable_biases_fp32(tmp_path):
 
 def test_lean_on_a_cpu_without_native_bf16_falls_back_to_fp32_with_a_warning(tmp_path):
     """AVX2-only CPU (this machine's kind): lean would emulate bf16 (>50x slower), so it trains fp32."""
-    with mock.patch("bitfit_tasks.lean.cpu_bf16_capability", return_value={"avx512_bf16": False, "amx": False}):
+    with mock.patch("bitfit_tasks.core.lean.cpu_bf16_capability", return_value={"avx512_bf16": False, "amx": False}):
         model = tiny_model("bert")
         args = make_args(tmp_path, max_steps=1)
         with pytest.warns(UserWarning, match=r"--lean needs native bf16 matmuls \(AVX512-BF16 or AMX\); this CPU has "
@@ -159,9 +159,9 @@ def test_results_json_records_that_a_lean_request_ran_in_fp32(tiny_model_dir, tm
 
     from conftest import FIXTURES
 
-    from bitfit_tasks.glue import main
+    from bitfit_tasks.tasks.glue.run import main
 
-    with mock.patch("bitfit_tasks.lean.cpu_bf16_capability", return_value={"avx512_bf16": False, "amx": False}), \
+    with mock.patch("bitfit_tasks.core.lean.cpu_bf16_capability", return_value={"avx512_bf16": False, "amx": False}), \
             pytest.warns(UserWarning, match=r"so this run trains in fp32"):
         main(["--task_name", "mrpc", "--data_dir", f"{FIXTURES}/glue", "--model_name_or_path", tiny_model_dir,
               "--output_dir", str(tmp_path), "--num_train_epochs", "1", "--max_seq_length", "32", "--lean", "true",
@@ -196,7 +196,7 @@ def test_a_deepcopy_of_a_lean_model_runs_its_own_weights():
 
 
 def test_capability_check_reads_torch_cpu_flags():
-    from bitfit_tasks.lean import bf16_supported, cpu_bf16_capability
+    from bitfit_tasks.core.lean import bf16_supported, cpu_bf16_capability
 
     caps = cpu_bf16_capability()
     assert caps == {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx": torch.cpu._is_amx_tile_supported()}
@@ -288,7 +288,7 @@ def test_lean_on_an_accelerator_without_bf16_names_it(device, tmp_path):
     """The bf16 check follows the accelerator torch reports (accelerate's is_bf16_available for every
     device type), not only CUDA."""
     args = make_args(tmp_path, max_steps=1)
-    with mock.patch("bitfit_tasks.lean.accelerator_type", return_value=device), \
+    with mock.patch("bitfit_tasks.core.lean.accelerator_type", return_value=device), \
             mock.patch("accelerate.utils.is_bf16_available", return_value=False):
         with pytest.raises(ValueError, match=rf"lean=True needs bf16 autocast, which this {device} device does not"):
             BitFitTrainer(model=tiny_model("bert"), args=args, train_dataset=RandomPairs(),
@@ -298,7 +298,7 @@ def test_lean_on_an_accelerator_without_bf16_names_it(device, tmp_path):
 def test_accelerator_type_follows_torch():
     from types import SimpleNamespace
 
-    from bitfit_tasks.lean import accelerator_type
+    from bitfit_tasks.core.lean import accelerator_type
 
     assert accelerator_type(SimpleNamespace(use_cpu=True)) == "cpu"
     with mock.patch("torch.accelerator.is_available", return_value=True), \

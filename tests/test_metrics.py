@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from bitfit_tasks import metrics as M
-from bitfit_tasks.glue import compute_glue_metrics
+from bitfit_tasks.tasks import metrics as M
+from bitfit_tasks.tasks.glue.run import compute_glue_metrics
 
 
 def test_accuracy_and_f1_by_hand():

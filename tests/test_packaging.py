@@ -60,15 +60,16 @@ def test_public_api_is_the_user_story_and_the_version_is_written_once():
     import sys
 
     import bitfit_tasks
-    from bitfit_tasks.selection import DEFAULT_BIAS_MAPS
+    from bitfit_tasks.core.bias_maps import DEFAULT_BIAS_MAPS
 
     # Each public name is the object its home module defines (not a stand-in, not another runner's main).
-    homes = {"MODES": "config", "BitFitConfig": "config", "prepare_model": "core", "MultiTaskBitFit": "multitask",
-             "BitFitTrainer": "trainer", "run_glue": "glue", "run_squad": "squad", "run_pos": "pos",
-             **dict.fromkeys(["AppliedDelta", "Delta", "apply_delta", "export_merged", "load_task_model",
-                              "save_delta"], "delta"),
-             **dict.fromkeys(["PRESETS", "TERMS", "BiasMap", "register_bias_map", "select_bias_parameters",
-                              "supported_model_types"], "selection")}
+    homes = {"MODES": "core.config", "BitFitConfig": "core.config", "prepare_model": "core.prepare",
+             "MultiTaskBitFit": "serving.multitask", "BitFitTrainer": "training.trainer", "run_glue": "tasks.glue.run",
+             "run_squad": "tasks.squad.run", "run_pos": "tasks.pos.run",
+             **dict.fromkeys(["AppliedDelta", "apply_delta", "load_task_model"], "delta.apply"),
+             **dict.fromkeys(["Delta", "save_delta"], "delta.format"), "export_merged": "delta.merge",
+             **dict.fromkeys(["PRESETS", "TERMS", "BiasMap", "register_bias_map", "supported_model_types"],
+                             "core.bias_maps"), "select_bias_parameters": "core.selection"}
     assert set(homes) == set(bitfit_tasks.__all__)
     for name, home in homes.items():
         attr = "main" if name.startswith("run_") else name
@@ -80,6 +81,6 @@ def test_public_api_is_the_user_story_and_the_version_is_written_once():
     with pytest.raises(TypeError):
         DEFAULT_BIAS_MAPS["gpt2"] = DEFAULT_BIAS_MAPS["bert"]  # read-only: register_bias_map is the way in
     # Importing the package loads no runner (task code, readers) until a runner's main is asked for.
-    runners = ("bitfit_tasks.glue", "bitfit_tasks.squad", "bitfit_tasks.pos")
+    runners = ("bitfit_tasks.tasks.glue.run", "bitfit_tasks.tasks.squad.run", "bitfit_tasks.tasks.pos.run")
     code = f"import sys, bitfit_tasks; print(any(m in sys.modules for m in {runners}))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -20,7 +20,7 @@ from conftest import FIXTURES, tiny_model
 from transformers import TrainingArguments
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer
-from bitfit_tasks.errors import UsageError
+from bitfit_tasks.utils.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 DS_CONFIG = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}

@@ -15,8 +15,8 @@ from test_added_biases import RandomTokens
 from transformers import TrainingArguments
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, load_task_model
-from bitfit_tasks.errors import UsageError
-from bitfit_tasks.peft_io import export_peft
+from bitfit_tasks.peft_interop.convert import export_peft
+from bitfit_tasks.utils.errors import UsageError
 
 peft = pytest.importorskip("peft")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +103,7 @@ def test_export_peft_on_the_packaged_model_through_the_cli(tmp_path):
     base = str(get_model_path())
     cfg = T.AutoConfig.from_pretrained(base, num_labels=2)
     trained_delta(tmp_path, cfg, ["bitfit"], base=base)
-    proc = subprocess.run([sys.executable, "-m", "bitfit_tasks.cli", "export-peft", str(tmp_path / "delta"),
+    proc = subprocess.run([sys.executable, "-m", "bitfit_tasks.serving.cli", "export-peft", str(tmp_path / "delta"),
                            str(tmp_path / "peft"), "--base", base], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -142,7 +142,7 @@ def beft_trained(tmp_path, cfg, targets, steps=12):
 ])
 def test_a_beft_adapter_serves_as_a_delta_in_mixed_batches(name, cfg, targets, tmp_path):
     from bitfit_tasks import MultiTaskBitFit, apply_delta
-    from bitfit_tasks.peft_io import delta_from_peft
+    from bitfit_tasks.peft_interop.convert import delta_from_peft
 
     base = beft_trained(tmp_path, cfg, targets)
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_a_beft_adapter_serves_as_a_delta_in_mixed_batches(name, cfg, targets, t
 
 
 def test_a_lora_adapter_is_not_a_delta(tmp_path):
-    from bitfit_tasks.peft_io import delta_from_peft
+    from bitfit_tasks.peft_interop.convert import delta_from_peft
 
     cfg = tiny_config("bert", num_labels=2)
     T.AutoModel.from_config(cfg).save_pretrained(tmp_path / "base")

@@ -58,7 +58,7 @@ def test_peft_model_loss_reading_looks_through_the_wrapper(tmp_path):
     """Trainer reads the wrapped model's forward; so does the loss-normalisation reading. A generic
     PeftModel (no task_type) around a classification head is still a per-batch-mean loss (before:
     read as True from PeftModel.forward's **kwargs)."""
-    from bitfit_tasks.trainer import loss_takes_num_items
+    from bitfit_tasks.training.trainer import loss_takes_num_items
 
     generic = peft.get_peft_model(tiny_model("bert"), peft.LoraConfig(r=2, target_modules=["query"]))
     assert type(generic).__name__ == "PeftModel"

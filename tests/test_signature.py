@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitfit_tasks.errors import UsageError
-from bitfit_tasks.signature import (
+from bitfit_tasks.core.signature import (
     CHUNK,
     base_mismatch,
     base_signature,
@@ -22,6 +21,7 @@ from bitfit_tasks.signature import (
     signature_id,
     signature_mismatch,
 )
+from bitfit_tasks.utils.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_one_changed_or_moved_value_anywhere_is_refused(dtype):
 def test_any_two_values_swapped_within_a_chunk_are_refused():
     """The weights of a chunk are a permutation of 1..CHUNK, so a swap of two different values changes
     the chunk's sum whatever the pair: checked on 300 random pairs of one chunk."""
-    from bitfit_tasks.signature import _weights
+    from bitfit_tasks.core.signature import _weights
 
     assert sorted(_weights(torch.device("cpu")).tolist()) == list(range(1, CHUNK + 1))
     t = torch.randn(CHUNK, generator=torch.Generator().manual_seed(1))
@@ -96,7 +96,7 @@ def test_any_two_values_swapped_within_a_chunk_are_refused():
 
 def test_the_hashes_do_not_depend_on_how_many_chunks_a_step_takes(monkeypatch):
     """An accelerator hashes 256 chunks per step, a CPU one: the sums are the same."""
-    import bitfit_tasks.signature as signature
+    import bitfit_tasks.core.signature as signature
 
     tensors = _tensors()
     one = sign(tensors.items())

@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from bitfit_tasks.metrics import exact_match, f1_score, normalize_answer, squad_metrics
-from bitfit_tasks.squad import SquadArguments, main
-from bitfit_tasks.squad_data import prepare_eval_features, prepare_train_features, read_squad_file, sample_examples
-from bitfit_tasks.squad_qa import postprocess
+from bitfit_tasks.tasks.metrics import exact_match, f1_score, normalize_answer, squad_metrics
+from bitfit_tasks.tasks.squad.data import (
+    prepare_eval_features,
+    prepare_train_features,
+    read_squad_file,
+    sample_examples,
+)
+from bitfit_tasks.tasks.squad.qa import postprocess
+from bitfit_tasks.tasks.squad.run import SquadArguments, main
 
 SQ = f"{FIXTURES}/squad"
 
@@ -129,7 +134,7 @@ def test_run_squad_smoke_same_subset_for_every_method(tiny_model_dir, tmp_path):
 
 
 def test_training_size_curve_grid_resumes_and_plots(tiny_model_dir, tmp_path, capsys):
-    from bitfit_tasks import sweep
+    from bitfit_tasks.experiments import sweep
 
     argv = ["--runner", "squad", "--fractions", "0.4", "1", "--methods", "bitfit", "full", "--seeds", "1", "2",
             "--bias_lrs", "1e-3", "--full_lrs", "5e-5", "--output_dir", str(tmp_path), "--",
@@ -149,7 +154,7 @@ def test_training_size_curve_grid_resumes_and_plots(tiny_model_dir, tmp_path, ca
 
 
 def test_fraction_epochs_give_each_fraction_its_own_epochs():
-    from bitfit_tasks.sweep import fraction_task_args
+    from bitfit_tasks.experiments.sweep import fraction_task_args
 
     tasks, args = fraction_task_args([0.01, 0.1], [10, 3])
     assert tasks == ["frac0.01", "frac0.1"]
@@ -203,8 +208,8 @@ def test_vectorised_postprocess_equals_the_loop(tok, seed):
 
 
 def test_cached_and_uncached_windows_are_identical(tok, tmp_path):
-    from bitfit_tasks.squad_data import window_dataset
-    from bitfit_tasks.squad_qa import offsets_array
+    from bitfit_tasks.tasks.squad.data import window_dataset
+    from bitfit_tasks.tasks.squad.qa import offsets_array
 
     rows = read_squad_file(f"{SQ}/official.json")
     want_train = prepare_train_features(rows, tok, 40, 16)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import FIXTURES, tiny_model
 
-from bitfit_tasks import sweep
-from bitfit_tasks.analysis import bias_change, plot_heatmap, write_csv
+from bitfit_tasks.experiments import sweep
+from bitfit_tasks.experiments.analysis import bias_change, plot_heatmap, write_csv
 
 
 class Crash(Exception):
@@ -189,7 +189,7 @@ def test_two_sweeps_at_once_run_each_cell_once(tiny_model_dir, tmp_path):
     ("glue", ["--recipe", "official"], "official"), ("squad", [], "paper"), ("squad", ["--recipe", "official"], "official"),
     ("glue", ["--rec", "linear"], "paper")])  # an abbreviation, read by the runner's own parser
 def test_default_bias_grid_follows_the_runs_recipe(monkeypatch, tmp_path, runner, extra, grid):
-    from bitfit_tasks.recipes import OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS
+    from bitfit_tasks.tasks.recipes import OFFICIAL_BIAS_LRS, PAPER_BIAS_LRS
 
     seen = {}
     monkeypatch.setattr(sweep, "run_grid", lambda *a, **kw: seen.update(kw))
@@ -201,7 +201,7 @@ def test_default_bias_grid_follows_the_runs_recipe(monkeypatch, tmp_path, runner
 
 
 def test_official_grid_leaves_out_the_rates_that_collapsed_glue():
-    from bitfit_tasks.recipes import OFFICIAL_BIAS_LRS
+    from bitfit_tasks.tasks.recipes import OFFICIAL_BIAS_LRS
 
     # MRPC/CoLA collapsed at 3e-3 and MRPC/STS-B at 1e-2 under the constant rate; POS trained at all three.
     assert not {3e-3, 1e-2} & set(OFFICIAL_BIAS_LRS["glue"]) and 1e-3 in OFFICIAL_BIAS_LRS["glue"]
@@ -289,7 +289,7 @@ def test_a_copied_or_moved_sweep_skips_its_finished_cells(tmp_path, monkeypatch)
 
 
 def test_cell_identity_resolves_inputs_and_drops_locations(tmp_path, monkeypatch):
-    from bitfit_tasks.sweep_cells import cell_identity
+    from bitfit_tasks.experiments.cells import cell_identity
 
     monkeypatch.chdir(FIXTURES)
     table = sweep.runner_parser("glue")._option_string_actions

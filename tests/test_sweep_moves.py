@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES
 
-from bitfit_tasks import sweep
-from bitfit_tasks.errors import UsageError
+from bitfit_tasks.experiments import sweep
+from bitfit_tasks.utils.errors import UsageError
 
 
 class Crash(Exception):

@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import FIXTURES
 
-from bitfit_tasks import metrics as M
-from bitfit_tasks.pos import main
-from bitfit_tasks.pos_data import read_file
-from bitfit_tasks.tagging import resolve_tag_scheme
+from bitfit_tasks.tasks import metrics as M
+from bitfit_tasks.tasks.pos.data import read_file
+from bitfit_tasks.tasks.pos.run import main
+from bitfit_tasks.tasks.pos.tagging import resolve_tag_scheme
 
 POS = f"{FIXTURES}/pos"
 

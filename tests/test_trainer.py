@@ -10,8 +10,8 @@ from torch.utils.data import Dataset
 from transformers import TrainingArguments
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, prepare_model
-from bitfit_tasks.core import random_masks
-from bitfit_tasks.selection import head_parameter_names, select_bias_parameters
+from bitfit_tasks.core.prepare import random_masks
+from bitfit_tasks.core.selection import head_parameter_names, select_bias_parameters
 
 
 class RandomPairs(Dataset):
@@ -245,7 +245,7 @@ def test_accepts_loss_kwargs_for_task_heads_and_declared_models(tmp_path):
     sum over the global item count; encoder task heads compute per-process means."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from bitfit_tasks.trainer import loss_takes_num_items
+    from bitfit_tasks.training.trainer import loss_takes_num_items
 
     cls_model = tiny_model("bert")
     assert loss_takes_num_items(cls_model) is False  # takes **kwargs, but its loss is a mean
@@ -258,7 +258,7 @@ def test_accepts_loss_kwargs_for_task_heads_and_declared_models(tmp_path):
 
 
 def test_trainer_leaves_the_callers_arguments_alone(tmp_path):
-    from bitfit_tasks.trainer import BitFitTrainer
+    from bitfit_tasks.training.trainer import BitFitTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1)
     assert args.ddp_find_unused_parameters is None
@@ -276,7 +276,7 @@ def test_trainer_leaves_the_callers_arguments_alone(tmp_path):
 def test_unsupported_parallel_layouts_are_refused_before_training(setting, message, tmp_path):
     from types import SimpleNamespace
 
-    from bitfit_tasks.trainer import refuse_unsupported_parallelism
+    from bitfit_tasks.training.trainer import refuse_unsupported_parallelism
 
     with pytest.raises(ValueError, match=message):
         refuse_unsupported_parallelism(SimpleNamespace(**{"n_gpu": 1, "fsdp": None, "deepspeed": None, **setting}))
@@ -285,7 +285,7 @@ def test_unsupported_parallel_layouts_are_refused_before_training(setting, messa
 def test_several_gpus_in_one_process_are_refused_by_the_trainer(tmp_path):
     from unittest import mock
 
-    from bitfit_tasks.trainer import BitFitTrainer
+    from bitfit_tasks.training.trainer import BitFitTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1)
     with mock.patch.object(TrainingArguments, "n_gpu", new_callable=mock.PropertyMock, return_value=4):
@@ -302,7 +302,7 @@ def test_step_timer_times_each_optimizer_step_over_all_its_micro_batches(tmp_pat
     sleeps 50 ms) falls inside it, and there are as many timings as optimizer steps."""
     import time
 
-    from bitfit_tasks.callbacks import StepTimer
+    from bitfit_tasks.tasks.callbacks import StepTimer
 
     model = tiny_model("bert")
     model.register_forward_pre_hook(lambda module, args: time.sleep(0.05))

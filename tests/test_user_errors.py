@@ -13,7 +13,7 @@ import pytest
 from conftest import FIXTURES
 from test_bad_input import CASES, no_model_loading
 
-from bitfit_tasks.errors import UsageError
+from bitfit_tasks.utils.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +38,8 @@ def test_every_bad_input_is_a_user_error(cid, fn, tmp_path):
 SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
-from bitfit_tasks.errors import UsageError
-from bitfit_tasks.launch import run_cli
+from bitfit_tasks.utils.errors import UsageError
+from bitfit_tasks.utils.launch import run_cli
 kind = sys.argv[1]
 def main():
     if kind == "usage":
@@ -73,7 +73,7 @@ def test_a_model_that_cannot_be_loaded_is_one_line(runner, tmp_path):
     is loaded: one line naming the value, not a traceback."""
     import importlib
 
-    main = importlib.import_module(f"bitfit_tasks.{runner}").main
+    main = importlib.import_module(f"bitfit_tasks.tasks.{runner}.run").main
     data = {"glue": ["--task_name", "rte", "--data_dir", f"{FIXTURES}/glue"],
             "pos": ["--train_file", f"{FIXTURES}/pos/conll2000.txt", "--validation_file",
                     f"{FIXTURES}/pos/conll2000.txt", "--tag_column", "1"],

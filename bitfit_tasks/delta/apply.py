@@ -1,0 +1,168 @@
+"""Applying a delta onto a base model in place, and undoing it bit for bit; building the task model
+of base + delta (:func:`load_task_model`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from torch import nn
+
+from ..core.prepare import add_biases, remove_biases
+from ..core.signature import base_mismatch, frozen_tensors
+from ..utils.errors import UsageError, first_line
+from .format import Delta
+
+
+@dataclass
+class AppliedDelta:
+    """Handle returned by :func:`apply_delta`; ``remove()`` restores the base bit-exactly."""
+
+    model: nn.Module
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Biases the delta added to a base built without them: removed again, not zeroed.
+    created: list[str] = field(default_factory=list)
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        params = dict(self.model.named_parameters())
+        for name, value in self.originals.items():
+            # A bias another (earlier) delta created and already took away again is gone: skip it.
+            if name not in self.created and name in params:
+                params[name].copy_(value)
+        remove_biases(self.model, self.created)
+        self.originals, self.created = {}, []
+
+
+def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool = True,
+                     signature: dict[str, dict] | None = None) -> None:
+    """Raise ``ValueError`` naming the problem if ``delta`` does not belong on ``model``.
+    ``signature``: the model's own base signature, taken earlier over the same tensors (BitFitTrainer
+    takes it once, before lean mode rounds the frozen weights); otherwise it is computed now."""
+    params = dict(model.named_parameters())
+    missing = [n for n in delta.tensors if n not in params]
+    if missing:
+        raise UsageError(
+            f"delta {delta.path} has tensors the model lacks, e.g. {missing[:3]} (model "
+            f"{type(model).__name__}, delta trained on {delta.meta.get('task_class')}); load the base "
+            f"with the delta's task class."
+        )
+    bad = [(n, tuple(t.shape), tuple(params[n].shape)) for n, t in delta.tensors.items()
+           if tuple(t.shape) != tuple(params[n].shape)]
+    if bad:
+        n, want, have = bad[0]
+        raise UsageError(
+            f"delta {delta.path}: shape of {n} is {want} but the model's is {have}"
+            + (" (load the base with the delta's num_labels)" if n in delta.meta.get("head", []) else "")
+            + "."
+        )
+    if not verify_fingerprint:
+        return
+    why = base_mismatch(delta.meta, frozen_tensors(model, delta.tensors), signature)
+    if why is not None:
+        raise UsageError(
+            f"delta {delta.path} was trained on a different base model ({why}; delta base: "
+            f"{delta.meta.get('base_model')!r}). Load that base, or pass verify_fingerprint=False if you know better.")
+
+
+def create_added_biases(model: nn.Module, delta: Delta) -> list[str]:
+    """The zero biases a delta trained where its base had none, created on ``model`` if it lacks them
+    (a base loaded fresh); returns the names created. A module that cannot take one is one line."""
+    added = delta.meta.get("added_biases") or {}
+    try:
+        return add_biases(model, added)
+    except (AttributeError, ValueError) as err:  # get_submodule: no such module
+        raise UsageError(f"delta {delta.path} adds biases this model cannot hold ({first_line(err)}); load the base "
+                         f"the delta was trained on ({delta.meta.get('base_model')!r}, "
+                         f"{delta.meta.get('task_class')}).") from None
+
+
+@torch.no_grad()
+def apply_delta(
+    model: nn.Module, delta: Delta | str | os.PathLike, *, verify_fingerprint: bool = True,
+    signature: dict[str, dict] | None = None, **hub_kwargs
+) -> AppliedDelta:
+    """Copy a delta's tensors (a :class:`Delta`, a local folder or a Hub id) into ``model`` in place
+    (cast to each parameter's dtype and device); keep the replaced values for ``remove()``.
+    ``signature``: see :func:`check_compatible`."""
+    delta = delta if isinstance(delta, Delta) else Delta.from_pretrained(delta, **hub_kwargs)
+    created: list[str] = []
+    try:
+        created = create_added_biases(model, delta)
+        check_compatible(model, delta, verify_fingerprint=verify_fingerprint, signature=signature)
+    except BaseException:
+        remove_biases(model, created)  # a refused delta leaves the model as it was
+        raise
+    params = dict(model.named_parameters())
+    handle = AppliedDelta(model, created=created)
+    for name, value in delta.tensors.items():
+        p = params[name]
+        handle.originals[name] = p.detach().clone()
+        p.copy_(value.to(device=p.device, dtype=p.dtype))  # a lean (bf16) model takes it rounded
+    return handle
+
+
+def task_model_class(name: str, source: str = "the delta") -> type:
+    """The transformers model class a delta's ``task_class`` names (e.g. BertForSequenceClassification).
+    Anything else is one line: a delta saved from the user's own ``nn.Module`` applies onto that
+    module (built by the user), which :func:`load_task_model` cannot build."""
+    cls = None
+    if name.isidentifier():
+        try:
+            cls = getattr(transformers, name, None)
+        except Exception:  # a lazy attribute whose import fails (a missing optional backend)
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise UsageError(f"{source}: task_class {name[:60]!r} is not a transformers model class (e.g. "
+                         "BertForSequenceClassification), the kind of class built from a base model's name. A delta "
+                         f"of your own module applies onto that module: build it, then apply_delta(model, {source!r}).")
+    return cls
+
+
+def task_config_for(config, delta: Delta):
+    """The base's config with the delta's task settings (labels, problem type, padding token)."""
+    task_cfg = delta.meta.get("task_config") or {}
+    # pad_token_id: a decoder trained with the eos token as padding finds each row's last token by it.
+    for key in ("num_labels", "id2label", "label2id", "problem_type", "pad_token_id"):
+        if key in task_cfg:
+            setattr(config, key, task_cfg[key])
+    if "id2label" in task_cfg:
+        config.id2label = {int(k): v for k, v in task_cfg["id2label"].items()}
+    return config
+
+
+def base_task_model(base_model: str, delta: Delta, *, dtype: torch.dtype | str | None = None,
+                    **from_pretrained_kwargs) -> nn.Module:
+    """The base loaded with the delta's task class and task config, before the delta is applied."""
+    cls = task_model_class(delta.meta["task_class"], source=delta.path or "the delta")
+    config = task_config_for(transformers.AutoConfig.from_pretrained(base_model), delta)
+    if dtype is not None:
+        from_pretrained_kwargs["dtype"] = dtype
+    # The delta supplies the head (and any added bias): transformers' report of them as "newly
+    # initialised" would only mislead.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(base_model, config=config, **from_pretrained_kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def load_task_model(base_model: str, delta: str | os.PathLike | Delta, *, revision: str | None = None,
+                    dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                    verify_fingerprint: bool = True, **from_pretrained_kwargs):
+    """Base model + delta (a local folder or a Hub id; ``revision`` picks the delta's) -> the
+    fine-tuned task model: the task class and config come from the delta. ``dtype`` (e.g.
+    ``torch.bfloat16``) and ``device`` (e.g. ``"cuda"``) load the base that way; the delta's tensors
+    are cast to match, and a delta trained on the fp32 base is accepted on it (see the signature
+    comment above). ``from_pretrained_kwargs`` go to the base model's ``from_pretrained``."""
+    if not isinstance(delta, Delta):
+        delta = Delta.from_pretrained(delta, revision=revision, cache_dir=from_pretrained_kwargs.get("cache_dir"),
+                                      token=from_pretrained_kwargs.get("token"))
+    model = base_task_model(base_model, delta, dtype=dtype, **from_pretrained_kwargs)
+    if device is not None:
+        model.to(device)
+    apply_delta(model, delta, verify_fingerprint=verify_fingerprint)
+    return model

@@ -1,0 +1,181 @@
+"""Deltas to and from PEFT: a BitFit delta written as a PEFT BEFT adapter folder, which
+``PeftModel.from_pretrained`` loads onto the base; and a BEFT adapter read as a delta, which
+``MultiTaskBitFit`` serves beside BitFit's own (mixed-task batches included).
+
+BEFT (PEFT's bias-term fine-tuning) adds a vector to the output of chosen ``nn.Linear`` layers, so a
+changed Linear bias ``b`` over a base bias ``b0`` (zero where BitFit added the bias) is the BEFT vector
+``b - b0``. What BEFT cannot hold -- the bias of a LayerNorm (or any other non-Linear module) and the
+task head -- goes into ``modules_to_save``: PEFT stores those modules whole and swaps them in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..delta.apply import base_task_model
+from ..delta.format import Delta
+from ..utils.errors import UsageError
+from ..utils.fileio import check_new_folder, publish_folder
+from .modes import PEFT_TASK_TYPES, import_peft, write_adapter_extras
+
+
+@torch.no_grad()
+def export_peft(base_model: str, delta: Delta | str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Write ``delta`` as a PEFT BEFT adapter into ``output_dir`` (new or empty): Linear bias changes as BEFT
+    vectors, other changed modules (LayerNorms) and the head in ``modules_to_save``. Returns the folder."""
+    peft = import_peft("exporting to PEFT")
+    delta = delta if isinstance(delta, Delta) else Delta.from_pretrained(delta)
+    out = Path(output_dir)
+    check_new_folder(out, "PEFT adapter", name="the output")  # positional in `bitfit-delta export-peft`
+    suffix = next((s for s in PEFT_TASK_TYPES if delta.meta["task_class"].endswith(s)), None)
+    if suffix is None:
+        raise UsageError(f"{delta.meta['task_class']} has no PEFT task type; deltas of {sorted(PEFT_TASK_TYPES)} "
+                         "task classes export to PEFT.")
+    if delta.meta.get("mode") != "bitfit":
+        raise UsageError(f"a {delta.meta.get('mode')!r} delta changes weight matrices, which a BEFT adapter cannot "
+                         "hold; only bias-only ('bitfit') deltas export to PEFT.")
+    model = base_task_model(base_model, delta)
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    head = set(delta.meta.get("head", []))
+    linear, others = {}, set()
+    for name in delta.tensors:
+        mod_name, _, attr = name.rpartition(".")
+        if name in head:
+            others.add(name.split(".")[0])  # the head module, top level (classifier, score, qa_outputs, head)
+        elif attr == "bias" and isinstance(modules.get(mod_name), nn.Linear):
+            linear[mod_name] = name
+        elif attr == "bias" and name in params:
+            others.add(mod_name)  # a LayerNorm or GPT-2's Conv1D: saved whole
+        elif attr == "bias" and mod_name in modules:
+            raise UsageError(f"the delta added a bias to {mod_name} ({type(modules[mod_name]).__name__}), which "
+                             "the base builds without one; a PEFT adapter can add biases to Linear layers only "
+                             "(BEFT), so this delta cannot be exported. Serve it with bitfit-tasks, or train without "
+                             "that term.")
+        else:
+            raise UsageError(f"delta tensor {name} is not a bias; only bias-only deltas export to PEFT.")
+    # The base's bias under each target: zero where the delta added it (the module has none).
+    base_bias = {m: (params[n].detach().clone() if n in params else None) for m, n in linear.items()}
+    config = peft.BeftConfig(task_type=PEFT_TASK_TYPES[suffix], target_modules=sorted(linear) or None,
+                             modules_to_save=sorted(others) or None,
+                             base_model_name_or_path=delta.meta.get("base_model") or base_model)
+    if not linear:
+        raise UsageError("the delta changes no Linear bias, so a BEFT adapter would hold nothing but "
+                         "modules_to_save; export it with bitfit-delta export instead.")
+    n_total = sum(p.numel() for p in model.parameters())
+    peft_model = peft.get_peft_model(model, config)
+    inner = dict(peft_model.named_modules())
+    for mod_name, name in linear.items():
+        layer = inner[f"base_model.model.{mod_name}"]
+        value = delta.tensors[name].to(torch.float32)
+        if base_bias[mod_name] is not None:
+            value = value - base_bias[mod_name].to(torch.float32)
+        layer.beft_bias["default"].copy_(value.view(1, -1).to(layer.beft_bias["default"].dtype))
+    saved = dict(peft_model.named_parameters())
+    for name, value in delta.tensors.items():
+        mod_name = name.rpartition(".")[0]
+        if mod_name in linear.keys() and name not in head:
+            continue
+        top = name.split(".")[0] if name in head else mod_name
+        # PEFT keeps the trained copy of a saved module at <module>.modules_to_save.default.
+        key = f"base_model.model.{top}.modules_to_save.default{name[len(top):]}"
+        if key not in saved:
+            raise UsageError(f"PEFT did not wrap {top} for modules_to_save (no {key}); this delta cannot be exported.")
+        saved[key].copy_(value.to(saved[key].dtype))
+
+    def write(tmp: Path) -> None:
+        peft_model.save_pretrained(str(tmp))
+        # config.json carries what the base's own config lacks: the head's labels and a decoder's pad token.
+        write_adapter_extras(peft_model, tmp, n_trainable=sum(t.numel() for t in delta.tensors.values()),
+                             n_total=n_total, origin="exported from a bitfit-tasks delta (`bitfit-delta export-peft`)")
+
+    return publish_folder(out, write)
+
+
+PEFT_TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+                     "QUESTION_ANS": "AutoModelForQuestionAnswering"}
+
+
+def is_peft_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+@torch.no_grad()
+def delta_from_peft(adapter: str | os.PathLike, base_model: str | None = None) -> Delta:
+    """A PEFT BEFT adapter (a folder, or a Hub id PEFT can fetch) as a BitFit delta on ``base_model`` (default:
+    the adapter's ``base_model_name_or_path``): each BEFT vector added to its Linear's base bias (a bias created
+    where the base has none), the ``modules_to_save`` modules' changed tensors, and the head. The delta then
+    serves through ``apply_delta``, ``load_task_model`` and ``MultiTaskBitFit``, mixed-task batches included."""
+    import transformers
+
+    from ..core.prepare import add_biases
+    from ..core.selection import bias_size, head_parameter_names
+    from ..core.signature import base_signature
+    from ..delta.format import delta_of
+
+    peft = import_peft("reading a PEFT adapter")
+    try:
+        config = peft.PeftConfig.from_pretrained(str(adapter))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{adapter}: not a PEFT adapter folder ({str(err).splitlines()[0][:160]}).") from None
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if kind != "BEFT":
+        raise UsageError(f"{adapter} is a PEFT {kind} adapter; only BEFT adapters (bias vectors) are "
+                         "BitFit deltas. Serve other adapters with PEFT.")
+    task = str(getattr(config.task_type, "value", config.task_type))
+    if task not in PEFT_TASK_CLASSES:
+        raise UsageError(f"{adapter}: PEFT task_type {config.task_type!r} has no BitFit task class; adapters of task "
+                         f"types {sorted(PEFT_TASK_CLASSES)} load as deltas.")
+    base = base_model or config.base_model_name_or_path
+    if not base:
+        raise UsageError(f"{adapter}: the adapter records no base model; pass base_model=.")
+    peft_model = peft.PeftModel.from_pretrained(_head_sized_base(base, adapter, task, transformers), str(adapter))
+    model = peft_model.base_model.model  # the task model, its layers wrapped by PEFT
+    modules = dict(model.named_modules())
+    targets = {n: m for n, m in modules.items() if hasattr(m, "beft_bias") and "default" in m.beft_bias}
+    saved = {n: m for n, m in modules.items() if hasattr(m, "modules_to_save") and "default" in m.modules_to_save}
+    # The plain task model (the base's own modules back in place) receives the merged values.
+    plain = peft_model.unload()
+    params = dict(plain.named_parameters())
+    head = set(head_parameter_names(plain))
+    names = [f"{n}.bias" for n in targets]
+    # Signature of the base before any value changes: everything outside the delta's tensors and the head.
+    changed: dict[str, torch.Tensor] = {}
+    for mod_name, wrapper in saved.items():
+        for rel, p in wrapper.modules_to_save["default"].named_parameters():
+            name = f"{mod_name}.{rel}"
+            if name in head or not torch.equal(p, params[name]):
+                changed[name] = p.detach().clone()
+    signature = base_signature(plain, exclude=set(names) | set(changed))
+    added = {n: bias_size(modules[n.rpartition(".")[0]].get_base_layer()) for n in names if n not in params}
+    add_biases(plain, added)
+    params = dict(plain.named_parameters())
+    for name in names:
+        vec = targets[name.rpartition(".")[0]].beft_bias["default"].detach().reshape(-1)
+        params[name].add_(vec.to(params[name].dtype))
+    for name, value in changed.items():
+        params[name].copy_(value)
+    delta = delta_of(plain, names + [n for n in changed if n not in names], mode="bitfit",
+                     terms={"beft": names}, base_model=base, signature=signature, added=added)
+    delta.path = str(adapter)
+    return delta
+
+
+def _head_sized_base(base: str, adapter, task: str, transformers) -> nn.Module:
+    """The base loaded with the task class of the adapter's task type and the head size its saved head has."""
+    from safetensors import safe_open
+
+    cls = getattr(transformers, PEFT_TASK_CLASSES[task])
+    num_labels = None
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as f:
+            for key in f.keys():
+                if key.endswith((".score.weight", ".classifier.weight", ".qa_outputs.weight")):
+                    num_labels = f.get_slice(key).get_shape()[0]
+    kwargs = {"num_labels": num_labels} if num_labels else {}
+    return cls.from_pretrained(base, **kwargs)

@@ -1,0 +1,1 @@
+"""GLUE: the runner (``run``, behind ``run_glue.py``) and the data (``data``)."""

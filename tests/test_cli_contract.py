@@ -347,3 +347,25 @@ def test_trainable_table_logged_on_the_main_process_and_printed_on_request(tmp_p
     assert sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) == n
     assert isinstance(trainer.model.bert.encoder.layer[0].attention.self.query.bias, torch.nn.Parameter)
 
+
+
+def test_no_pinned_memory_without_an_accelerator_unless_asked(tiny_model_dir, tmp_path):
+    """Trainer pins dataloader memory by default; on a machine without an accelerator torch then warns once per
+    dataloader. The runners ask for none there, a user's explicit flag still wins, and a CPU run prints no such
+    warning."""
+    from transformers import TrainingArguments
+
+    from bitfit_tasks.tasks.arguments import RunArguments, accelerator_present
+
+    types = (ModelArguments, GlueArguments, Cfg, RunArguments, TrainingArguments)
+    base = ["--output_dir", str(tmp_path / "x")]
+    assert parse_args(types, base)[-1].dataloader_pin_memory is accelerator_present()
+    assert parse_args(types, [*base, "--dataloader_pin_memory", "true"])[-1].dataloader_pin_memory is True
+    if accelerator_present():
+        return
+    proc = subprocess.run([sys.executable, str(ROOT / "run_glue.py"), "--task_name", "rte", "--data_dir", GLUE_DIR,
+                           "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path / "run"),
+                           "--max_seq_length", "32", "--num_train_epochs", "1", "--train_eval_samples", "0"],
+                          capture_output=True, text=True, env=OFFLINE, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pin_memory" not in proc.stderr and "pin_memory" not in proc.stdout

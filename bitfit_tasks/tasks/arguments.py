@@ -132,6 +132,10 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
     defaults = {**RUNNER_DEFAULTS, **(defaults or {})}
     if cpu_only_multiprocess():
         defaults.setdefault("use_cpu", True)
+    if not accelerator_present():
+        # Trainer pins dataloader memory by default, and torch then warns once per dataloader that no
+        # accelerator is there to use it; a flag the user passes still wins.
+        defaults.setdefault("dataloader_pin_memory", False)
     parser = HfArgumentParser(tuple(dataclass_types))
     known = {f.name for t in dataclass_types for f in fields(t) if f.init}
     applicable = {k: v for k, v in defaults.items() if k in known}
@@ -158,6 +162,15 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str] | None = Non
         # one of them needs. One line, the library's own words.
         raise UsageError(f"the arguments were refused: {type(err).__name__}: {' '.join(str(err).split())}") from err
     return _note_explicit(parsed, names)
+
+
+def accelerator_present() -> bool:
+    """Whether torch sees an accelerator (CUDA, XPU, MPS, ...) that pinned memory would serve."""
+    import torch
+
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 def runner_dataclasses(task_args: type) -> tuple[type, ...]:

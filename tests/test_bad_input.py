@@ -174,6 +174,23 @@ case("resume-incomplete", "`--resume_from_checkpoint` a half-saved checkpoint",
      r"has no trainer_state\.json, so it is not a complete Trainer checkpoint")(
     lambda d: (d / "checkpoint-3").mkdir() or
     glue(d, "--task_name", "rte", "--data_dir", GLUE, "--resume_from_checkpoint", str(d / "checkpoint-3")))
+
+
+def damaged_checkpoint(d: Path) -> Path:
+    """A checkpoint with a trainer state and a delta whose JSON was cut to 0 bytes."""
+    ck = d / "out" / "checkpoint-4"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text("{}")
+    (ck / "bitfit_delta.safetensors").write_bytes(b"")
+    (ck / "bitfit_delta.json").write_text("")
+    return ck
+
+
+case("resume-damaged", "`--resume_from_checkpoint` a checkpoint whose delta is damaged",
+     r"--resume_from_checkpoint .*checkpoint-4: .*bitfit_delta\.json is not valid JSON .*; pass another checkpoint "
+     r"or 'true' for the newest intact one")(
+    lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--resume_from_checkpoint",
+                   str(damaged_checkpoint(d))))
 case("output-finished", "`--output_dir` of a finished run",
      r"--output_dir .*out holds a finished run \(results\.json\); resume it with --resume_from_checkpoint true, "
      r"replace it with --overwrite_output_dir true, or pick another --output_dir")(

@@ -35,7 +35,8 @@ class BitFitState:
     trainable: list[str]
     n_trainable: int
     n_total: int
-    # Random baselines: which entries of each tensor may change, and the values the others keep.
+    # Tensors trained in part, one mechanism for both kinds: the random baselines' chosen entries, and the slices
+    # of a fused q/k/v bias that q, k or v alone select. Which entries may change, and the values the others keep.
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     term_counts: dict[str, int] = field(default_factory=dict)

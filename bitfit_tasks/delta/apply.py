@@ -4,6 +4,7 @@ of base + delta (:func:`load_task_model`)."""
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -15,10 +16,31 @@ from ..core.signature import base_mismatch, frozen_tensors
 from ..utils.errors import UsageError, first_line
 from .format import Delta
 
+# The deltas applied to a model and not yet removed, oldest first: weak references (a handle dropped can no
+# longer be removed, and its saved values are freed), kept on the model itself, not in global state.
+_APPLIED = "_bitfit_applied_deltas"
 
-@dataclass
+
+class _Applied(list):
+    """Handles belong to this model object: a pickled or deep-copied model carries none."""
+
+    def __reduce__(self):
+        return (_Applied, ())
+
+    def __deepcopy__(self, memo):
+        return _Applied()
+
+
+def _applied(model: nn.Module) -> list[weakref.ref]:
+    refs = model.__dict__.setdefault(_APPLIED, _Applied())
+    refs[:] = [r for r in refs if r() is not None]
+    return refs
+
+
+@dataclass(eq=False)
 class AppliedDelta:
-    """Handle returned by :func:`apply_delta`; ``remove()`` restores the base bit-exactly."""
+    """Handle returned by :func:`apply_delta`; ``remove()`` takes this delta's values out again. Deltas applied
+    on top of each other come off in any order: once all are removed the base is back bit for bit."""
 
     model: nn.Module
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -27,12 +49,26 @@ class AppliedDelta:
 
     @torch.no_grad()
     def remove(self) -> None:
+        stack = _applied(self.model)
+        mine = next((i for i, r in enumerate(stack) if r() is self), None)
+        later = [r() for r in stack[mine + 1:]] if mine is not None else []
         params = dict(self.model.named_parameters())
+        gone = []
         for name, value in self.originals.items():
-            # A bias another (earlier) delta created and already took away again is gone: skip it.
-            if name not in self.created and name in params:
+            # A delta applied after this one over the same tensor holds this one's value as its original: it
+            # inherits what was there before this delta (and the bias to take away, if this delta created it).
+            heir = next((h for h in later if name in h.originals), None)
+            if heir is not None:
+                heir.originals[name] = value
+                if name in self.created and name not in heir.created:
+                    heir.created.append(name)
+            elif name in self.created:
+                gone.append(name)
+            elif name in params:
                 params[name].copy_(value)
-        remove_biases(self.model, self.created)
+        remove_biases(self.model, [n for n in gone if n in params])
+        if mine is not None:
+            del stack[mine]
         self.originals, self.created = {}, []
 
 
@@ -97,6 +133,7 @@ def apply_delta(
         raise
     params = dict(model.named_parameters())
     handle = AppliedDelta(model, created=created)
+    _applied(model).append(weakref.ref(handle))
     for name, value in delta.tensors.items():
         p = params[name]
         handle.originals[name] = p.detach().clone()

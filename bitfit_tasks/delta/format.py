@@ -64,12 +64,15 @@ def save_delta(
 
 def delta_of(model: nn.Module, names: list[str], *, mode: str = "bitfit", terms: dict[str, list[str]] | None = None,
              base_model: str | None = None, signature: dict[str, dict] | None = None,
-             added: dict[str, int] | None = None) -> Delta:
-    """The :class:`Delta` of ``model``'s tensors ``names`` (in memory; :func:`save_delta` writes it)."""
+             added: dict[str, int] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Delta:
+    """The :class:`Delta` of ``model``'s tensors ``names`` (in memory; :func:`save_delta` writes it).
+    ``tensors``: the values to store instead of the model's own; ``model`` (a meta-device skeleton will do)
+    then gives the task class, config, head and size, and ``signature`` and ``added`` must be given."""
     if not names:
         raise ValueError("nothing to save: the model has no trainable tensors; pass names= explicitly.")
+    source = tensors if tensors is not None else dict(model.named_parameters())
+    tensors = {n: source[n].detach().to("cpu").contiguous() for n in names}
     params = dict(model.named_parameters())
-    tensors = {n: params[n].detach().to("cpu").contiguous() for n in names}
     config = getattr(model, "config", None)
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -81,7 +84,8 @@ def delta_of(model: nn.Module, names: list[str], *, mode: str = "bitfit", terms:
         "terms": terms or {},
         "head": [n for n in head_parameter_names(model) if n in tensors],
         "shapes": {n: list(t.shape) for n, t in tensors.items()},
-        "n_params": sum(p.numel() for p in model.parameters()),
+        # Biases the delta adds that the model does not hold yet (a skeleton of the base) count too.
+        "n_params": sum(p.numel() for p in params.values()) + sum(tensors[n].numel() for n in names if n not in params),
         # Given by the trainer; otherwise read off the model: biases its own class does not build.
         "added_biases": {n: int(v) for n, v in
                          (added if added is not None else added_bias_sizes(model, names)).items()},

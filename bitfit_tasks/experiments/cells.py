@@ -206,11 +206,6 @@ def _read_record(out: Path) -> dict[str, Any] | None:
     return record
 
 
-def _checkpoint_folders(out: Path) -> list[Path]:
-    return sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                  key=lambda p: int(p.name[11:]))
-
-
 def cell_state(out: Path, argv: list[str], table: dict | None = None,
                recipe: Callable[[], dict[str, Any]] | None = None, inputs: Inputs | None = None,
                overwrite_unfinished: bool = False) -> str:

@@ -11,13 +11,17 @@ task head -- goes into ``modules_to_save``: PEFT stores those modules whole and 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..core.selection import bias_size, head_parameter_names
+from ..core.signature import sign
+from ..core.skeleton import meta_skeleton
 from ..delta.apply import base_task_model
-from ..delta.format import Delta
+from ..delta.format import Delta, delta_of
 from ..utils.errors import UsageError
 from ..utils.fileio import check_new_folder, publish_folder
 from .modes import PEFT_TASK_TYPES, import_peft, write_adapter_extras
@@ -98,6 +102,8 @@ def export_peft(base_model: str, delta: Delta | str | os.PathLike, output_dir: s
 
 PEFT_TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
                      "QUESTION_ANS": "AutoModelForQuestionAnswering"}
+# PEFT's prefix of every tensor name in an adapter file (the task model's own names follow it).
+_PEFT_PREFIX = "base_model.model."
 
 
 def is_peft_adapter_dir(path: str | os.PathLike) -> bool:
@@ -105,17 +111,19 @@ def is_peft_adapter_dir(path: str | os.PathLike) -> bool:
 
 
 @torch.no_grad()
-def delta_from_peft(adapter: str | os.PathLike, base_model: str | None = None) -> Delta:
+def delta_from_peft(adapter: str | os.PathLike, base_model: str | None = None, *,
+                    backbone: Mapping[str, torch.Tensor] | None = None) -> Delta:
     """A PEFT BEFT adapter (a folder, or a Hub id PEFT can fetch) as a BitFit delta on ``base_model`` (default:
     the adapter's ``base_model_name_or_path``): each BEFT vector added to its Linear's base bias (a bias created
     where the base has none), the ``modules_to_save`` modules' changed tensors, and the head. The delta then
-    serves through ``apply_delta``, ``load_task_model`` and ``MultiTaskBitFit``, mixed-task batches included."""
-    import transformers
+    serves through ``apply_delta``, ``load_task_model`` and ``MultiTaskBitFit``, mixed-task batches included.
 
-    from ..core.prepare import add_biases
-    from ..core.selection import bias_size, head_parameter_names
-    from ..core.signature import base_signature
-    from ..delta.format import delta_of
+    Only the adapter's own files are read: its config, its weights and the task model's ``config.json`` beside
+    them (head size, labels, a decoder's pad token; written by bitfit-tasks' runs and ``export-peft``; an adapter
+    without one takes the base's config with the head size of its saved head). The base values under the BEFT
+    vectors come from ``backbone`` (the backbone's tensors by their names in it, as ``MultiTaskBitFit`` holds
+    them) or, without it, from loading the base once."""
+    import transformers
 
     peft = import_peft("reading a PEFT adapter")
     try:
@@ -133,49 +141,67 @@ def delta_from_peft(adapter: str | os.PathLike, base_model: str | None = None) -
     base = base_model or config.base_model_name_or_path
     if not base:
         raise UsageError(f"{adapter}: the adapter records no base model; pass base_model=.")
-    peft_model = peft.PeftModel.from_pretrained(_head_sized_base(base, adapter, task, transformers), str(adapter))
-    model = peft_model.base_model.model  # the task model, its layers wrapped by PEFT
-    modules = dict(model.named_modules())
-    targets = {n: m for n, m in modules.items() if hasattr(m, "beft_bias") and "default" in m.beft_bias}
-    saved = {n: m for n, m in modules.items() if hasattr(m, "modules_to_save") and "default" in m.modules_to_save}
-    # The plain task model (the base's own modules back in place) receives the merged values.
-    plain = peft_model.unload()
-    params = dict(plain.named_parameters())
-    head = set(head_parameter_names(plain))
-    names = [f"{n}.bias" for n in targets]
-    # Signature of the base before any value changes: everything outside the delta's tensors and the head.
-    changed: dict[str, torch.Tensor] = {}
-    for mod_name, wrapper in saved.items():
-        for rel, p in wrapper.modules_to_save["default"].named_parameters():
-            name = f"{mod_name}.{rel}"
-            if name in head or not torch.equal(p, params[name]):
-                changed[name] = p.detach().clone()
-    signature = base_signature(plain, exclude=set(names) | set(changed))
-    added = {n: bias_size(modules[n.rpartition(".")[0]].get_base_layer()) for n in names if n not in params}
-    add_biases(plain, added)
-    params = dict(plain.named_parameters())
-    for name in names:
-        vec = targets[name.rpartition(".")[0]].beft_bias["default"].detach().reshape(-1)
-        params[name].add_(vec.to(params[name].dtype))
-    for name, value in changed.items():
-        params[name].copy_(value)
-    delta = delta_of(plain, names + [n for n in changed if n not in names], mode="bitfit",
-                     terms={"beft": names}, base_model=base, signature=signature, added=added)
+    weights = {k.removeprefix(_PEFT_PREFIX): v for k, v in peft.utils.load_peft_weights(str(adapter)).items()}
+    auto = getattr(transformers, PEFT_TASK_CLASSES[task])
+    skeleton = meta_skeleton(auto, _task_config(adapter, base, auto, weights, transformers))
+    prefix = skeleton.base_model_prefix
+    if backbone is not None:
+        base_values = {f"{prefix}.{n}": t for n, t in backbone.items()}
+    else:
+        base_values = dict(_load_quietly(type(skeleton), base, skeleton.config, transformers).named_parameters())
+    native = {n for n, _ in skeleton.named_parameters()}  # not the biases other tasks added to a shared backbone
+    base_values = {n: t for n, t in base_values.items() if n in native}
+    modules = dict(skeleton.named_modules())
+    head = set(head_parameter_names(skeleton))
+    tensors: dict[str, torch.Tensor] = {}
+    added: dict[str, int] = {}
+    beft: list[str] = []
+    for key, value in weights.items():
+        if key.endswith(".beft_bias"):
+            mod_name = key.removesuffix(".beft_bias")
+            name = f"{mod_name}.bias"
+            if name in base_values:
+                start = base_values[name].detach().to(torch.float32)
+            else:  # the base builds this Linear without a bias: BitFit adds a zero one
+                added[name] = bias_size(modules[mod_name])
+                start = torch.zeros(added[name])
+            tensors[name] = (start + value.to(torch.float32).reshape(-1)).to(value.dtype)
+            beft.append(name)
+        elif key in head or key not in base_values or not torch.equal(value, base_values[key].to(value.dtype)):
+            tensors[key] = value  # a saved module's (modules_to_save) head or changed tensor
+    missing = sorted(head - set(tensors))
+    if missing:
+        raise UsageError(f"{adapter}: the adapter holds no trained head ({missing[0]} and others); an adapter of a "
+                         "task model saves its head (modules_to_save).")
+    signature = sign((n, t) for n, t in base_values.items() if n not in tensors and n not in head)
+    delta = delta_of(skeleton, sorted(tensors), tensors=tensors, mode="bitfit", terms={"beft": sorted(beft)},
+                     base_model=base, signature=signature, added=added)
     delta.path = str(adapter)
     return delta
 
 
-def _head_sized_base(base: str, adapter, task: str, transformers) -> nn.Module:
-    """The base loaded with the task class of the adapter's task type and the head size its saved head has."""
-    from safetensors import safe_open
+def _task_config(adapter, base: str, auto, weights: dict[str, torch.Tensor], transformers):
+    """The task model's config: the ``config.json`` in the adapter folder, else the base's with the head size of
+    the adapter's saved head (the rows of its output layer)."""
+    if (Path(adapter) / "config.json").is_file():
+        return transformers.AutoConfig.from_pretrained(str(adapter))
+    config = transformers.AutoConfig.from_pretrained(base)
+    skeleton = meta_skeleton(auto, config)
+    shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}
+    for name in head_parameter_names(skeleton):
+        saved = weights.get(name)
+        if saved is not None and name.endswith("weight") and shapes[name][0] == config.num_labels \
+                and tuple(saved.shape)[0] != config.num_labels:
+            config.num_labels = int(saved.shape[0])
+    return config
 
-    cls = getattr(transformers, PEFT_TASK_CLASSES[task])
-    num_labels = None
-    weights = Path(adapter) / "adapter_model.safetensors"
-    if weights.is_file():
-        with safe_open(str(weights), "pt") as f:
-            for key in f.keys():
-                if key.endswith((".score.weight", ".classifier.weight", ".qa_outputs.weight")):
-                    num_labels = f.get_slice(key).get_shape()[0]
-    kwargs = {"num_labels": num_labels} if num_labels else {}
-    return cls.from_pretrained(base, **kwargs)
+
+def _load_quietly(cls: type, base: str, config, transformers) -> nn.Module:
+    """The base with the task class (the head left random: the adapter brings it), without transformers' report
+    of newly initialised head weights."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(base, config=config)
+    finally:
+        transformers.logging.set_verbosity(verbosity)

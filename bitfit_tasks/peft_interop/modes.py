@@ -128,7 +128,23 @@ def wrap_with_peft(model: nn.Module, config: BitFitConfig, *, bias_map: BiasMap 
                          f"{type(model).__name__} is a PEFT model already; pass the model unwrapped, or train it "
                          "as set up with mode 'full'.")
     peft = import_peft()
-    return peft.get_peft_model(model, peft_config_for(model, config, bias_map=bias_map))
+    peft_config = peft_config_for(model, config, bias_map=bias_map)
+    # What PEFT changes in place besides injecting its layers, so that unwrap_peft can put it back.
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    wrapped = peft.get_peft_model(model, peft_config)
+    wrapped._bitfit_requires_grad = grads
+    return wrapped
+
+
+def unwrap_peft(wrapped: nn.Module) -> nn.Module:
+    """Undo :func:`wrap_with_peft`: PEFT's layers taken out again (``unload``: the base layers and the head back
+    in place, untouched) and every ``requires_grad`` as it was; returns the model as it was given."""
+    grads = getattr(wrapped, "_bitfit_requires_grad", {})
+    model = wrapped.unload()
+    for name, p in model.named_parameters():
+        if name in grads:
+            p.requires_grad_(grads[name])
+    return model
 
 
 # What an adapter's options must match for a checkpoint to resume in this run.

@@ -114,7 +114,11 @@ class MultiTaskBitFit(nn.Module):
         """Serve ``delta`` (a :class:`Delta`, a delta folder, or a PEFT BEFT adapter folder) as task ``name``.
         Everything is checked before anything is registered: a refused task leaves the module as it was."""
         self._check_task_name(name)
-        delta = delta if isinstance(delta, Delta) else load_delta_or_adapter(delta)
+        if not isinstance(delta, Delta):
+            # An adapter's base values come from the backbone held here, its pristine values (not the active
+            # task's), never from a second copy of the base.
+            pristine = {n: self.base_values.get(n, p) for n, p in self.backbone.named_parameters()}
+            delta = load_delta_or_adapter(delta, backbone=pristine)
         cls = task_model_class(delta.meta["task_class"], source=str(delta.path or "the delta"))
         mine, theirs = getattr(self.backbone.config, "model_type", None), delta.meta.get("model_type")
         if theirs is not None and mine is not None and theirs != mine:
@@ -258,11 +262,12 @@ class MultiTaskBitFit(nn.Module):
         return results
 
 
-def load_delta_or_adapter(path: str | os.PathLike) -> Delta:
-    """A BitFit delta folder, or a PEFT BEFT adapter folder read as one (on the adapter's recorded base)."""
+def load_delta_or_adapter(path: str | os.PathLike, *, backbone: dict[str, torch.Tensor] | None = None) -> Delta:
+    """A BitFit delta folder, or a PEFT BEFT adapter folder read as one: its BEFT vectors over ``backbone``'s
+    values (the backbone's tensors by name; without it, the adapter's recorded base is loaded)."""
     from ..peft_interop.convert import delta_from_peft, is_peft_adapter_dir
 
-    return delta_from_peft(path) if is_peft_adapter_dir(path) else Delta.load(path)
+    return delta_from_peft(path, backbone=backbone) if is_peft_adapter_dir(path) else Delta.load(path)
 
 
 def _deactivate_after_load(module: MultiTaskBitFit, incompatible_keys: Any) -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
 from transformers import TrainingArguments
 
+from ..delta.files import is_delta_dir
+from ..delta.format import Delta
 from ..utils.errors import UsageError
+
+logger = logging.getLogger("bitfit_tasks")
 
 
 def resolve_resume(training_args: TrainingArguments) -> str | None:
@@ -35,6 +40,12 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
         if not (Path(path) / "trainer_state.json").is_file():
             raise UsageError(f"--resume_from_checkpoint {path!r} has no trainer_state.json, so it is not a "
                              "complete Trainer checkpoint; pass a checkpoint-N folder written during training.")
+        why = damaged(Path(path))
+        if why is not None:
+            newest = last_complete_checkpoint(str(Path(path).parent))
+            other = f" (the newest intact one here: {newest})" if newest else ""
+            raise UsageError(f"--resume_from_checkpoint {path}: {why}; pass another checkpoint{other} or "
+                             "'true' for the newest intact one.")
     training_args.resume_from_checkpoint = path
     return path
 
@@ -42,7 +53,8 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
 def last_complete_checkpoint(output_dir: str | None) -> str | None:
     """The newest ``checkpoint-N`` in ``output_dir`` that holds a readable ``trainer_state.json``
     (Trainer writes it after the weights and optimizer state, so a save killed half-way has none, or
-    a cut-short one, and is skipped)."""
+    a cut-short one, and is skipped) and, where it holds a BitFit delta, an intact one (a damaged newer
+    checkpoint is skipped with a warning naming it and why)."""
     if not output_dir or not Path(output_dir).is_dir():
         return None
     found = []
@@ -50,7 +62,23 @@ def last_complete_checkpoint(output_dir: str | None) -> str | None:
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)
         if m and p.is_dir() and _readable_json(p / "trainer_state.json"):
             found.append((int(m.group(1)), p))
-    return str(max(found)[1]) if found else None
+    for _, p in sorted(found, reverse=True):
+        why = damaged(p)
+        if why is None:
+            return str(p)
+        logger.warning("skipping %s: %s; resuming from an older checkpoint", p, why)
+    return None
+
+
+def damaged(checkpoint: Path) -> str | None:
+    """Why a checkpoint's BitFit delta cannot be read (its JSON, checksum, tensors), or None: intact, or no delta."""
+    if not is_delta_dir(checkpoint):
+        return None
+    try:
+        Delta.load(checkpoint)
+    except UsageError as err:
+        return str(err).rstrip(".")
+    return None
 
 
 def _readable_json(path: Path) -> bool:

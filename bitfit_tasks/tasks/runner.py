@@ -59,15 +59,29 @@ def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, run_args: 
 
 
 def check_terms_before_loading(auto_cls, config, bitfit: BitFitConfig) -> None:
-    """The bias-term selection (or a PEFT mode's targets) checked on a skeleton of the task model (meta device:
-    no weights, no memory), so a term the architecture lacks is refused before minutes of loading a large model."""
+    """The task model's class and the bias-term selection (or a PEFT mode's targets) checked on a skeleton of the
+    task model (meta device: no weights, no memory), so a family without the task's head class or a term the
+    architecture lacks is refused before minutes of loading a large model."""
+    try:
+        skeleton = meta_skeleton(auto_cls, config)
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise
+        import transformers
+
+        head = auto_cls.__name__.removeprefix("AutoModelFor")
+        script = {"SequenceClassification": "run_glue.py", "TokenClassification": "run_pos.py",
+                  "QuestionAnswering": "run_squad.py"}.get(head, "this runner")
+        raise UsageError(f"transformers {transformers.__version__} has no {head} model for model_type "
+                         f"{config.model_type!r} ({type(config).__name__}); {script} needs one: choose a model of "
+                         f"another family (e.g. bert, roberta, llama, qwen3), or a transformers release that adds "
+                         f"{auto_cls.__name__} for {config.model_type!r}.") from None
     if bitfit.mode not in BIAS_TERM_MODES + PEFT_MODES:
         return
     quiet = logging.getLogger("bitfit_tasks")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # what the selection logs is logged once, when the real model is prepared
     try:
-        skeleton = meta_skeleton(auto_cls, config)
         if bitfit.mode in PEFT_MODES:
             from ..peft_interop.modes import peft_config_for
 

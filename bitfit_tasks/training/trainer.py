@@ -127,22 +127,29 @@ class BitFitTrainer(Trainer):
             # full mode: any parameter of the user's model may go unused in a step (Trainer's default
             # is there for that), so full mode leaves the flag, and the arguments, as given.
             targs.ddp_find_unused_parameters = False
+        wrapped = None
         if bitfit_config.mode in PEFT_MODES:
             # LoRA / BEFT: the model is wrapped in PEFT's adapters here, before Trainer sees it (as TRL's trainers
             # take a peft_config), and after the refusals above: PEFT changes the caller's model in place. A
             # model_init's models are wrapped in call_model_init.
-            from ..peft_interop.modes import wrap_with_peft
+            from ..peft_interop.modes import unwrap_peft, wrap_with_peft
 
             if kwargs.get("model") is not None:
-                kwargs["model"] = wrap_with_peft(kwargs["model"], bitfit_config, bias_map=bias_map)
+                wrapped = kwargs["model"] = wrap_with_peft(kwargs["model"], bitfit_config, bias_map=bias_map)
             elif args and args[0] is not None:
-                args = (wrap_with_peft(args[0], bitfit_config, bias_map=bias_map), *args[1:])
+                wrapped = wrap_with_peft(args[0], bitfit_config, bias_map=bias_map)
+                args = (wrapped, *args[1:])
         self.bitfit_config = bitfit_config
         self._bias_map = bias_map
         self._bitfit_model: torch.nn.Module | None = None
         # With model_init, Trainer builds the model inside __init__ (and again in every train() /
         # hyperparameter-search trial) through call_model_init, which applies BitFit below.
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            if wrapped is not None:  # a refusal leaves the caller's model as it was given
+                unwrap_peft(wrapped)
+            raise
         trainers_reading = self.model_accepts_loss_kwargs
         self.model_accepts_loss_kwargs = loss_takes_num_items(self.model)
         if trainers_reading and not self.model_accepts_loss_kwargs:
@@ -322,17 +329,18 @@ class BitFitTrainer(Trainer):
 
         is_adapter = Path(checkpoint, "adapter_config.json").is_file()
         mode = self.bitfit_config.mode
+        wrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
         if mode in PEFT_MODES and not is_adapter:
             held = "a BitFit delta" if is_delta_dir(checkpoint) else "no PEFT adapter"
             raise UsageError(f"--resume_from_checkpoint {checkpoint} holds {held}, not the adapter of a --mode {mode} "
                              "run; resume it with the --mode it was trained with, or start this run in another "
                              "--output_dir.")
-        if mode not in PEFT_MODES and is_adapter:
+        if mode not in PEFT_MODES and is_adapter and not (mode == "full" and is_peft_model(wrapped)):
+            # (A user's own PEFT model in full mode is Trainer's own training: it resumes its adapter, as Trainer does.)
             raise UsageError(f"--resume_from_checkpoint {checkpoint} holds a PEFT adapter (a --mode lora / beft run), "
                              f"not a --mode {mode} checkpoint; resume it with the --mode it was trained with, or start "
                              "this run in another --output_dir.")
         if is_adapter:
-            wrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
             differ = adapter_mismatch(wrapped.peft_config["default"], checkpoint)
             if differ:
                 said = "; ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in differ.items())

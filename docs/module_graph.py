@@ -71,6 +71,10 @@ def package_imports(path: Path, known: set[str]) -> set[str]:
             add(base, node.module, [a.name for a in node.names])
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "bitfit_tasks":
             add([], ".".join(node.module.split(".")[1:]) or None, [a.name for a in node.names])
+        elif isinstance(node, ast.Import):  # import bitfit_tasks.tasks.runner
+            for alias in node.names:
+                if alias.name.startswith("bitfit_tasks."):
+                    names.add(alias.name.removeprefix("bitfit_tasks."))
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
                 "import_module", "__import__"):
             arg = node.args[0] if node.args else None

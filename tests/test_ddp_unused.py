@@ -24,6 +24,7 @@ def free_port() -> int:
 
 
 SCRIPT = """
+import os
 import sys
 
 import torch
@@ -58,8 +59,12 @@ args = T.TrainingArguments(output_dir=sys.argv[2], max_steps=3, per_device_train
                            report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True)
 trainer = BitFitTrainer(model=model, args=args, train_dataset=Pairs(), bitfit_config=BitFitConfig(mode=sys.argv[1]))
 trainer.train()
-print(f"rank {{args.process_index}} of {{args.world_size}}: {{type(trainer.model_wrapped).__name__}}, "
-      f"step {{trainer.state.global_step}}, unused trainable {{model.bert.unused.weight.requires_grad}}", flush=True)
+line = (f"rank {{args.process_index}} of {{args.world_size}}: {{type(trainer.model_wrapped).__name__}}, "
+        f"step {{trainer.state.global_step}}, unused trainable {{model.bert.unused.weight.requires_grad}}\\n")
+# One write of the whole line (a pipe takes it whole): print's separate write of the newline let the two ranks'
+# lines interleave on a loaded machine ("...Truerank 0 of 2...").
+sys.stdout.flush()
+os.write(1, line.encode())
 # A clean shutdown (torch asks scripts to destroy their process group): a process that exits with gloo's threads
 # still up can abort in teardown ("terminate called without an active exception"), seen on a loaded machine.
 finish_distributed()

@@ -132,10 +132,46 @@ def test_reading_an_adapter_loads_no_second_base(roberta_dir, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(roberta_dir, base)
     run_glue(glue_run(str(base), "mnli", tmp_path / "mnli", "--mode", "beft"), tmp_path)
+    ids = torch.randint(5, 300, (3, 9), generator=torch.Generator().manual_seed(0))
+    want = peft_logits(str(base), tmp_path / "mnli", ids)
     served = MultiTaskBitFit(T.AutoModel.from_pretrained(str(base)))
     shutil.rmtree(base)
     served.add_task("mnli", str(tmp_path / "mnli"))
-    assert "mnli" in served.tasks
+    rows = served.forward_mixed(["mnli"] * 3, input_ids=ids)
+    assert torch.allclose(torch.stack([r["logits"] for r in rows]), want, atol=1e-5)
+
+
+def test_a_peft_saved_adapter_without_config_json_reads_on_a_moved_base(tmp_path, caplog):
+    """An adapter saved by PEFT itself has no config.json: its head size comes from its saved head and the config
+    from the backbone MultiTaskBitFit holds, so a base moved away since is no problem; a backbone loaded from
+    another path than the adapter names gets a warning (an adapter holds no fingerprint of its base)."""
+    import logging
+
+    cfg = T.RobertaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=32, max_position_embeddings=40, num_labels=3)
+    torch.manual_seed(0)
+    T.RobertaModel(cfg).save_pretrained(tmp_path / "base")
+    model = T.RobertaForSequenceClassification.from_pretrained(tmp_path / "base", config=cfg)
+    pm = peft.get_peft_model(model, peft.BeftConfig(task_type="SEQ_CLS", target_modules=["value"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "beft_bias" in n:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = pm.eval()(input_ids=ids).logits
+    shutil.move(str(tmp_path / "base"), str(tmp_path / "moved"))
+    served = MultiTaskBitFit(T.AutoModel.from_pretrained(str(tmp_path / "moved")))
+    with caplog.at_level(logging.WARNING, logger="bitfit_tasks"):
+        served.add_task("mnli", str(tmp_path / "adapter"))
+    assert "holds no fingerprint of its base" in caplog.text
+    rows = served.forward_mixed(["mnli", "mnli"], input_ids=ids)
+    assert torch.allclose(torch.stack([r["logits"] for r in rows]), want, atol=1e-5)
+    from bitfit_tasks.peft_interop.convert import delta_from_peft
+
+    with pytest.raises(UsageError, match=r"adapter: its base '.*base' could not be loaded \(.*\); pass base_model="):
+        delta_from_peft(tmp_path / "adapter")
 
 
 @pytest.mark.parametrize("mode", ["lora", "beft"])
@@ -227,7 +263,7 @@ def test_full_mode_resumes_its_own_checkpoint_of_a_peft_model(tmp_path):
                                                         ("pos", "gemma3_text", "TokenClassification")])
 def test_a_family_without_the_tasks_head_class_is_one_line(runner, family, head, tmp_path):
     """transformers has no Phi-3 QA and no Gemma 3 token-classification class: one line naming the family, the
-    task and what to do, before any data or weights are read (was a 22-line traceback)."""
+    task and what to do, before any weights are read (was a 22-line traceback)."""
     import importlib
 
     folder = tmp_path / family
@@ -269,3 +305,27 @@ def test_resume_skips_a_damaged_newest_checkpoint(tiny_model_dir, tmp_path, capl
     with pytest.raises(UsageError, match=rf"--resume_from_checkpoint {steps[-1]}: .*bitfit_delta.json is not valid "
                                          r"JSON"):
         main([*args, "--resume_from_checkpoint", str(steps[-1])])
+
+
+def test_adapter_weights_are_read_onto_the_cpu(tmp_path, monkeypatch):
+    """PEFT loads an adapter's tensors onto an accelerator where there is one; the delta is built on the CPU
+    (as its tensors are kept), whatever device the base values are on: the read asks for the CPU."""
+    seen = {}
+    real = peft.utils.load_peft_weights
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    cfg = tiny_model("bert", num_labels=3).config
+    torch.manual_seed(0)
+    T.BertModel(cfg).save_pretrained(tmp_path / "base")
+    model = T.BertForSequenceClassification.from_pretrained(tmp_path / "base", config=cfg)
+    peft.get_peft_model(model, peft.BeftConfig(task_type="SEQ_CLS", target_modules=["value"])).save_pretrained(
+        str(tmp_path / "adapter"))
+    monkeypatch.setattr(peft.utils, "load_peft_weights", spy)
+    from bitfit_tasks.peft_interop.convert import delta_from_peft
+
+    delta = delta_from_peft(tmp_path / "adapter")
+    assert seen.get("device") == "cpu"
+    assert all(t.device.type == "cpu" for t in delta.tensors.values())

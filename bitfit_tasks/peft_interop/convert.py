@@ -22,7 +22,7 @@ from ..core.signature import sign
 from ..core.skeleton import meta_skeleton
 from ..delta.apply import base_task_model
 from ..delta.format import Delta, delta_of
-from ..utils.errors import UsageError
+from ..utils.errors import UsageError, first_line
 from ..utils.fileio import check_new_folder, publish_folder
 from .modes import PEFT_TASK_TYPES, import_peft, write_adapter_extras
 
@@ -112,7 +112,7 @@ def is_peft_adapter_dir(path: str | os.PathLike) -> bool:
 
 @torch.no_grad()
 def delta_from_peft(adapter: str | os.PathLike, base_model: str | None = None, *,
-                    backbone: Mapping[str, torch.Tensor] | None = None) -> Delta:
+                    backbone: Mapping[str, torch.Tensor] | None = None, base_config=None) -> Delta:
     """A PEFT BEFT adapter (a folder, or a Hub id PEFT can fetch) as a BitFit delta on ``base_model`` (default:
     the adapter's ``base_model_name_or_path``): each BEFT vector added to its Linear's base bias (a bias created
     where the base has none), the ``modules_to_save`` modules' changed tensors, and the head. The delta then
@@ -122,7 +122,8 @@ def delta_from_peft(adapter: str | os.PathLike, base_model: str | None = None, *
     them (head size, labels, a decoder's pad token; written by bitfit-tasks' runs and ``export-peft``; an adapter
     without one takes the base's config with the head size of its saved head). The base values under the BEFT
     vectors come from ``backbone`` (the backbone's tensors by their names in it, as ``MultiTaskBitFit`` holds
-    them) or, without it, from loading the base once."""
+    them, with its config as ``base_config``) or, without it, from loading the base once. A PEFT adapter records
+    its base by name only, so with ``backbone`` the delta's base signature is that backbone's."""
     import transformers
 
     peft = import_peft("reading a PEFT adapter")
@@ -141,14 +142,16 @@ def delta_from_peft(adapter: str | os.PathLike, base_model: str | None = None, *
     base = base_model or config.base_model_name_or_path
     if not base:
         raise UsageError(f"{adapter}: the adapter records no base model; pass base_model=.")
-    weights = {k.removeprefix(_PEFT_PREFIX): v for k, v in peft.utils.load_peft_weights(str(adapter)).items()}
+    # On the CPU, as the delta's tensors are (PEFT would load them onto an accelerator where there is one).
+    weights = {k.removeprefix(_PEFT_PREFIX): v
+               for k, v in peft.utils.load_peft_weights(str(adapter), device="cpu").items()}
     auto = getattr(transformers, PEFT_TASK_CLASSES[task])
-    skeleton = meta_skeleton(auto, _task_config(adapter, base, auto, weights, transformers))
+    skeleton = meta_skeleton(auto, _task_config(adapter, base, auto, weights, transformers, base_config))
     prefix = skeleton.base_model_prefix
     if backbone is not None:
         base_values = {f"{prefix}.{n}": t for n, t in backbone.items()}
     else:
-        base_values = dict(_load_quietly(type(skeleton), base, skeleton.config, transformers).named_parameters())
+        base_values = dict(_load_base(adapter, type(skeleton), base, skeleton.config, transformers).named_parameters())
     native = {n for n, _ in skeleton.named_parameters()}  # not the biases other tasks added to a shared backbone
     base_values = {n: t for n, t in base_values.items() if n in native}
     modules = dict(skeleton.named_modules())
@@ -161,13 +164,13 @@ def delta_from_peft(adapter: str | os.PathLike, base_model: str | None = None, *
             mod_name = key.removesuffix(".beft_bias")
             name = f"{mod_name}.bias"
             if name in base_values:
-                start = base_values[name].detach().to(torch.float32)
+                start = base_values[name].detach().to("cpu", torch.float32)
             else:  # the base builds this Linear without a bias: BitFit adds a zero one
                 added[name] = bias_size(modules[mod_name])
                 start = torch.zeros(added[name])
             tensors[name] = (start + value.to(torch.float32).reshape(-1)).to(value.dtype)
             beft.append(name)
-        elif key in head or key not in base_values or not torch.equal(value, base_values[key].to(value.dtype)):
+        elif key in head or key not in base_values or not torch.equal(value, base_values[key].to("cpu", value.dtype)):
             tensors[key] = value  # a saved module's (modules_to_save) head or changed tensor
     missing = sorted(head - set(tensors))
     if missing:
@@ -180,12 +183,15 @@ def delta_from_peft(adapter: str | os.PathLike, base_model: str | None = None, *
     return delta
 
 
-def _task_config(adapter, base: str, auto, weights: dict[str, torch.Tensor], transformers):
-    """The task model's config: the ``config.json`` in the adapter folder, else the base's with the head size of
-    the adapter's saved head (the rows of its output layer)."""
+def _task_config(adapter, base: str, auto, weights: dict[str, torch.Tensor], transformers, base_config=None):
+    """The task model's config: the ``config.json`` in the adapter folder, else the base's (``base_config``, or
+    read from the recorded base) with the head size of the adapter's saved head (the rows of its output layer)."""
     if (Path(adapter) / "config.json").is_file():
         return transformers.AutoConfig.from_pretrained(str(adapter))
-    config = transformers.AutoConfig.from_pretrained(base)
+    if base_config is not None:
+        config = type(base_config).from_dict(base_config.to_dict())
+    else:
+        config = _load_base(adapter, transformers.AutoConfig, base)
     skeleton = meta_skeleton(auto, config)
     shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}
     for name in head_parameter_names(skeleton):
@@ -196,12 +202,19 @@ def _task_config(adapter, base: str, auto, weights: dict[str, torch.Tensor], tra
     return config
 
 
-def _load_quietly(cls: type, base: str, config, transformers) -> nn.Module:
-    """The base with the task class (the head left random: the adapter brings it), without transformers' report
-    of newly initialised head weights."""
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
+def _load_base(adapter, cls, base: str, config=None, transformers=None):
+    """``cls.from_pretrained(base)`` for the adapter's recorded base (its config, or the base with the task class:
+    the head left random, the adapter brings it, so transformers' report of new head weights is silenced); a base
+    that cannot be loaded is one line."""
+    verbosity = transformers.logging.get_verbosity() if transformers is not None else None
+    if transformers is not None:
+        transformers.logging.set_verbosity_error()
     try:
-        return cls.from_pretrained(base, config=config)
+        return cls.from_pretrained(base, **({"config": config} if config is not None else {}))
+    except OSError as err:
+        raise UsageError(f"{adapter}: its base {base!r} could not be loaded ({first_line(err)[:200]}); pass "
+                         "base_model= (a local folder or a hub id), or serve the adapter on a loaded backbone "
+                         "(MultiTaskBitFit.add_task).") from None
     finally:
-        transformers.logging.set_verbosity(verbosity)
+        if verbosity is not None:
+            transformers.logging.set_verbosity(verbosity)

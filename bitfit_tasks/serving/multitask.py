@@ -14,6 +14,7 @@ then runs each task's head on its rows.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,8 @@ from ..core.signature import base_mismatch
 from ..core.skeleton import meta_skeleton
 from ..delta.apply import task_model_class
 from ..delta.format import Delta
+
+logger = logging.getLogger("bitfit_tasks")
 
 
 class _Precomputed(nn.Module):
@@ -118,7 +121,9 @@ class MultiTaskBitFit(nn.Module):
             # An adapter's base values come from the backbone held here, its pristine values (not the active
             # task's), never from a second copy of the base.
             pristine = {n: self.base_values.get(n, p) for n, p in self.backbone.named_parameters()}
-            delta = load_delta_or_adapter(delta, backbone=pristine)
+            delta = load_delta_or_adapter(delta, backbone=pristine, base_config=self.backbone.config)
+            if delta.meta.get("terms", {}).get("beft") is not None and verify_fingerprint:
+                self._note_adapter_base(name, delta)
         cls = task_model_class(delta.meta["task_class"], source=str(delta.path or "the delta"))
         mine, theirs = getattr(self.backbone.config, "model_type", None), delta.meta.get("model_type")
         if theirs is not None and mine is not None and theirs != mine:
@@ -166,6 +171,15 @@ class MultiTaskBitFit(nn.Module):
         self._prefixes[name] = prefix
         self.heads[name] = _head_modules(skeleton, prefix)
         self.task_biases[name] = biases
+
+    def _note_adapter_base(self, name: str, delta: Delta) -> None:
+        """A PEFT adapter records its base by name only, so no signature check can refuse another base of the
+        same shapes: say so where the recorded name is not this backbone's."""
+        recorded, mine = delta.meta.get("base_model"), getattr(self.backbone.config, "_name_or_path", None)
+        if recorded and mine and os.path.normpath(str(recorded)) != os.path.normpath(str(mine)):
+            logger.warning("task %r: the PEFT adapter %s names its base %r, and this backbone was loaded from %r; an "
+                           "adapter holds no fingerprint of its base, so only its shapes were checked: serve it on the "
+                           "base it was trained on.", name, delta.path, recorded, mine)
 
     def _check_task_name(self, name: str) -> None:
         """A task name keys ``heads`` and ``task_biases`` (``ModuleDict``s): no '.', not empty, not
@@ -262,12 +276,16 @@ class MultiTaskBitFit(nn.Module):
         return results
 
 
-def load_delta_or_adapter(path: str | os.PathLike, *, backbone: dict[str, torch.Tensor] | None = None) -> Delta:
+def load_delta_or_adapter(path: str | os.PathLike, *, backbone: dict[str, torch.Tensor] | None = None,
+                          base_config=None) -> Delta:
     """A BitFit delta folder, or a PEFT BEFT adapter folder read as one: its BEFT vectors over ``backbone``'s
-    values (the backbone's tensors by name; without it, the adapter's recorded base is loaded)."""
+    values (the backbone's tensors by name, its config as ``base_config``; without them, the adapter's recorded
+    base is loaded)."""
     from ..peft_interop.convert import delta_from_peft, is_peft_adapter_dir
 
-    return delta_from_peft(path, backbone=backbone) if is_peft_adapter_dir(path) else Delta.load(path)
+    if is_peft_adapter_dir(path):
+        return delta_from_peft(path, backbone=backbone, base_config=base_config)
+    return Delta.load(path)
 
 
 def _deactivate_after_load(module: MultiTaskBitFit, incompatible_keys: Any) -> None:

@@ -42,7 +42,7 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
                              "complete Trainer checkpoint; pass a checkpoint-N folder written during training.")
         why = damaged(Path(path))
         if why is not None:
-            newest = last_complete_checkpoint(str(Path(path).parent))
+            newest = last_complete_checkpoint(str(Path(path).parent), warn=False)
             other = f" (the newest intact one here: {newest})" if newest else ""
             raise UsageError(f"--resume_from_checkpoint {path}: {why}; pass another checkpoint{other} or "
                              "'true' for the newest intact one.")
@@ -50,7 +50,7 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
     return path
 
 
-def last_complete_checkpoint(output_dir: str | None) -> str | None:
+def last_complete_checkpoint(output_dir: str | None, *, warn: bool = True) -> str | None:
     """The newest ``checkpoint-N`` in ``output_dir`` that holds a readable ``trainer_state.json``
     (Trainer writes it after the weights and optimizer state, so a save killed half-way has none, or
     a cut-short one, and is skipped) and, where it holds a BitFit delta, an intact one (a damaged newer
@@ -66,7 +66,8 @@ def last_complete_checkpoint(output_dir: str | None) -> str | None:
         why = damaged(p)
         if why is None:
             return str(p)
-        logger.warning("skipping %s: %s; resuming from an older checkpoint", p, why)
+        if warn:
+            logger.warning("skipping %s: %s; resuming from an older checkpoint", p, why)
     return None
 
 

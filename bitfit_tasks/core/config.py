@@ -73,6 +73,12 @@ class BitFitConfig:
         metadata={"help": "Train the task head (classifier / qa_outputs); --train_head false "
                   "keeps the head frozen too."},
     )
+    train_lm_head: bool = field(
+        default=False,
+        metadata={"help": "A language model (causal or masked LM): train its pretrained output head (lm_head) too, "
+                  "and store it in the delta. By default it is part of the frozen base, like the embeddings "
+                  "(at the Llama-3-8B shape: 526M values, 6.6 percent of the model)."},
+    )
     head_learning_rate: float | None = field(
         default=None,
         metadata={"help": "Separate learning rate for the task head (default: --learning_rate)."},

@@ -19,6 +19,7 @@ from .selection import (
     bias_parameter_ids,
     bias_size,
     head_parameter_names,
+    lm_head_parameter_names,
     plan_bias_selection,
 )
 
@@ -204,6 +205,13 @@ def prepare_model(
     else:
         head_all = head_parameter_names(model)
     head = head_all if config.train_head else []
+    if config.train_lm_head and config.mode not in ("full", *PEFT_MODES):
+        lm_head = lm_head_parameter_names(model)
+        if not lm_head:
+            raise UsageError(f"train_lm_head: {type(model).__name__} has no pretrained output head outside its "
+                             "backbone (not a language model, or its head is tied to the input embeddings); drop "
+                             "--train_lm_head.")
+        head_all, head = head_all + lm_head, head + lm_head
     all_params = dict(model.named_parameters())
     n_total = sum(p.numel() for p in all_params.values())
     terms: dict[str, list[str]] = {}

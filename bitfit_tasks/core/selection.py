@@ -276,12 +276,29 @@ def layer_index(model: nn.Module, full_name: str, *, bias_map: BiasMap | None = 
     return int(m.group(1)) if m else None
 
 
+def lm_head_parameter_names(model: nn.Module) -> list[str]:
+    """A language model's pretrained output head: every parameter outside the backbone of a model with output
+    embeddings (``lm_head`` of a causal LM, ``cls.predictions`` of a masked LM). It is part of the base, frozen
+    and not stored, unless ``train_lm_head`` asks for it; a tied head is the embedding matrix, in the backbone."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        has_lm_head = callable(get) and get() is not None
+    except (AttributeError, NotImplementedError):  # a class that declares none
+        has_lm_head = False
+    if not has_lm_head:
+        return []
+    in_backbone = set(full_names(model).values())
+    return [n for n, _ in model.named_parameters() if n not in in_backbone]
+
+
 def head_parameter_names(model: nn.Module) -> list[str]:
-    """The task head: every parameter outside the pretrained backbone.
+    """The task head: every parameter outside the pretrained backbone that is not a language model's pretrained
+    output head (:func:`lm_head_parameter_names`).
 
     That is ``classifier`` (BERT, ELECTRA/RoBERTa's two-layer head), ``qa_outputs``,
     DistilBERT's ``pre_classifier``, DeBERTa's ``pooler`` + ``classifier``: whatever the task
-    class added on top of ``model.base_model``.
+    class added on top of ``model.base_model``. A causal or masked LM has none.
     """
     in_backbone = set(full_names(model).values())
-    return [n for n, _ in model.named_parameters() if n not in in_backbone]
+    lm_head = set(lm_head_parameter_names(model))
+    return [n for n, _ in model.named_parameters() if n not in in_backbone and n not in lm_head]

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.selection import added_bias_sizes, head_parameter_names
+from ..core.selection import added_bias_sizes, head_parameter_names, lm_head_parameter_names
 from ..core.signature import base_signature, check_signature_field, signature_id
 from ..utils.errors import MissingFileError, UsageError, read_utf8
 from ..utils.fileio import atomic_write_text
@@ -82,7 +82,8 @@ def delta_of(model: nn.Module, names: list[str], *, mode: str = "bitfit", terms:
         "task_config": config.to_dict() if config is not None else None,
         "mode": mode,
         "terms": terms or {},
-        "head": [n for n in head_parameter_names(model) if n in tensors],
+        # The task head, and a language model's own head where it was trained (train_lm_head).
+        "head": [n for n in [*head_parameter_names(model), *lm_head_parameter_names(model)] if n in tensors],
         "shapes": {n: list(t.shape) for n, t in tensors.items()},
         # Biases the delta adds that the model does not hold yet (a skeleton of the base) count too.
         "n_params": sum(p.numel() for p in params.values()) + sum(tensors[n].numel() for n in names if n not in params),

@@ -369,3 +369,9 @@ def test_no_pinned_memory_without_an_accelerator_unless_asked(tiny_model_dir, tm
                           capture_output=True, text=True, env=OFFLINE, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pin_memory" not in proc.stderr and "pin_memory" not in proc.stdout
+    # What the run writes is as readable as any file the user makes (safetensors and tempfile make theirs 0600).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("results.json", "bitfit_delta.safetensors", "bitfit_delta.json", "biases_and_head.safetensors",
+                 "README.md", "predictions_validation.jsonl"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -30,7 +30,7 @@ from torch import nn
 from ..core.selection import added_bias_sizes, head_parameter_names, lm_head_parameter_names
 from ..core.signature import base_signature, check_signature_field, signature_id
 from ..utils.errors import MissingFileError, UsageError, read_utf8
-from ..utils.fileio import atomic_write_text
+from ..utils.fileio import as_created, atomic_write_text
 from .card import model_card
 from .files import DELTA_CONFIG, DELTA_WEIGHTS, is_delta_dir, resolve_delta_dir, upload_delta_folder
 
@@ -104,6 +104,7 @@ def write_delta_files(out: Path, tensors: dict[str, torch.Tensor], meta: dict[st
     tmp = out / f".{DELTA_WEIGHTS}.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt", "bitfit_mode": str(meta.get("mode"))})
     meta = {**meta, "weights_sha256": _sha256(tmp)}  # verified on load: a flipped byte is refused
+    as_created(tmp)  # safetensors makes its files 0600
     os.replace(tmp, out / DELTA_WEIGHTS)
     atomic_write_text(out / DELTA_CONFIG, json.dumps(meta, indent=2, default=str))
     return out

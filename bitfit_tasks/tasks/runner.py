@@ -21,7 +21,7 @@ from ..delta.files import DELTA_WEIGHTS
 from ..training.best import BestEpochKeeper, keeper_rule
 from ..training.trainer import BitFitTrainer
 from ..utils.errors import UsageError
-from ..utils.fileio import atomic_write_text
+from ..utils.fileio import as_created, atomic_write_text
 from ..utils.output_dir import claim_output_dir, release_output_dir
 from .arguments import parse_args, runner_dataclasses
 from .callbacks import StepTimer
@@ -122,6 +122,7 @@ def save_biases_and_head(model, path: Path) -> None:
     tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
                if id(p) in bias_ids or n in head}
     save_file(tensors, str(path))
+    as_created(path)  # safetensors makes its files 0600
 
 
 # The weight files a run's save writes: a BitFit delta, a PEFT adapter, a whole model (maybe sharded).

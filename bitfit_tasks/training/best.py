@@ -29,6 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..utils.errors import UsageError
+from ..utils.fileio import as_created
 
 BEST_FILE = "bitfit_best.safetensors"
 KEEP_CHOICES = ("best", "last")
@@ -100,6 +101,7 @@ class BestEpochKeeper(TrainerCallback):
         meta = {"metric": self.metric_key, "greater_is_better": str(self.greater_is_better),
                 "score": repr(self.score), "step": str(self.step), "epoch": repr(self.epoch)}
         save_file({n: t.contiguous() for n, t in self.tensors.items()}, str(tmp), metadata=meta)
+        as_created(tmp)  # safetensors makes its files 0600
         os.replace(tmp, folder / BEST_FILE)
 
     def _better(self, value: float, than: float | None) -> bool:

@@ -10,6 +10,18 @@ from pathlib import Path
 from .errors import UsageError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_created(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give ``path`` the permissions an ordinary ``open`` / ``mkdir`` would (0666 / 0777 less the umask):
+    ``tempfile`` makes its files 0600 and folders 0700, which a rename would hand on to the result."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` so that a reader (or a rerun after a kill) sees the old file or the
     whole new one, never a prefix."""
@@ -21,6 +33,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        as_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -46,6 +59,7 @@ def publish_folder(out: Path, write) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        as_created(tmp, folder=True)
         write(tmp)
         if out.is_dir():
             out.rmdir()  # empty, checked before

@@ -177,12 +177,16 @@ def base_task_model(base_model: str, delta: Delta, *, dtype: torch.dtype | str |
     config = task_config_for(transformers.AutoConfig.from_pretrained(base_model), delta)
     if dtype is not None:
         from_pretrained_kwargs["dtype"] = dtype
-    # The delta supplies the head (and any added bias): transformers' report of them as "newly
-    # initialised" would only mislead.
+    return quietly_from_pretrained(cls, base_model, config=config, **from_pretrained_kwargs)
+
+
+def quietly_from_pretrained(cls: type, base_model: str, **kwargs) -> nn.Module:
+    """``cls.from_pretrained`` of a base whose head (and added biases) a delta or adapter supplies:
+    transformers' report of them as "newly initialised" would only mislead."""
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        return cls.from_pretrained(base_model, config=config, **from_pretrained_kwargs)
+        return cls.from_pretrained(base_model, **kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
 

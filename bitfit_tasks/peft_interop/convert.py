@@ -20,7 +20,7 @@ from torch import nn
 from ..core.selection import bias_size, head_parameter_names
 from ..core.signature import sign
 from ..core.skeleton import meta_skeleton
-from ..delta.apply import base_task_model
+from ..delta.apply import base_task_model, quietly_from_pretrained
 from ..delta.format import Delta, delta_of
 from ..utils.errors import UsageError, first_line
 from ..utils.fileio import check_new_folder, publish_folder
@@ -151,7 +151,7 @@ def delta_from_peft(adapter: str | os.PathLike, base_model: str | None = None, *
     if backbone is not None:
         base_values = {f"{prefix}.{n}": t for n, t in backbone.items()}
     else:
-        base_values = dict(_load_base(adapter, type(skeleton), base, skeleton.config, transformers).named_parameters())
+        base_values = dict(_load_base(adapter, type(skeleton), base, skeleton.config).named_parameters())
     native = {n for n, _ in skeleton.named_parameters()}  # not the biases other tasks added to a shared backbone
     base_values = {n: t for n, t in base_values.items() if n in native}
     modules = dict(skeleton.named_modules())
@@ -202,19 +202,14 @@ def _task_config(adapter, base: str, auto, weights: dict[str, torch.Tensor], tra
     return config
 
 
-def _load_base(adapter, cls, base: str, config=None, transformers=None):
-    """``cls.from_pretrained(base)`` for the adapter's recorded base (its config, or the base with the task class:
-    the head left random, the adapter brings it, so transformers' report of new head weights is silenced); a base
-    that cannot be loaded is one line."""
-    verbosity = transformers.logging.get_verbosity() if transformers is not None else None
-    if transformers is not None:
-        transformers.logging.set_verbosity_error()
+def _load_base(adapter, cls, base: str, config=None):
+    """``cls.from_pretrained(base)`` for the adapter's recorded base (its config, or the base with the task class,
+    whose head the adapter brings); a base that cannot be loaded is one line."""
     try:
-        return cls.from_pretrained(base, **({"config": config} if config is not None else {}))
+        if config is None:
+            return cls.from_pretrained(base)
+        return quietly_from_pretrained(cls, base, config=config)
     except OSError as err:
         raise UsageError(f"{adapter}: its base {base!r} could not be loaded ({first_line(err)[:200]}); pass "
                          "base_model= (a local folder or a hub id), or serve the adapter on a loaded backbone "
                          "(MultiTaskBitFit.add_task).") from None
-    finally:
-        if verbosity is not None:
-            transformers.logging.set_verbosity(verbosity)

@@ -118,12 +118,17 @@ class MultiTaskBitFit(nn.Module):
         Everything is checked before anything is registered: a refused task leaves the module as it was."""
         self._check_task_name(name)
         if not isinstance(delta, Delta):
-            # An adapter's base values come from the backbone held here, its pristine values (not the active
-            # task's), never from a second copy of the base.
-            pristine = {n: self.base_values.get(n, p) for n, p in self.backbone.named_parameters()}
-            delta = load_delta_or_adapter(delta, backbone=pristine, base_config=self.backbone.config)
-            if delta.meta.get("terms", {}).get("beft") is not None and verify_fingerprint:
-                self._note_adapter_base(name, delta)
+            from ..peft_interop.convert import delta_from_peft, is_peft_adapter_dir
+
+            if is_peft_adapter_dir(delta):
+                # Its base values come from the backbone held here, its pristine values (not the active task's),
+                # never from a second copy of the base.
+                pristine = {n: self.base_values.get(n, p) for n, p in self.backbone.named_parameters()}
+                delta = delta_from_peft(delta, backbone=pristine, base_config=self.backbone.config)
+                if verify_fingerprint:
+                    self._note_adapter_base(name, delta)
+            else:
+                delta = Delta.load(delta)
         cls = task_model_class(delta.meta["task_class"], source=str(delta.path or "the delta"))
         mine, theirs = getattr(self.backbone.config, "model_type", None), delta.meta.get("model_type")
         if theirs is not None and mine is not None and theirs != mine:
@@ -274,18 +279,6 @@ class MultiTaskBitFit(nn.Module):
             for j, r in enumerate(rows.tolist()):
                 results[r] = {k: v[j] for k, v in task_out.items() if torch.is_tensor(v) and v.dim() > 0}
         return results
-
-
-def load_delta_or_adapter(path: str | os.PathLike, *, backbone: dict[str, torch.Tensor] | None = None,
-                          base_config=None) -> Delta:
-    """A BitFit delta folder, or a PEFT BEFT adapter folder read as one: its BEFT vectors over ``backbone``'s
-    values (the backbone's tensors by name, its config as ``base_config``; without them, the adapter's recorded
-    base is loaded)."""
-    from ..peft_interop.convert import delta_from_peft, is_peft_adapter_dir
-
-    if is_peft_adapter_dir(path):
-        return delta_from_peft(path, backbone=backbone, base_config=base_config)
-    return Delta.load(path)
 
 
 def _deactivate_after_load(module: MultiTaskBitFit, incompatible_keys: Any) -> None:

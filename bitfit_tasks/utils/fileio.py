@@ -11,6 +11,14 @@ from .errors import UsageError
 
 
 def _umask() -> int:
+    """The process's umask, read without setting it where Linux tells it (setting it, even back, races with
+    other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

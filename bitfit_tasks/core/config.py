@@ -77,7 +77,7 @@ class BitFitConfig:
         default=False,
         metadata={"help": "A language model (causal or masked LM): train its pretrained output head (lm_head) too, "
                   "and store it in the delta. By default it is part of the frozen base, like the embeddings "
-                  "(at the Llama-3-8B shape: 526M values, 6.6 percent of the model)."},
+                  "(at the Llama-3-8B shape: 525M values, 6.5 percent of the model)."},
     )
     head_learning_rate: float | None = field(
         default=None,

@@ -224,3 +224,43 @@ def test_run_squad_end_to_end_on_the_device(tiny_model_dir, tmp_path):
     rows = [json.loads(line) for line in open(f"{sq}/flat.jsonl")]
     want = squad_metrics(predictions, {r["id"]: r["answers"]["text"] for r in rows})
     assert res["f1"] == pytest.approx(want["f1"]) and res["exact_match"] == pytest.approx(want["exact_match"])
+
+
+def test_bitfit_on_a_4bit_base(tmp_path):
+    """QLoRA's loading, BitFit's training: a 4-bit NF4 Llama (bf16 compute on the GPU) trains its biases and
+    head on the device, the packed weights stay bit-identical, and the delta re-applies onto a fresh 4-bit
+    load exactly. The device kit does not carry bitsandbytes (its 41 MiB wheel does not fit the 64 MiB that
+    travel): on a device machine without it, this test is skipped."""
+    pytest.importorskip("bitsandbytes")
+    import transformers as T
+
+    from bitfit_tasks.core.quantized import is_packed
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=0)
+    T.LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
+    compute = torch.float32 if ON_CPU else torch.bfloat16
+
+    def load():
+        quant = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+        place = {} if ON_CPU else {"device_map": {"": 0}}
+        return T.LlamaForSequenceClassification.from_pretrained(tmp_path / "base", quantization_config=quant, **place)
+
+    model = load()
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if is_packed(p)}
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(3, 128, (10,), generator=g), "labels": torch.tensor(i % 2)} for i in range(32)]
+    trainer = BitFitTrainer(model=model, args=device_args(tmp_path, max_steps=6, bf16=not ON_CPU),
+                            train_dataset=rows, bitfit_config=BitFitConfig())
+    trainer.train()
+    assert on_device(model) and packed
+    assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed)
+    trainer.save_model(str(tmp_path / "delta"))
+    ids = torch.stack([r["input_ids"] for r in rows[:4]]).to(DEVICE)
+    again = load_task_model(str(tmp_path / "base"), str(tmp_path / "delta"), quantization_config=T.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute),
+        **({} if ON_CPU else {"device_map": {"": 0}}))
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                                   rtol=0, atol=0)

@@ -12,6 +12,7 @@ from torch import nn
 from ..utils.errors import UsageError
 from .config import PEFT_MODES, BitFitConfig
 from .peft_detect import is_peft_model, peft_head_names
+from .quantized import check_quantized_mode, compute_dtype, logical_numel
 from .selection import (
     ADDABLE_BIAS_TYPES,
     BiasMap,
@@ -156,7 +157,8 @@ def add_biases(model: nn.Module, added: dict[str, int]) -> list[str]:
                 raise ValueError(f"cannot add bias {name} of length {size}: {mod_name} takes one of "
                                  f"{bias_size(module)}.")
             ref = module.weight if getattr(module, "weight", None) is not None else next(model.parameters())
-            module.bias = nn.Parameter(torch.zeros(size, device=ref.device, dtype=ref.dtype))
+            # In the layer's compute dtype: a quantized layer's weight is stored packed (uint8 / int8).
+            module.bias = nn.Parameter(torch.zeros(size, device=ref.device, dtype=compute_dtype(module, model)))
             created.append(name)
     except BaseException:
         remove_biases(model, created)  # all or nothing
@@ -200,6 +202,7 @@ def prepare_model(
                          "which BitFitTrainer calls), or pass it to BitFitTrainer as it is.")
     if config.mode not in ("full", *PEFT_MODES):
         refuse_peft_model(model, config.mode)
+        check_quantized_mode(model, config.mode, lean=config.lean)
     if config.mode in PEFT_MODES:
         head_all = peft_head_names(model)
     else:
@@ -213,7 +216,7 @@ def prepare_model(
                              "--train_lm_head.")
         head_all, head = head_all + lm_head, head + lm_head
     all_params = dict(model.named_parameters())
-    n_total = sum(p.numel() for p in all_params.values())
+    n_total = sum(logical_numel(p) for p in all_params.values())
     terms: dict[str, list[str]] = {}
     masks: dict[str, torch.Tensor] = {}
     added: dict[str, int] = {}
@@ -232,7 +235,7 @@ def prepare_model(
             added = plan.added
             add_biases(model, added)
             all_params = dict(model.named_parameters())
-            n_total = sum(p.numel() for p in all_params.values())
+            n_total = sum(logical_numel(p) for p in all_params.values())
             trainable = [n for names in terms.values() for n in names] + head
             for name, ranges in plan.slices.items():
                 # q/k/v of a fused projection: the other parts of its bias keep their values.
@@ -267,7 +270,7 @@ def prepare_model(
         p.requires_grad_(n in keep)
     if config.mode in PEFT_MODES:
         # The model's own size, as for the other modes: not PEFT's adapters and trained copies of the head.
-        n_total = sum(p.numel() for n, p in all_params.items() if n not in keep and n not in head_all)
+        n_total = sum(logical_numel(p) for n, p in all_params.items() if n not in keep and n not in head_all)
 
     head_n = sum(all_params[n].numel() for n in head)
     if config.mode in ("full", *PEFT_MODES):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..utils.errors import UsageError
+from .quantized import canonical_packed, is_packed, logical_shape, packed_kind
 from .selection import head_parameter_names
 
 # A delta records, per frozen tensor, its shape, dtype and exact integer hashes of its values
@@ -74,9 +75,13 @@ def sign(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, dict]:
     device (chunk sums stay below 2^45, so float64 holds them exactly)."""
     weights: dict[torch.device, torch.Tensor] = {}
     pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    packed: dict[str, dict] = {}
     for name, t in sorted(named, key=lambda nt: nt[0]):
         flat = t.detach().reshape(-1)
         w = weights.setdefault(flat.device, _weights(flat.device))
+        if is_packed(t):
+            packed[name] = _packed_entry(t, w)
+            continue
         sums: dict[str, list[torch.Tensor]] = {h: [] for h in _HASHES}
         l1 = torch.zeros((), dtype=torch.float64, device=flat.device)
         top = torch.zeros((), dtype=flat.dtype, device=flat.device)
@@ -106,7 +111,25 @@ def sign(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, dict]:
             entry[h] = hashlib.sha256(json.dumps([entry["shape"], per_chunk]).encode()).hexdigest()[:32]
         entry["l1"], entry["max"] = values[-2], values[-1]
         out[name] = entry
-    return out
+    return {**out, **packed}
+
+
+def _packed_entry(t: torch.Tensor, w: torch.Tensor) -> dict[str, Any]:
+    """A quantized weight's entry: the shape of the matrix it stands for, how it is stored (``bnb-nf4``, ...) and
+    one exact hash of its codes and scales (their bytes in one layout, :func:`canonical_packed`, weighted per chunk
+    as above, on the tensor's device).
+    Two loads of one checkpoint with one quantization config give the same hash; a full-precision load of it
+    cannot be compared value by value (see :func:`signature_mismatch`)."""
+    sums = []
+    for part in canonical_packed(t):
+        raw = part.detach().contiguous().reshape(-1).view(torch.uint8).to(torch.int32)  # <= 255 x 2^15: exact
+        if raw.numel() % CHUNK:
+            raw = torch.nn.functional.pad(raw, (0, CHUNK - raw.numel() % CHUNK))
+        sums.append((raw.view(-1, CHUNK) * w).sum(dim=1))
+    per_chunk = [int(v) for v in torch.cat(sums).tolist()]
+    shape = logical_shape(t)
+    return {"shape": shape, "dtype": packed_kind(t),
+            "packed": hashlib.sha256(json.dumps([shape, per_chunk]).encode()).hexdigest()[:32]}
 
 
 def base_signature(model: nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, dict]:
@@ -152,6 +175,15 @@ def signature_mismatch(recorded: dict[str, dict], current: dict[str, dict]) -> s
         return layout
     for name, r in recorded.items():
         c = current[name]
+        if "packed" in r or "packed" in c:
+            # Quantized in one load or both: the same quantization must give the same codes and scales; a
+            # quantized and a full-precision load of one checkpoint share names and shapes only (checked above),
+            # and the tensors both hold in floating point (embeddings, norms) are compared exactly.
+            if "packed" in r and "packed" in c and (r["dtype"], r["packed"]) != (c["dtype"], c["packed"]):
+                how = f"stored {c['dtype']}, recorded {r['dtype']}" if r["dtype"] != c["dtype"] else \
+                    f"its {r['dtype']} codes differ (hash {c['packed'][:12]}, recorded {r['packed'][:12]})"
+                return f"{name}: {how}"
+            continue
         exact = _exact_hashes(r["dtype"], c["dtype"])
         for h in exact:
             if r[h] != c[h]:
@@ -209,6 +241,8 @@ def check_signature_field(signature: Any, source: str) -> None:
         if ok and first:
             ok = (all(number(e.get(k)) for k in ("sum", "sumsq", "l1")) and isinstance(e.get("sample"), list)
                   and all(number(v) for v in e["sample"]))
+        elif ok and "packed" in e:
+            ok = digest(e.get("packed"))
         elif ok:
             ok = all(digest(e.get(h)) for h in _HASHES) and all(number(e.get(k)) for k in ("l1", "max"))
         if not ok:

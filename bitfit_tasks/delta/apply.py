@@ -12,6 +12,7 @@ import transformers
 from torch import nn
 
 from ..core.prepare import add_biases, remove_biases
+from ..core.quantized import describe_quantization, quantization_record
 from ..core.signature import base_mismatch, frozen_tensors
 from ..utils.errors import UsageError, first_line
 from .format import Delta
@@ -98,9 +99,13 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
         return
     why = base_mismatch(delta.meta, frozen_tensors(model, delta.tensors), signature)
     if why is not None:
+        trained, here = delta.meta.get("quantization"), quantization_record(model)
+        how = "" if not (trained or here) else (
+            f" It was trained on a {describe_quantization(trained)} load, this one is {describe_quantization(here)}.")
         raise UsageError(
             f"delta {delta.path} was trained on a different base model ({why}; delta base: "
-            f"{delta.meta.get('base_model')!r}). Load that base, or pass verify_fingerprint=False if you know better.")
+            f"{delta.meta.get('base_model')!r}).{how} Load that base, or pass verify_fingerprint=False if you know "
+            "better.")
 
 
 def create_added_biases(model: nn.Module, delta: Delta) -> list[str]:

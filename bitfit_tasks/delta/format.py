@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core.quantized import quantization_record
 from ..core.selection import added_bias_sizes, head_parameter_names, lm_head_parameter_names
 from ..core.signature import base_signature, check_signature_field, signature_id
 from ..utils.errors import MissingFileError, UsageError, read_utf8
@@ -91,6 +92,9 @@ def delta_of(model: nn.Module, names: list[str], *, mode: str = "bitfit", terms:
         "added_biases": {n: int(v) for n, v in
                          (added if added is not None else added_bias_sizes(model, names)).items()},
     }
+    # The base's quantization (bitsandbytes 4-/8-bit), None in full precision: the same quantized load
+    # re-applies it exactly, and its model card says how it was trained.
+    meta["quantization"] = quantization_record(model)
     signature = signature if signature is not None else base_signature(model, exclude=set(names))
     meta["base_fingerprint"] = signature_id(signature)
     meta["base_signature"] = signature
@@ -222,6 +226,10 @@ class Delta:
                 have = f"a tensor of shape {shapes[n]}" if n in tensors else "no such tensor"
                 raise UsageError(f"{p / DELTA_CONFIG}: field 'added_biases' gives {n[:80]} length {v!r}, but the delta "
                                  f"holds {have}; the JSON was edited or damaged: save the delta again.")
+        if not isinstance(meta.setdefault("quantization", None), dict | None):
+            raise UsageError(f"{p / DELTA_CONFIG}: field 'quantization' must be an object or null, got "
+                             f"{type(meta['quantization']).__name__}; the JSON was edited or damaged: save the delta "
+                             "again.")
         if not meta["task_class"].isidentifier():
             # Any class name is fine here (resume and apply_delta take the user's model); which class
             # load_task_model can build is its own check.

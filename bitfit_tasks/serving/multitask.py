@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..core.prepare import add_biases
+from ..core.quantized import logical_shape
 from ..core.signature import base_mismatch
 from ..core.skeleton import meta_skeleton
 from ..delta.apply import task_model_class
@@ -138,9 +139,10 @@ class MultiTaskBitFit(nn.Module):
         config = type(self.backbone.config).from_dict(delta.meta["task_config"])
         skeleton = meta_skeleton(cls, config)  # its backbone is replaced by the shared one
         prefix = skeleton.base_model_prefix
-        expected = {n: p.shape for n, p in getattr(skeleton, prefix).named_parameters()}
+        expected = {n: list(p.shape) for n, p in getattr(skeleton, prefix).named_parameters()}
         shared = dict(self.backbone.named_parameters())
-        missing = [n for n in expected if n not in shared or shared[n].shape != expected[n]]
+        # A quantized backbone's packed weights are compared by the shape of the matrix they stand for.
+        missing = [n for n in expected if n not in shared or logical_shape(shared[n]) != expected[n]]
         if missing:
             raise ValueError(f"task {name!r} ({delta.meta['task_class']}) expects backbone tensors this "
                              f"backbone lacks or shapes differently, e.g. {missing[:3]}.")

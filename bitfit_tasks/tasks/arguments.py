@@ -10,7 +10,8 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from ..core.config import BitFitConfig
+from ..core.config import PEFT_MODES, BitFitConfig
+from ..core.quantized import QUANT_EXTRA
 from ..training.best import KEEP_CHOICES
 from ..utils.errors import MissingFileError, UsageError, read_utf8
 from ..utils.launch import DEEPSPEED_REFUSAL, cpu_only_multiprocess, refuse_sharded_launch
@@ -40,7 +41,29 @@ class ModelArguments:
                   "(e.g. starting MNLI from a 2-label checkpoint)."},
     )
 
+    # Quantized loading, TRL's names (trl.ModelConfig): the QLoRA recipe's 4-bit NF4 base, trained bias-only.
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "Load the base in 4 bits (bitsandbytes; pip install 'bitfit-tasks[quant]'): its Linear "
+                  "weights stay packed and frozen, the biases and the head train in floating point (compute dtype: "
+                  "bf16 with --bf16, fp16 with --fp16, else fp32). Bias-only modes (bitfit, frozen) and lora/beft."},
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Load the base in 8 bits (bitsandbytes LLM.int8()); as --load_in_4bit."})
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "--load_in_4bit: the 4-bit data type.", "choices": ["nf4", "fp4"]})
+    use_bnb_nested_quant: bool = field(
+        default=False, metadata={"help": "--load_in_4bit: quantize the quantization scales too (QLoRA's double "
+                                 "quantization; about 0.4 bits per weight less)."})
+
     def __post_init__(self) -> None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise UsageError("--load_in_4bit and --load_in_8bit both set; choose one.")
+        if not self.load_in_4bit and (self.bnb_4bit_quant_type != "nf4" or self.use_bnb_nested_quant):
+            raise UsageError("--bnb_4bit_quant_type / --use_bnb_nested_quant set how a 4-bit base is stored, and "
+                             "--load_in_4bit is not set; add --load_in_4bit true, or drop them.")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise UsageError(f"--bnb_4bit_quant_type {self.bnb_4bit_quant_type!r}: choose 'nf4' or 'fp4'.")
         if self.model_name_or_path is None:
             self.model_name_or_path = demo_model_path()
         if self.model_name_or_path is None:
@@ -197,3 +220,40 @@ def _note_explicit(parsed: tuple, names: set[str]) -> tuple:
         if isinstance(obj, RunArguments):
             obj.explicit_args = frozenset(names)
     return parsed
+
+
+def model_load_kwargs(model_args: ModelArguments, bitfit: BitFitConfig,
+                      training_args: TrainingArguments) -> dict[str, Any]:
+    """What the runners pass to the task model's ``from_pretrained`` beyond the config: a bitsandbytes
+    quantization config for --load_in_4bit / --load_in_8bit (checked against the mode before the model is
+    loaded), with each process's model on its own GPU, as TRL loads it."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return {}
+    flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+    if bitfit.mode not in ("bitfit", "frozen", *PEFT_MODES):
+        raise UsageError(f"{flag} with --mode {bitfit.mode}: a quantized base's weights are packed 4/8-bit codes, "
+                         f"which --mode {bitfit.mode} would have to train; use --mode bitfit (or frozen, lora, beft), "
+                         "or load the base in full precision.")
+    if bitfit.lean:
+        raise UsageError(f"{flag} with --lean: lean mode stores the frozen weights in bf16, and a quantized base's "
+                         "are already 4/8-bit; drop --lean (--bf16 true computes in bf16).")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError(f"{flag} needs bitsandbytes, which is not installed; {QUANT_EXTRA}.")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_8bit:
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        compute = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+                                   bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+                                   bnb_4bit_compute_dtype=compute)
+    kwargs: dict[str, Any] = {"quantization_config": quant}
+    if torch.cuda.is_available() and not training_args.use_cpu:
+        from accelerate import PartialState
+
+        kwargs["device_map"] = {"": PartialState().local_process_index}
+    return kwargs

@@ -15,6 +15,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from ..core.config import BIAS_TERM_MODES, PEFT_MODES, BitFitConfig
+from ..core.quantized import quantization_record
 from ..core.selection import bias_parameter_ids, head_parameter_names, plan_bias_selection
 from ..core.skeleton import meta_skeleton
 from ..delta.files import DELTA_WEIGHTS
@@ -206,6 +207,8 @@ def train_and_record(
         "saved_weights_bytes": saved_weights_bytes(args.output_dir),
         "device": device_name(args),
         "bitfit_config": asdict(trainer.bitfit_config),  # what ran (lean falls back to fp32 on some CPUs)
+        # The base as it was loaded: bitsandbytes 4-/8-bit (--load_in_4bit / --load_in_8bit), else null.
+        "quantization": quantization_record(trainer.accelerator.unwrap_model(trainer.model)),
     }
     if trainer.bitfit_config != bitfit:
         results["bitfit_config_requested"] = asdict(bitfit)

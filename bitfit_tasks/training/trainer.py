@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -18,6 +19,7 @@ from ..core.bias_maps import BiasMap
 from ..core.config import PEFT_MODES, BitFitConfig
 from ..core.lean import lean_runs, make_lean
 from ..core.prepare import BitFitState, is_peft_model, prepare_model
+from ..core.quantized import check_quantized_mode, is_quantized_model
 from ..core.signature import base_signature
 from ..delta.apply import apply_delta
 from ..delta.card import model_card
@@ -75,6 +77,32 @@ def refuse_unsupported_parallelism(args) -> None:
                          "BitFitTrainer does not support. Launch one process per GPU: accelerate launch --multi_gpu "
                          f"--num_processes {n_gpu} YOUR_SCRIPT.py ... (or torchrun --nproc_per_node {n_gpu}); for "
                          "one GPU, set CUDA_VISIBLE_DEVICES=0.")
+
+
+@contextlib.contextmanager
+def quantized_base_allowed(config: BitFitConfig):
+    """While Trainer is built: let a quantized base (bitsandbytes 4-/8-bit) through in the modes that train no
+    quantized weight. Trainer refuses any "purely quantized" model without PEFT adapters, since full fine-tuning
+    cannot update packed weights; bias-only modes leave them untouched and train floating-point biases beside
+    them, so their own check (core.quantized) replaces Trainer's there. Full mode keeps Trainer's refusal."""
+    import transformers.trainer as hf_trainer
+
+    original = getattr(hf_trainer, "validate_quantization_for_training", None)
+    if config.mode in ("full", *PEFT_MODES) or original is None:
+        yield
+        return
+
+    def validate(model) -> None:
+        if is_quantized_model(model) and not is_peft_model(model):
+            check_quantized_mode(model, config.mode, lean=config.lean)
+            return
+        original(model)
+
+    hf_trainer.validate_quantization_for_training = validate
+    try:
+        yield
+    finally:
+        hf_trainer.validate_quantization_for_training = original
 
 
 class BitFitTrainer(Trainer):
@@ -145,7 +173,8 @@ class BitFitTrainer(Trainer):
         # With model_init, Trainer builds the model inside __init__ (and again in every train() /
         # hyperparameter-search trial) through call_model_init, which applies BitFit below.
         try:
-            super().__init__(*args, **kwargs)
+            with quantized_base_allowed(bitfit_config):
+                super().__init__(*args, **kwargs)
         except BaseException:
             if wrapped is not None:  # a refusal leaves the caller's model as it was given
                 unwrap_peft(wrapped)

@@ -25,7 +25,7 @@ from ...training.trainer import BitFitTrainer
 from ...utils.errors import UsageError, check_positive, load_pretrained
 from ...utils.fileio import atomic_write_lines
 from .. import metrics as M
-from ..arguments import ModelArguments, RunArguments
+from ..arguments import ModelArguments, RunArguments, model_load_kwargs
 from ..callbacks import add_train_sample_eval
 from ..runner import check_terms_before_loading, ensure_pad_token, parse_and_run, start_run, train_and_record
 from ..sampling import EVAL_SAMPLE_SEED
@@ -140,6 +140,7 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
         training_args: TrainingArguments, run_args: RunArguments | None = None) -> dict[str, Any]:
     task = GLUE_TASKS[data_args.task_name]
     data_seed = start_run(training_args, bitfit, run_args, runner="glue")
+    load_kwargs = model_load_kwargs(model_args, bitfit, training_args)  # refused before any data is read
 
     raw = load_glue(data_args, model_args.cache_dir)
     if "train" not in raw:
@@ -173,7 +174,7 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
     check_terms_before_loading(AutoModelForSequenceClassification, config, bitfit)
     model = load_pretrained(
         AutoModelForSequenceClassification, model_args.model_name_or_path, config=config,
-        cache_dir=model_args.cache_dir, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+        cache_dir=model_args.cache_dir, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **load_kwargs)
 
     k1, k2 = task.keys
 

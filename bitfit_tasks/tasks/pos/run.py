@@ -26,7 +26,7 @@ from ...core.config import BitFitConfig
 from ...training.trainer import BitFitTrainer
 from ...utils.errors import UsageError, check_positive, load_pretrained
 from ...utils.fileio import atomic_write_lines
-from ..arguments import ModelArguments, RunArguments
+from ..arguments import ModelArguments, RunArguments, model_load_kwargs
 from ..callbacks import add_train_sample_eval
 from ..metrics import seqeval_metrics
 from ..runner import check_terms_before_loading, ensure_pad_token, parse_and_run, start_run, train_and_record
@@ -138,6 +138,7 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
         training_args: TrainingArguments, run_args: RunArguments | None = None) -> dict[str, Any]:
 
     seed = start_run(training_args, bitfit, run_args, runner="pos")
+    load_kwargs = model_load_kwargs(model_args, bitfit, training_args)  # refused before any data is read
     splits = load_splits(data_args)
     splits["train"] = sample_list(splits["train"], seed, k=data_args.max_train_samples)
     for s in ("validation", "test"):  # the same evaluation sentences for every method and seed
@@ -165,7 +166,7 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
     check_terms_before_loading(AutoModelForTokenClassification, config, bitfit)
     model = load_pretrained(
         AutoModelForTokenClassification, model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
-        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **load_kwargs)
 
     truncated: dict[str, int] = {}
     word_ids: dict[str, list[list[int | None]]] = {}

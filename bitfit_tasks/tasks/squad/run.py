@@ -21,7 +21,7 @@ from transformers import (
 
 from ...core.config import BitFitConfig
 from ...utils.errors import UsageError, check_positive, load_pretrained
-from ..arguments import ModelArguments, RunArguments
+from ..arguments import ModelArguments, RunArguments, model_load_kwargs
 from ..hub_data import load_hub_dataset
 from ..results import eval_history
 from ..runner import check_terms_before_loading, ensure_pad_token, parse_and_run, start_run, train_and_record
@@ -90,6 +90,7 @@ def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitCon
         training_args: TrainingArguments, run_args: RunArguments | None = None) -> dict[str, Any]:
 
     seed = start_run(training_args, bitfit, run_args, runner="squad")
+    load_kwargs = model_load_kwargs(model_args, bitfit, training_args)  # refused before any data is read
     train_rows, dev_rows = load_rows(data_args)
     train_rows = sample_examples(train_rows, data_args.train_fraction, data_args.max_train_samples, seed)
     # The dev subset depends on the data seed only, so every method is scored on the same questions.
@@ -103,7 +104,7 @@ def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitCon
     ensure_pad_token(tokenizer, config)  # decoder tokenizers (Llama, Qwen3, ...) often have none
     check_terms_before_loading(AutoModelForQuestionAnswering, config, bitfit)
     model = load_pretrained(AutoModelForQuestionAnswering, model_args.model_name_or_path, config=config,
-                            cache_dir=model_args.cache_dir)
+                            cache_dir=model_args.cache_dir, **load_kwargs)
     train_windows = window_dataset("train", train_rows, tokenizer, data_args.max_seq_length, data_args.doc_stride,
                                    training_args)
     dev_windows = window_dataset("eval", dev_rows, tokenizer, data_args.max_seq_length, data_args.doc_stride,

@@ -1,0 +1,154 @@
+"""Quantized bases (bitsandbytes 4-bit and 8-bit): what BitFit trains on them and what it refuses.
+
+A model loaded with ``BitsAndBytesConfig(load_in_4bit=True)`` (or ``load_in_8bit``) keeps its Linear weights
+packed (``Params4bit``: two 4-bit codes per byte plus per-block scales; ``Int8Params``: int8 plus per-row
+scales) and everything else (embeddings, norms, biases, the task head) in floating point. Bias-only training
+never touches the packed weights: the biases it trains are floating-point tensors beside them, and the biases
+it adds are created in the layer's compute dtype. Modes that update weights (``full``, the random
+baselines) cannot train packed weights and are refused, as is lean mode (the frozen matrices are already
+4/8-bit). bitsandbytes is never imported here: its parameters are told apart by their attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..utils.errors import UsageError
+
+#: The extra that installs bitsandbytes.
+QUANT_EXTRA = "pip install 'bitfit-tasks[quant]'"
+
+
+def is_packed(p: torch.Tensor) -> bool:
+    """A quantized weight (bitsandbytes' Params4bit / Int8Params, or any integer parameter): not a float."""
+    return not (p.is_floating_point() or p.is_complex())
+
+
+def logical_shape(p: torch.Tensor) -> list[int]:
+    """The shape of the matrix a packed 4-bit weight stands for (its storage is ``[n/2, 1]`` bytes)."""
+    state = getattr(p, "quant_state", None)
+    return list(state.shape) if state is not None and getattr(state, "shape", None) is not None else list(p.shape)
+
+
+def logical_numel(p: torch.Tensor) -> int:
+    """The number of values ``p`` stands for: a packed 4-bit weight holds two per byte."""
+    n = 1
+    for d in logical_shape(p):
+        n *= int(d)
+    return n
+
+
+def packed_kind(p: torch.Tensor) -> str:
+    """How a packed weight is stored, e.g. ``bnb-nf4``, ``bnb-fp4``, ``bnb-int8``."""
+    qtype = getattr(p, "quant_type", None)
+    if qtype:
+        return f"bnb-{qtype}"
+    if p.dtype == torch.int8:
+        return "bnb-int8"
+    return str(p.dtype).removeprefix("torch.")
+
+
+def canonical_packed(p: torch.Tensor) -> list[torch.Tensor]:
+    """A quantized weight's codes and scales in one layout, whatever bitsandbytes did to it since loading: on a
+    CPU with AVX512-BF16 its first inference in eval mode re-lays a 4-bit weight out in place (codes permuted,
+    per-block scales de-nested and rounded to bf16). So: the codes in the load's layout, the 4-bit scales as
+    bf16 (the nested ones dequantized first); 8-bit: the int8 codes and per-row scales (SCB) as they are."""
+    state = getattr(p, "quant_state", None)
+    if state is None:
+        scb = getattr(p, "SCB", None)
+        return [p.detach(), *([scb] if isinstance(scb, torch.Tensor) else [])]
+    codes = p.detach()
+    if getattr(state, "packing_format_for_cpu", False):
+        import copy
+
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        # Its scales are bf16 already ([K/blocksize, N]); the inverse works on copies (it edits the state).
+        codes, _ = _convert_weight_packed_for_cpu_inverse(codes.clone(), copy.deepcopy(state))
+        scales = state.absmax.T.reshape(-1)
+    elif getattr(state, "nested", False):
+        from bitsandbytes.functional import dequantize_blockwise
+
+        scales = dequantize_blockwise(state.absmax, state.state2) + state.offset
+    else:
+        scales = state.absmax
+    return [codes, scales.float().to(torch.bfloat16)]
+
+
+def is_quantized_model(model: nn.Module) -> bool:
+    """Loaded with a quantization config (transformers' ``hf_quantizer``), or holding packed weights."""
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        return True
+    return any(is_packed(p) for p in model.parameters())
+
+
+def quantization_record(model: nn.Module) -> dict[str, Any] | None:
+    """What a delta and results.json record of a quantized base: the method, bits, 4-bit type, compute dtype,
+    double quantization, and the modules left unquantized. None for a full-precision model."""
+    if not is_quantized_model(model):
+        return None
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc or {})
+    bits = 4 if qc.get("load_in_4bit") else 8 if qc.get("load_in_8bit") else None
+    method = qc.get("quant_method", "unknown")
+    record: dict[str, Any] = {"method": str(getattr(method, "value", method)), "bits": bits}
+    if bits == 4:
+        record.update(quant_type=qc.get("bnb_4bit_quant_type"), compute_dtype=str(qc.get("bnb_4bit_compute_dtype")),
+                      double_quant=bool(qc.get("bnb_4bit_use_double_quant")))
+    record["packed_tensors"] = sum(1 for p in model.parameters() if is_packed(p))
+    return record
+
+
+def describe_quantization(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "full precision"
+    if record.get("bits") == 4:
+        nested = ", double quantization" if record.get("double_quant") else ""
+        compute = record.get("compute_dtype")
+        return f"{record.get('method')} 4-bit {record.get('quant_type')} (compute {compute}{nested})"
+    return f"{record.get('method')} {record.get('bits')}-bit"
+
+
+def compute_dtype(module: nn.Module, model: nn.Module) -> torch.dtype:
+    """The dtype a new bias of ``module`` is made in: its weight's, or, for a packed weight, the dtype the
+    layer computes in (4-bit: ``compute_dtype``; 8-bit: the model's floating-point dtype), never the
+    packed storage dtype."""
+    weight = getattr(module, "weight", None)
+    if weight is not None and not is_packed(weight):
+        return weight.dtype
+    own = getattr(module, "compute_dtype", None)
+    if isinstance(own, torch.dtype) and own.is_floating_point:
+        return own
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return floats[0] if floats else torch.float32
+
+
+def check_quantized_mode(model: nn.Module, mode: str, *, lean: bool = False) -> None:
+    """A quantized base trains in the bias-only modes only (its packed weights never change), one line
+    otherwise; a quantization method that cannot back-propagate is refused too."""
+    if not is_quantized_model(model):
+        return
+    what = describe_quantization(quantization_record(model))
+    if mode in ("rand_uniform", "rand_row_col"):
+        raise UsageError(f"mode {mode!r} trains randomly drawn backbone weights, and this base is quantized ({what}): "
+                         "its weights are packed 4/8-bit codes that cannot be trained entry by entry. Load the base "
+                         "in full precision for the random baselines, or use --mode bitfit.")
+    if lean:
+        raise UsageError(f"lean mode stores the frozen weights in bf16, and this base is quantized ({what}): its "
+                         "matrices are already 4/8-bit. Drop --lean (for bf16 compute, load with "
+                         "bnb_4bit_compute_dtype=torch.bfloat16, or pass --bf16 true to the runners).")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not getattr(quantizer, "is_trainable", True):
+        raise UsageError(f"this base is quantized with {what}, which transformers cannot back-propagate through; "
+                         "BitFit needs gradients through the frozen layers to train their biases. Load it with "
+                         f"bitsandbytes (BitsAndBytesConfig(load_in_4bit=True); {QUANT_EXTRA}) or in full precision.")
+    if hasattr(model, "_orig_mod"):
+        raise UsageError("a quantized model compiled with torch.compile() cannot be fine-tuned (transformers refuses "
+                         "it); pass the model before torch.compile, or set --torch_compile false.")
+
+
+__all__ = ["QUANT_EXTRA", "check_quantized_mode", "compute_dtype", "describe_quantization", "is_packed",
+           "is_quantized_model", "logical_numel", "logical_shape", "quantization_record"]

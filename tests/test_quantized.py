@@ -83,7 +83,10 @@ def test_quantized_base_trains_bias_only_and_the_delta_travels(quant, base_dir, 
     model = load(base_dir, quant)
     packed = {n: p.detach().clone() for n, p in model.named_parameters() if is_packed(p)}
     assert len(packed) == 14  # 7 Linear layers x 2 layers, packed; embeddings, norms and the head are not
-    trainer = BitFitTrainer(model=model, args=args(tmp_path), train_dataset=Rows(), bitfit_config=BitFitConfig())
+    # Evaluations between steps: on a CPU with AVX512-BF16 bitsandbytes would repack 4-bit weights at the first
+    # one and fail (or pass no gradient) at the next training step; BitFit keeps the layout of the load.
+    trainer = BitFitTrainer(model=model, args=args(tmp_path, eval_strategy="steps", eval_steps=3),
+                            train_dataset=Rows(), eval_dataset=Rows(8), bitfit_config=BitFitConfig())
     state = trainer.bitfit_state
     # Added biases in the compute dtype, not the packed storage dtype; counts are of the logical matrices.
     assert len(state.added) == 14
@@ -249,3 +252,24 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch):
                                          r"'bitfit-tasks\[quant\]'"):
         model_load_kwargs(ModelArguments(model_name_or_path="x", load_in_8bit=True), Config(),
                           T.TrainingArguments(output_dir="unused", use_cpu=True))
+
+
+def test_a_quantized_task_head_is_refused_and_skipping_it_trains(tmp_path):
+    """transformers leaves only the last parameter's module and the output embeddings unquantized: BERT's last
+    parameter is classifier.bias, so its new classifier becomes a 4-bit layer with a random fp32 weight. BitFit
+    says so in one line, with the fix; the fix trains."""
+    torch.manual_seed(0)
+    T.BertForSequenceClassification(T.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=2, intermediate_size=128)).bert.save_pretrained(
+        tmp_path / "bert")
+    quant = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = T.BertForSequenceClassification.from_pretrained(tmp_path / "bert", quantization_config=quant)
+    with pytest.raises(UsageError, match=r"the task head \['classifier'\] was quantized .*llm_int8_skip_modules="
+                                         r"\['classifier'\]"):
+        BitFitTrainer(model=model, args=args(tmp_path), train_dataset=Rows(), bitfit_config=BitFitConfig())
+    quant = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
+                                 llm_int8_skip_modules=["classifier"])
+    model = T.BertForSequenceClassification.from_pretrained(tmp_path / "bert", quantization_config=quant)
+    trainer = BitFitTrainer(model=model, args=args(tmp_path), train_dataset=Rows(), bitfit_config=BitFitConfig())
+    trainer.train()
+    assert model.bert.pooler.dense.weight.dtype == torch.uint8  # the pretrained pooler stays quantized

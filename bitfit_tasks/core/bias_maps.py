@@ -148,6 +148,26 @@ _LLAMA_STYLE = BiasMap(
     config_flags=("attention_bias", "mlp_bias"),
 )
 
+# T5 / mT5 / Flan-T5 (encoder-decoder, built without biases): one layer prefix for encoder and decoder blocks
+# (a layer index names encoder block i and decoder block i alike). q/k/v/m1 take both the self-attention and the
+# decoder's cross-attention (EncDecAttention) projections, m2 the MLP input (wi; wi_0 and wi_1 where the MLP is
+# gated, as in T5 v1.1 and Flan-T5), m3 its output (wo). Their norms are T5LayerNorm, an RMS norm with a scale and
+# no bias: LN1/LN2/final are skipped like Llama's RMSNorms. relative_attention_bias is a position table (an
+# Embedding), not a bias term: never selected. No config flag builds T5 biases, so a delta with added ones
+# cannot merge into a T5 model (the merge says so).
+_T5 = BiasMap(
+    layer_prefix=r"(?:encoder|decoder)\.block\.(\d+)",
+    layer_modules={
+        **{t: [f"layer.0.SelfAttention.{m}", f"layer.1.EncDecAttention.{m}"]
+           for t, m in (("q", "q"), ("k", "k"), ("v", "v"), ("m1", "o"))},
+        "m2": [f"layer.{i}.DenseReluDense.{w}" for i in (1, 2) for w in ("wi", "wi_0", "wi_1")],
+        "m3": ["layer.1.DenseReluDense.wo", "layer.2.DenseReluDense.wo"],
+        # The self-attention's pre-norm; the decoder's cross-attention and MLP pre-norms, the encoder's MLP one.
+        "LN1": "layer.0.layer_norm", "LN2": ["layer.1.layer_norm", "layer.2.layer_norm"],
+    },
+    global_modules={"final": ["encoder.final_layer_norm", "decoder.final_layer_norm"]},
+)
+
 # Read-only: a new architecture goes through register_bias_map (or bias_map=), not by editing this table.
 DEFAULT_BIAS_MAPS: Mapping[str, BiasMap] = MappingProxyType({
     "bert": _BERT,
@@ -245,6 +265,8 @@ DEFAULT_BIAS_MAPS: Mapping[str, BiasMap] = MappingProxyType({
                        "m2": "mlp.dense_h_to_4h", "m3": "mlp.dense_4h_to_h", "LN2": "post_attention_layernorm"},
         global_modules={"final": ["final_layer_norm"]},
     ),
+    "t5": _T5,
+    "mt5": _T5,
     "deberta-v2": BiasMap(
         layer_prefix=r"encoder\.layer\.(\d+)",
         layer_modules={

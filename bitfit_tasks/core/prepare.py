@@ -12,7 +12,7 @@ from torch import nn
 from ..utils.errors import UsageError
 from .config import PEFT_MODES, BitFitConfig
 from .peft_detect import is_peft_model, peft_head_names
-from .quantized import check_quantized_mode, compute_dtype, logical_numel
+from .quantized import check_quantized_mode, compute_dtype, keep_trainable_layout, logical_numel
 from .selection import (
     ADDABLE_BIAS_TYPES,
     BiasMap,
@@ -202,7 +202,8 @@ def prepare_model(
                          "which BitFitTrainer calls), or pass it to BitFitTrainer as it is.")
     if config.mode not in ("full", *PEFT_MODES):
         refuse_peft_model(model, config.mode)
-        check_quantized_mode(model, config.mode, lean=config.lean)
+        check_quantized_mode(model, config.mode, lean=config.lean, head=head_parameter_names(model))
+    keep_trainable_layout(model)  # a 4-bit base on a CPU: see there
     if config.mode in PEFT_MODES:
         head_all = peft_head_names(model)
     else:

@@ -126,12 +126,60 @@ def compute_dtype(module: nn.Module, model: nn.Module) -> torch.dtype:
     return floats[0] if floats else torch.float32
 
 
-def check_quantized_mode(model: nn.Module, mode: str, *, lean: bool = False) -> None:
+def keep_trainable_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes re-laying 4-bit weights out for CPU inference, on a model that trains; returns how many
+    layers were told. On a CPU with AVX512-BF16, a Linear4bit's first forward in eval mode without gradients
+    (an evaluation) repacks its weight in place for a faster kernel, and every later forward takes that kernel,
+    training ones included: it adds the bias in place (a training step then fails: "a view of a leaf Variable
+    that requires grad is being used in an in-place operation") and passes no gradient to its input (adapters
+    and biases below it would silently stop learning). A weight repacked already is put back in the load's
+    layout first, as bitsandbytes does before saving."""
+    told = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        told += 1
+    return told
+
+
+def module_paths(names: list[str]) -> list[str]:
+    """The modules that own the named parameters (``classifier.weight`` -> ``classifier``), in order."""
+    return list(dict.fromkeys(n.rpartition(".")[0] for n in names))
+
+
+def quantized_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Which modules owning ``names`` bitsandbytes replaced (Linear4bit, Linear8bitLt)."""
+    out = []
+    for path in module_paths(names):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if type(module).__module__.startswith("bitsandbytes"):
+            out.append(path)
+    return out
+
+
+def check_quantized_mode(model: nn.Module, mode: str, *, lean: bool = False, head: list[str] = ()) -> None:
     """A quantized base trains in the bias-only modes only (its packed weights never change), one line
-    otherwise; a quantization method that cannot back-propagate is refused too."""
+    otherwise; a quantization method that cannot back-propagate is refused too, and so is a task head that
+    was quantized (``head``: its parameter names): it is trained and newly initialised, so it must stay a
+    floating-point layer."""
     if not is_quantized_model(model):
         return
     what = describe_quantization(quantization_record(model))
+    packed_head = quantized_modules(model, list(head))
+    if packed_head:
+        raise UsageError(f"the task head {packed_head} was quantized with the base ({what}); a head is new and "
+                         "trained, so it must stay floating point: load with BitsAndBytesConfig(..., "
+                         f"llm_int8_skip_modules={packed_head}) (transformers leaves only the last module and the "
+                         "output embeddings unquantized by default; the runners skip the head themselves).")
     if mode in ("rand_uniform", "rand_row_col"):
         raise UsageError(f"mode {mode!r} trains randomly drawn backbone weights, and this base is quantized ({what}): "
                          "its weights are packed 4/8-bit codes that cannot be trained entry by entry. Load the base "
@@ -151,4 +199,5 @@ def check_quantized_mode(model: nn.Module, mode: str, *, lean: bool = False) -> 
 
 
 __all__ = ["QUANT_EXTRA", "check_quantized_mode", "compute_dtype", "describe_quantization", "is_packed",
-           "is_quantized_model", "logical_numel", "logical_shape", "quantization_record"]
+           "is_quantized_model", "keep_trainable_layout", "logical_numel", "logical_shape", "module_paths",
+           "quantization_record", "quantized_modules"]

@@ -276,6 +276,42 @@ def layer_index(model: nn.Module, full_name: str, *, bias_map: BiasMap | None = 
     return int(m.group(1)) if m else None
 
 
+def backbone_parameter_names(model: nn.Module) -> set[str]:
+    """Full names of the pretrained backbone's parameters. Most task classes hold their backbone as one child
+    (``model.base_model``); a few are their own backbone (T5ForConditionalGeneration, T5ForQuestionAnswering:
+    ``shared``, ``encoder``, ``decoder`` beside ``lm_head`` / ``qa_outputs``): there the backbone is what the
+    family's bare model class (T5Model) also holds, read off its skeleton on the meta device."""
+    if backbone_of(model) is not model:
+        return set(full_names(model).values())
+    bare = _bare_children(model)
+    names = [n for n, _ in model.named_parameters()]
+    return set(names) if bare is None else {n for n in names if n.split(".", 1)[0] in bare}
+
+
+def _bare_children(model: nn.Module) -> set[str] | None:
+    """The top-level children of the bare model class of ``model``'s family, or None where that is ``model``'s
+    own class or cannot be told (no config, a family transformers' AutoModel does not map)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        from transformers import MODEL_MAPPING
+
+        bare_cls = MODEL_MAPPING[type(config)]
+    except (ImportError, KeyError):
+        return None
+    if isinstance(model, bare_cls):
+        return None
+    cached = model.__dict__.get("_bitfit_bare_children")
+    if cached is None or cached[0] is not config:
+        try:
+            children = {n for n, _ in meta_skeleton(bare_cls, config).named_children()}
+        except Exception:  # a bare class that cannot be built from this config: the model is its own backbone
+            return None
+        cached = model.__dict__["_bitfit_bare_children"] = (config, children)
+    return cached[1]
+
+
 def lm_head_parameter_names(model: nn.Module) -> list[str]:
     """A language model's pretrained output head: every parameter outside the backbone of a model with output
     embeddings (``lm_head`` of a causal LM, ``cls.predictions`` of a masked LM). It is part of the base, frozen
@@ -287,7 +323,7 @@ def lm_head_parameter_names(model: nn.Module) -> list[str]:
         has_lm_head = False
     if not has_lm_head:
         return []
-    in_backbone = set(full_names(model).values())
+    in_backbone = backbone_parameter_names(model)
     return [n for n, _ in model.named_parameters() if n not in in_backbone]
 
 
@@ -299,6 +335,6 @@ def head_parameter_names(model: nn.Module) -> list[str]:
     DistilBERT's ``pre_classifier``, DeBERTa's ``pooler`` + ``classifier``: whatever the task
     class added on top of ``model.base_model``. A causal or masked LM has none.
     """
-    in_backbone = set(full_names(model).values())
+    in_backbone = backbone_parameter_names(model)
     lm_head = set(lm_head_parameter_names(model))
     return [n for n, _ in model.named_parameters() if n not in in_backbone and n not in lm_head]

@@ -15,8 +15,8 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from ..core.config import BIAS_TERM_MODES, PEFT_MODES, BitFitConfig
-from ..core.quantized import quantization_record
-from ..core.selection import bias_parameter_ids, head_parameter_names, plan_bias_selection
+from ..core.quantized import module_paths, quantization_record
+from ..core.selection import bias_parameter_ids, head_parameter_names, lm_head_parameter_names, plan_bias_selection
 from ..core.skeleton import meta_skeleton
 from ..delta.files import DELTA_WEIGHTS
 from ..training.best import BestEpochKeeper, keeper_rule
@@ -59,10 +59,12 @@ def start_run(training_args: TrainingArguments, bitfit: BitFitConfig, run_args: 
     return training_args.data_seed if training_args.data_seed is not None else training_args.seed
 
 
-def check_terms_before_loading(auto_cls, config, bitfit: BitFitConfig) -> None:
+def check_terms_before_loading(auto_cls, config, bitfit: BitFitConfig, load_kwargs: dict[str, Any] | None = None):
     """The task model's class and the bias-term selection (or a PEFT mode's targets) checked on a skeleton of the
     task model (meta device: no weights, no memory), so a family without the task's head class or a term the
-    architecture lacks is refused before minutes of loading a large model."""
+    architecture lacks is refused before minutes of loading a large model. With a quantization config in
+    ``load_kwargs``, the skeleton's task head and LM head are kept out of the quantization (transformers would
+    quantize a new classifier of some families)."""
     try:
         skeleton = meta_skeleton(auto_cls, config)
     except ValueError as err:
@@ -77,6 +79,10 @@ def check_terms_before_loading(auto_cls, config, bitfit: BitFitConfig) -> None:
                          f"{config.model_type!r} ({type(config).__name__}); {script} needs one: choose a model of "
                          f"another family (e.g. bert, roberta, llama, qwen3), or a transformers release that adds "
                          f"{auto_cls.__name__} for {config.model_type!r}.") from None
+    quant = (load_kwargs or {}).get("quantization_config")
+    if quant is not None:
+        keep = module_paths(head_parameter_names(skeleton) + lm_head_parameter_names(skeleton))
+        quant.llm_int8_skip_modules = list(dict.fromkeys([*(quant.llm_int8_skip_modules or []), *keep]))
     if bitfit.mode not in BIAS_TERM_MODES + PEFT_MODES:
         return
     quiet = logging.getLogger("bitfit_tasks")

@@ -20,6 +20,7 @@ from ..core.config import PEFT_MODES, BitFitConfig
 from ..core.lean import lean_runs, make_lean
 from ..core.prepare import BitFitState, is_peft_model, prepare_model
 from ..core.quantized import check_quantized_mode, is_quantized_model
+from ..core.selection import head_parameter_names
 from ..core.signature import base_signature
 from ..delta.apply import apply_delta
 from ..delta.card import model_card
@@ -94,7 +95,7 @@ def quantized_base_allowed(config: BitFitConfig):
 
     def validate(model) -> None:
         if is_quantized_model(model) and not is_peft_model(model):
-            check_quantized_mode(model, config.mode, lean=config.lean)
+            check_quantized_mode(model, config.mode, lean=config.lean, head=head_parameter_names(model))
             return
         original(model)
 

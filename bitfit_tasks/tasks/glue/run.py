@@ -171,7 +171,7 @@ def run(model_args: ModelArguments, data_args: GlueArguments, bitfit: BitFitConf
     )
     tokenizer = load_pretrained(AutoTokenizer, model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     ensure_pad_token(tokenizer, config)
-    check_terms_before_loading(AutoModelForSequenceClassification, config, bitfit)
+    check_terms_before_loading(AutoModelForSequenceClassification, config, bitfit, load_kwargs)
     model = load_pretrained(
         AutoModelForSequenceClassification, model_args.model_name_or_path, config=config,
         cache_dir=model_args.cache_dir, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **load_kwargs)

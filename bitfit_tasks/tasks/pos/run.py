@@ -163,7 +163,7 @@ def run(model_args: ModelArguments, data_args: PosArguments, bitfit: BitFitConfi
     config = load_pretrained(AutoConfig, model_args.model_name_or_path, num_labels=len(tags), id2label=id2tag,
                              label2id=tag2id, finetuning_task=data_args.task_name, cache_dir=model_args.cache_dir)
     ensure_pad_token(tokenizer, config)
-    check_terms_before_loading(AutoModelForTokenClassification, config, bitfit)
+    check_terms_before_loading(AutoModelForTokenClassification, config, bitfit, load_kwargs)
     model = load_pretrained(
         AutoModelForTokenClassification, model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **load_kwargs)

@@ -102,7 +102,7 @@ def run(model_args: ModelArguments, data_args: SquadArguments, bitfit: BitFitCon
                          "(offset mappings); this one is slow.")
     config = load_pretrained(AutoConfig, model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     ensure_pad_token(tokenizer, config)  # decoder tokenizers (Llama, Qwen3, ...) often have none
-    check_terms_before_loading(AutoModelForQuestionAnswering, config, bitfit)
+    check_terms_before_loading(AutoModelForQuestionAnswering, config, bitfit, load_kwargs)
     model = load_pretrained(AutoModelForQuestionAnswering, model_args.model_name_or_path, config=config,
                             cache_dir=model_args.cache_dir, **load_kwargs)
     train_windows = window_dataset("train", train_rows, tokenizer, data_args.max_seq_length, data_args.doc_stride,

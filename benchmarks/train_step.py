@@ -5,6 +5,8 @@
     python benchmarks/train_step.py --device cuda --precision bf16 --configs full bitfit lean lora --paths trainer
     python benchmarks/train_step.py --shape llama-1024 --batch 4 --seq 256 --configs full bitfit beft lora lean \
         --paths trainer --repeats 3
+    python benchmarks/train_step.py --shape llama-1024 --batch 4 --seq 256 --paths trainer --repeats 3 \
+        --configs bitfit-4bit qlora beft-4bit bitfit bitfit-bf16 lean full
 
 Side by side in one process, interleaved (each round runs every configuration once), after a
 warm-up round: median step time, peak heap in use during the step (glibc mallinfo2 sampled every
@@ -19,6 +21,13 @@ Trainer and the same loop: LoRA (r=8 on the query and value projections) and BEF
 bias vector added to every Linear layer of the backbone, ``target_modules="all-linear"``). Both train
 the task head too (PEFT's ``SEQ_CLS`` setup). Ratios are to full fine-tuning on the same path.
 ``--precision bf16`` runs every forward under bf16 autocast (lean always does).
+
+On a 4-bit base (the `quant` extra; trainer path only): ``bitfit-4bit`` (BitFitTrainer, all biases), ``qlora``
+(LoRA r=8 on the query and value projections: QLoRA) and ``beft-4bit`` (BEFT on every Linear layer), each on the
+shape's weights saved once and loaded back with bitsandbytes NF4 (compute in fp32 on a CPU, bf16 on a GPU), the
+head left in floating point; the 4-bit scales count in the held bytes. ``bitfit-bf16`` is BitFit under bf16
+autocast whatever ``--precision`` says. QLoRA here is PEFT's LoRA on the 4-bit model through Trainer, without
+``prepare_model_for_kbit_training`` (which would add activation checkpointing to one side only).
 
 ``--shape llama-1024`` is a Llama-shaped decoder (hidden 1024, 8 layers, 16 heads, MLP 2816, vocab
 32000, sequence-classification head reading the last token), random weights. Llama is built without
@@ -73,7 +82,14 @@ CONFIGS = {
     "lean": BitFitConfig(lean=True),
     "lora": None,  # PEFT LoRA r=8 on query/value (plus the head), not a BitFit mode
     "beft": None,  # PEFT BEFT on all Linear layers (plus the head), not a BitFit mode
+    # On a 4-bit NF4 base (bitsandbytes; the `quant` extra), the task head kept in floating point; trainer path only.
+    "bitfit-4bit": BitFitConfig(),
+    "qlora": None,  # LoRA r=8 on query/value on the 4-bit base: QLoRA
+    "beft-4bit": None,
+    "bitfit-bf16": BitFitConfig(),  # every forward under bf16 autocast, whatever --precision says
 }
+#: Configurations on a 4-bit base, and the PEFT method of each one that is not BitFit.
+QUANTIZED = {"bitfit-4bit": None, "qlora": "lora", "beft-4bit": "beft"}
 
 #: A Llama-shaped decoder of ~136M parameters (103M in the blocks), built without biases.
 LLAMA_1024 = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
@@ -144,6 +160,20 @@ def build(shape: str, model_path: str | None = None):
     return AutoModelForSequenceClassification.from_pretrained(model_path or demo_model_path(), num_labels=2)
 
 
+def build_4bit(shape: str, model_path: str | None, folder: str, device: str):
+    """The shape's model saved once to ``folder`` and loaded back in 4-bit NF4 (QLoRA's storage; compute in bf16 on
+    a GPU, fp32 on a CPU), its classifier left in floating point."""
+    from transformers import BitsAndBytesConfig
+
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        build(shape, model_path).save_pretrained(folder)
+    head = "score" if shape == "llama-1024" else "classifier"
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=[head],
+                               bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    place = {"device_map": {"": 0}} if device == "cuda" else {}
+    return AutoModelForSequenceClassification.from_pretrained(folder, quantization_config=quant, **place)
+
+
 def peft_model(name: str, model):
     """A PEFT method on ``model``, the task head trained too (PEFT's own ``SEQ_CLS`` setup): LoRA r=8
     on the query and value projections, or BEFT on every Linear layer of the backbone."""
@@ -169,11 +199,16 @@ class Runner:
     def __init__(self, a: argparse.Namespace, name: str, path: str, data: Batches, tmp: str):
         self.name, self.path, self.device = name, path, a.device
         cfg = CONFIGS[name]
-        model = build(a.shape, a.model_path).train()
+        if name in QUANTIZED:
+            if path != "trainer":
+                raise SystemExit(f"{name} runs on the trainer path only (--paths trainer)")
+            model = build_4bit(a.shape, a.model_path, os.path.join(tmp, "base"), a.device).train()
+        else:
+            model = build(a.shape, a.model_path).train()
         if cfg is None:
-            model = peft_model(name, model)
+            model = peft_model(QUANTIZED.get(name) or name, model)
         self.inputs = {"input_ids": data.ids, "attention_mask": torch.ones_like(data.ids), "labels": data.y}
-        bf16 = a.precision == "bf16"
+        bf16 = a.precision == "bf16" or name == "bitfit-bf16"
         if path == "trainer":
             args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=len(data), learning_rate=1e-4,
                                      report_to=[], use_cpu=a.device == "cpu", save_strategy="no", max_steps=10,
@@ -220,6 +255,8 @@ class Runner:
         opt = self.trainer.optimizer if self.path == "trainer" else self.opt
         tensors = [*self.model.parameters(), *self.model.buffers()]
         tensors += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+        # A 4-bit weight's per-block scales live beside its packed codes, in its quant_state.
+        tensors += [p.quant_state.absmax for p in self.model.parameters() if getattr(p, "quant_state", None)]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values())
 
@@ -255,8 +292,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "beft"], choices=list(CONFIGS),
-                    help="default: all but beft (the bert-base records above were taken without it)")
+    ap.add_argument("--configs", nargs="+", default=["full", "bitfit", "qm2", "frozen", "lean", "lora"],
+                    choices=list(CONFIGS), help="default: full bitfit qm2 frozen lean lora (the bert-base records "
+                    "above were taken with these)")
     ap.add_argument("--paths", nargs="+", default=["trainer", "loop"], choices=["trainer", "loop"])
     ap.add_argument("--json", help="write the measurements here")
     a = ap.parse_args()

@@ -186,6 +186,20 @@ def damaged_checkpoint(d: Path) -> Path:
     return ck
 
 
+case("quant-full", "`--load_in_4bit true --mode full`",
+     r"--load_in_4bit with --mode full: a quantized base's weights are packed 4/8-bit codes, which --mode full would "
+     r"have to train; use --mode bitfit")(
+    lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--load_in_4bit", "true", "--mode", "full"))
+case("quant-random", "`--load_in_8bit true --mode rand_uniform`", r"--load_in_8bit with --mode rand_uniform")(
+    lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--load_in_8bit", "true", "--mode", "rand_uniform"))
+case("quant-lean", "`--load_in_4bit true --lean true`", r"--load_in_4bit with --lean: .*drop --lean")(
+    lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--load_in_4bit", "true", "--lean", "true"))
+case("quant-both", "`--load_in_4bit true --load_in_8bit true`",
+     r"--load_in_4bit and --load_in_8bit both set; choose one")(
+    lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--load_in_4bit", "true", "--load_in_8bit", "true"))
+case("quant-type-alone", "`--bnb_4bit_quant_type fp4` without `--load_in_4bit`",
+     r"--bnb_4bit_quant_type / --use_bnb_nested_quant set how a 4-bit base is stored, and --load_in_4bit is not set")(
+    lambda d: glue(d, "--task_name", "rte", "--data_dir", GLUE, "--bnb_4bit_quant_type", "fp4"))
 case("resume-damaged", "`--resume_from_checkpoint` a checkpoint whose delta is damaged",
      r"--resume_from_checkpoint .*checkpoint-4: .*bitfit_delta\.json is not valid JSON .*; pass another checkpoint "
      r"or 'true' for the newest intact one")(

@@ -289,3 +289,29 @@ def test_added_biases_equal_beft_on_the_same_4bit_base():
     assert losses["bitfit"][-1] < 0.8 * losses["bitfit"][0], "the runs did not train: equal losses prove nothing"
     torch.testing.assert_close(torch.tensor(losses["bitfit"]), torch.tensor(losses["beft"]), rtol=1e-5, atol=1e-6)
     assert record["smallest_max_abs_bias"] > 1e-3 and record["max_abs_final_bias_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_pos_and_squad_runners_on_quantized_bases(tiny_bias_free_dirs, tmp_path):
+    """The other two runners take the same flags: POS tagging on an 8-bit base, SQuAD on a 4-bit one."""
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "fixtures"
+    common = ["--model_name_or_path", tiny_bias_free_dirs["llama"], "--num_train_epochs", "1", "--use_cpu", "true",
+              "--disable_tqdm", "true"]
+    runs = {
+        "pos": (["run_pos.py", "--treebank", str(fixtures / "pos" / "treebank"), "--unknown_tags", "count_wrong",
+                 "--load_in_8bit", "true"], 8),
+        "squad": (["run_squad.py", "--train_file", str(fixtures / "squad" / "official.json"), "--validation_file",
+                   str(fixtures / "squad" / "official.json"), "--max_seq_length", "128", "--doc_stride", "32",
+                   "--load_in_4bit", "true", "--use_bnb_nested_quant", "true"], 4),
+    }
+    for name, (cmd, bits) in runs.items():
+        done = subprocess.run([sys.executable, *cmd, *common, "--output_dir", str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert results["quantization"]["bits"] == bits and results["quantization"]["packed_tensors"] == 14
+        assert results["quantization"].get("double_quant", False) is (name == "squad")
+        meta = json.loads((tmp_path / name / "bitfit_delta.json").read_text())
+        assert meta["quantization"] == results["quantization"]

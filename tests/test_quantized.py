@@ -73,9 +73,9 @@ class Rows(torch.utils.data.Dataset):
 
 
 def args(tmp_path, **extra) -> T.TrainingArguments:
-    return T.TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=8,
-                               learning_rate=1e-2, use_cpu=True, save_strategy="no", report_to=[], seed=0,
-                               disable_tqdm=True, dataloader_pin_memory=False, **extra)
+    base = dict(output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=1e-2,
+                use_cpu=True, save_strategy="no", report_to=[], seed=0, disable_tqdm=True, dataloader_pin_memory=False)
+    return T.TrainingArguments(**{**base, **extra})
 
 
 @torch.no_grad()
@@ -315,3 +315,60 @@ def test_pos_and_squad_runners_on_quantized_bases(tiny_bias_free_dirs, tmp_path)
         assert results["quantization"].get("double_quant", False) is (name == "squad")
         meta = json.loads((tmp_path / name / "bitfit_delta.json").read_text())
         assert meta["quantization"] == results["quantization"]
+
+
+def test_bf16_compute_keeps_fp32_biases_that_learn_and_reload_exactly(base_dir, tmp_path):
+    """bitsandbytes casts a layer's bias to its compute dtype in place at every forward; a bf16 bias under AdamW
+    loses updates below half a bf16 step. BitFit keeps the biases of quantized layers in fp32 and adds them after
+    the layer's product: with bf16 compute and a small learning rate every bias still moves, and base + delta is
+    the trained model."""
+    quant = lambda: T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)  # noqa: E731
+    model = T.LlamaForSequenceClassification.from_pretrained(base_dir, quantization_config=quant())
+    trainer = BitFitTrainer(model=model, args=args(tmp_path, learning_rate=1e-4), train_dataset=Rows(),
+                            bitfit_config=BitFitConfig(bias_terms=["q", "v"], train_head=False))
+    before = {n: model.get_parameter(n).detach().clone() for n in trainer.bitfit_state.trainable}
+    trainer.train()
+    for n, b in before.items():
+        p = model.get_parameter(n)
+        assert p.dtype == torch.float32, f"{n} is {p.dtype}"
+        assert (p != b).float().mean() > 0.9, f"{n}: most entries should move at lr 1e-4"
+    trainer.save_model(str(tmp_path / "delta"))
+    again = load_task_model(base_dir, str(tmp_path / "delta"), quantization_config=quant())
+    assert torch.equal(logits(again), logits(model))
+
+
+def test_a_bf16_checkpoint_with_its_own_biases_reloads_exactly(tmp_path):
+    """A Qwen2 checkpoint (q/k/v biases of its own) saved in bf16, loaded in 4-bit with fp32 compute: its biases
+    train in fp32, and a fresh 4-bit load plus the delta is the trained model, bit for bit."""
+    torch.manual_seed(0)
+    cfg = T.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=0)
+    T.Qwen2ForSequenceClassification(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "qwen")
+    quant = lambda: T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)  # noqa: E731
+    load = lambda: T.Qwen2ForSequenceClassification.from_pretrained(  # noqa: E731
+        tmp_path / "qwen", quantization_config=quant(), dtype=torch.bfloat16)
+    model = load()
+    assert model.model.layers[0].self_attn.q_proj.bias.dtype == torch.bfloat16
+    trainer = BitFitTrainer(model=model, args=args(tmp_path), train_dataset=Rows(), bitfit_config=BitFitConfig())
+    assert trainer.bitfit_state.added == {}  # Qwen2's q/k/v biases are its own
+    trainer.train()
+    trainer.save_model(str(tmp_path / "delta"))
+    assert model.model.layers[0].self_attn.q_proj.bias.dtype == torch.float32
+    again = load_task_model(str(tmp_path / "qwen"), str(tmp_path / "delta"), quantization_config=quant(),
+                            dtype=torch.bfloat16)
+    assert torch.equal(logits(again), logits(model))
+
+
+def test_trainers_quantized_check_is_passed_for_that_model_only(base_dir, tmp_path):
+    """Nothing global changes: after BitFitTrainer is built, the model no longer carries transformers' adapters
+    flag, and a plain Trainer still refuses the same quantized model."""
+    model = load(base_dir, "nf4")
+    BitFitTrainer(model=model, args=args(tmp_path), train_dataset=Rows(), bitfit_config=BitFitConfig())
+    assert not getattr(model, "_hf_peft_config_loaded", False)
+    with pytest.raises(ValueError, match="purely quantized"):
+        T.Trainer(model=model, args=args(tmp_path), train_dataset=Rows())
+    # model_init: the model Trainer builds inside its constructor passes too.
+    trainer = BitFitTrainer(model_init=lambda: load(base_dir, "int8"), args=args(tmp_path), train_dataset=Rows(),
+                            bitfit_config=BitFitConfig())
+    assert not getattr(trainer.model, "_hf_peft_config_loaded", False)
+    trainer.train()

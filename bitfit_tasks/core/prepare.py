@@ -12,7 +12,13 @@ from torch import nn
 from ..utils.errors import UsageError
 from .config import PEFT_MODES, BitFitConfig
 from .peft_detect import is_peft_model, peft_head_names
-from .quantized import check_quantized_mode, compute_dtype, keep_trainable_layout, logical_numel
+from .quantized import (
+    check_quantized_mode,
+    float_biases_outside,
+    keep_trainable_layout,
+    logical_numel,
+    new_bias_dtype,
+)
 from .selection import (
     ADDABLE_BIAS_TYPES,
     BiasMap,
@@ -157,9 +163,10 @@ def add_biases(model: nn.Module, added: dict[str, int]) -> list[str]:
                 raise ValueError(f"cannot add bias {name} of length {size}: {mod_name} takes one of "
                                  f"{bias_size(module)}.")
             ref = module.weight if getattr(module, "weight", None) is not None else next(model.parameters())
-            # In the layer's compute dtype: a quantized layer's weight is stored packed (uint8 / int8).
-            module.bias = nn.Parameter(torch.zeros(size, device=ref.device, dtype=compute_dtype(module, model)))
+            # A quantized layer's weight is stored packed (uint8 / int8): its bias is fp32, added outside it.
+            module.bias = nn.Parameter(torch.zeros(size, device=ref.device, dtype=new_bias_dtype(module)))
             created.append(name)
+        float_biases_outside(model, created)
     except BaseException:
         remove_biases(model, created)  # all or nothing
         raise
@@ -235,6 +242,8 @@ def prepare_model(
         if config.mode == "bitfit":
             added = plan.added
             add_biases(model, added)
+            # On a quantized base: biases of bitsandbytes layers in fp32, outside bitsandbytes (see there).
+            float_biases_outside(model, [n for names in terms.values() for n in names])
             all_params = dict(model.named_parameters())
             n_total = sum(logical_numel(p) for p in all_params.values())
             trainable = [n for names in terms.values() for n in names] + head

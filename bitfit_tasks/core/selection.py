@@ -302,6 +302,7 @@ def _bare_children(model: nn.Module) -> set[str] | None:
         return None
     if isinstance(model, bare_cls):
         return None
+    own = {n for n, _ in model.named_children()}
     cached = model.__dict__.get("_bitfit_bare_children")
     if cached is None or cached[0] is not config:
         try:
@@ -309,7 +310,9 @@ def _bare_children(model: nn.Module) -> set[str] | None:
         except Exception:  # a bare class that cannot be built from this config: the model is its own backbone
             return None
         cached = model.__dict__["_bitfit_bare_children"] = (config, children)
-    return cached[1]
+    # Only a task class that holds the bare class's children itself (T5's shared, encoder, decoder) is its own
+    # backbone this way; one built otherwise (Llama4ForCausalLM's model + lm_head) is not read by this rule.
+    return cached[1] if cached[1] <= own else None
 
 
 def lm_head_parameter_names(model: nn.Module) -> list[str]:

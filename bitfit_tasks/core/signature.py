@@ -125,11 +125,14 @@ def _packed_entry(t: torch.Tensor, w: torch.Tensor) -> dict[str, Any]:
         raw = part.detach().contiguous().reshape(-1).view(torch.uint8).to(torch.int32)  # <= 255 x 2^15: exact
         if raw.numel() % CHUNK:
             raw = torch.nn.functional.pad(raw, (0, CHUNK - raw.numel() % CHUNK))
-        sums.append((raw.view(-1, CHUNK) * w).sum(dim=1))
-    per_chunk = [int(v) for v in torch.cat(sums).tolist()]
+        sums.append([int(v) for v in (raw.view(-1, CHUNK) * w).sum(dim=1).tolist()])
     shape = logical_shape(t)
-    return {"shape": shape, "dtype": packed_kind(t),
-            "packed": hashlib.sha256(json.dumps([shape, per_chunk]).encode()).hexdigest()[:32]}
+
+    def digest(parts: list[list[int]]) -> str:
+        return hashlib.sha256(json.dumps([shape, [v for p in parts for v in p]]).encode()).hexdigest()[:32]
+
+    # "packed": codes and scales, what must match; "codes" alone tells which of the two differs.
+    return {"shape": shape, "dtype": packed_kind(t), "packed": digest(sums), "codes": digest(sums[:1])}
 
 
 def base_signature(model: nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, dict]:
@@ -180,8 +183,9 @@ def signature_mismatch(recorded: dict[str, dict], current: dict[str, dict]) -> s
             # quantized and a full-precision load of one checkpoint share names and shapes only (checked above),
             # and the tensors both hold in floating point (embeddings, norms) are compared exactly.
             if "packed" in r and "packed" in c and (r["dtype"], r["packed"]) != (c["dtype"], c["packed"]):
+                part = "scales" if r.get("codes") is not None and r.get("codes") == c.get("codes") else "codes"
                 how = f"stored {c['dtype']}, recorded {r['dtype']}" if r["dtype"] != c["dtype"] else \
-                    f"its {r['dtype']} codes differ (hash {c['packed'][:12]}, recorded {r['packed'][:12]})"
+                    f"its {r['dtype']} {part} differ (hash {c['packed'][:12]}, recorded {r['packed'][:12]})"
                 return f"{name}: {how}"
             continue
         exact = _exact_hashes(r["dtype"], c["dtype"])
@@ -242,7 +246,7 @@ def check_signature_field(signature: Any, source: str) -> None:
             ok = (all(number(e.get(k)) for k in ("sum", "sumsq", "l1")) and isinstance(e.get("sample"), list)
                   and all(number(v) for v in e["sample"]))
         elif ok and "packed" in e:
-            ok = digest(e.get("packed"))
+            ok = digest(e.get("packed")) and (e.get("codes") is None or digest(e.get("codes")))
         elif ok:
             ok = all(digest(e.get(h)) for h in _HASHES) and all(number(e.get(k)) for k in ("l1", "max"))
         if not ok:

@@ -12,7 +12,13 @@ import transformers
 from torch import nn
 
 from ..core.prepare import add_biases, remove_biases
-from ..core.quantized import describe_quantization, quantization_record
+from ..core.quantized import (
+    describe_quantization,
+    float_biases_outside,
+    is_quantized_model,
+    keep_trainable_layout,
+    quantization_record,
+)
 from ..core.signature import base_mismatch, frozen_tensors
 from ..utils.errors import UsageError, first_line
 from .format import Delta
@@ -136,6 +142,10 @@ def apply_delta(
     except BaseException:
         remove_biases(model, created)  # a refused delta leaves the model as it was
         raise
+    if is_quantized_model(model):
+        # As the trained model computed: biases in fp32 outside bitsandbytes, the load's weight layout.
+        float_biases_outside(model, list(delta.tensors))
+        keep_trainable_layout(model)
     params = dict(model.named_parameters())
     handle = AppliedDelta(model, created=created)
     _applied(model).append(weakref.ref(handle))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..core.prepare import add_biases
-from ..core.quantized import logical_shape
+from ..core.quantized import float_biases_outside, is_quantized_model, keep_trainable_layout, logical_shape
 from ..core.signature import base_mismatch
 from ..core.skeleton import meta_skeleton
 from ..delta.apply import task_model_class
@@ -168,6 +168,9 @@ class MultiTaskBitFit(nn.Module):
         # outputs unchanged), so switching and mixed batches treat them as any other bias. All or nothing.
         add_biases(self.backbone, {n[len(prefix) + 1:]: v for n, v in delta.meta.get("added_biases", {}).items()
                                    if n.startswith(prefix + ".")})
+        if is_quantized_model(self.backbone):  # computes as the trained model did (see apply_delta)
+            float_biases_outside(self.backbone, list(rel))
+            keep_trainable_layout(self.backbone)
         shared = dict(self.backbone.named_parameters())
         biases = _TensorBank({n: t.to(shared[n].device, shared[n].dtype) for n, t in rel.items()})
         # Checked: from here on nothing fails, so the task is registered whole or not at all.

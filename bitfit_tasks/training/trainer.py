@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -80,30 +79,29 @@ def refuse_unsupported_parallelism(args) -> None:
                          "one GPU, set CUDA_VISIBLE_DEVICES=0.")
 
 
-@contextlib.contextmanager
-def quantized_base_allowed(config: BitFitConfig):
-    """While Trainer is built: let a quantized base (bitsandbytes 4-/8-bit) through in the modes that train no
-    quantized weight. Trainer refuses any "purely quantized" model without PEFT adapters, since full fine-tuning
-    cannot update packed weights; bias-only modes leave them untouched and train floating-point biases beside
-    them, so their own check (core.quantized) replaces Trainer's there. Full mode keeps Trainer's refusal."""
-    import transformers.trainer as hf_trainer
+# transformers' flag for "this model carries PEFT adapters": its Trainer refuses a quantized model without it.
+_ADAPTERS_FLAG = "_hf_peft_config_loaded"
 
-    original = getattr(hf_trainer, "validate_quantization_for_training", None)
-    if config.mode in ("full", *PEFT_MODES) or original is None:
-        yield
-        return
 
-    def validate(model) -> None:
-        if is_quantized_model(model) and not is_peft_model(model):
-            check_quantized_mode(model, config.mode, lean=config.lean, head=head_parameter_names(model))
-            return
-        original(model)
+def pass_quantized_check(model, config: BitFitConfig) -> bool:
+    """Let a quantized base (bitsandbytes 4-/8-bit) through Trainer's construction in the modes that train no
+    quantized weight; returns whether the model was flagged (:func:`unflag_quantized` undoes it).
 
-    hf_trainer.validate_quantization_for_training = validate
-    try:
-        yield
-    finally:
-        hf_trainer.validate_quantization_for_training = original
+    Trainer refuses any "purely quantized" model, one without PEFT adapters, since full fine-tuning cannot update
+    packed weights. Bias-only modes leave them untouched and train floating-point biases beside them, so their own
+    check (core.quantized) runs instead, and this model alone carries transformers' adapters flag while Trainer is
+    built (nothing global changes). Full mode keeps Trainer's refusal; PEFT models pass it as they are.
+    """
+    if (model is None or config.mode in ("full", *PEFT_MODES) or is_peft_model(model)
+            or not is_quantized_model(model) or getattr(model, _ADAPTERS_FLAG, False)):
+        return False
+    check_quantized_mode(model, config.mode, lean=config.lean, head=head_parameter_names(model))
+    setattr(model, _ADAPTERS_FLAG, True)
+    return True
+
+
+def unflag_quantized(model) -> None:
+    model.__dict__.pop(_ADAPTERS_FLAG, None)
 
 
 class BitFitTrainer(Trainer):
@@ -173,13 +171,19 @@ class BitFitTrainer(Trainer):
         self._bitfit_model: torch.nn.Module | None = None
         # With model_init, Trainer builds the model inside __init__ (and again in every train() /
         # hyperparameter-search trial) through call_model_init, which applies BitFit below.
+        given = kwargs.get("model", args[0] if args else None)
+        self._flagged = [given] if pass_quantized_check(given, bitfit_config) else []
+        self._initialising = True  # call_model_init flags a quantized model_init model while Trainer is built
         try:
-            with quantized_base_allowed(bitfit_config):
-                super().__init__(*args, **kwargs)
+            super().__init__(*args, **kwargs)
         except BaseException:
             if wrapped is not None:  # a refusal leaves the caller's model as it was given
                 unwrap_peft(wrapped)
             raise
+        finally:
+            self._initialising = False
+            for model in self._flagged:
+                unflag_quantized(model)
         trainers_reading = self.model_accepts_loss_kwargs
         self.model_accepts_loss_kwargs = loss_takes_num_items(self.model)
         if trainers_reading and not self.model_accepts_loss_kwargs:
@@ -209,6 +213,8 @@ class BitFitTrainer(Trainer):
 
             model = wrap_with_peft(model, self.bitfit_config, bias_map=self._bias_map)
         self._apply_bitfit(model)
+        if getattr(self, "_initialising", False) and pass_quantized_check(model, self.bitfit_config):
+            self._flagged.append(model)
         return model
 
     def _apply_bitfit(self, model: torch.nn.Module) -> None:

@@ -111,6 +111,8 @@ def test_quantized_base_trains_bias_only_and_the_delta_travels(quant, base_dir, 
     meta = json.loads((tmp_path / "delta" / "bitfit_delta.json").read_text())
     assert meta["quantization"]["bits"] == (8 if quant == "int8" else 4)
     assert meta["quantization"] == quantization_record(model)
+    assert f"trained on a quantized base: bitsandbytes {meta['quantization']['bits']}-bit" in (
+        tmp_path / "delta" / "README.md").read_text()
     assert not any(n.endswith(".weight") and "score" not in n for n in meta["shapes"]), "only biases and the head"
 
     # A fresh quantized load plus the delta is the trained model, bit for bit, run by the same kernels. (On a CPU

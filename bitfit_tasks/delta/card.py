@@ -31,6 +31,12 @@ def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, weights_f
         f"- mode: `{meta.get('mode')}`; bias terms: {', '.join(meta.get('terms') or {}) or '-'}",
         f"- trainable params: {n_trainable:,d} of {n_total:,d} ({100.0 * n_trainable / max(n_total, 1):.4f}%)",
     ]
+    quant = meta.get("quantization")
+    if quant:
+        how = f"{quant.get('bits')}-bit" + (f" {quant.get('quant_type')}" if quant.get("quant_type") else "")
+        lines.append(f"- trained on a quantized base: {quant.get('method')} {how} (it re-applies exactly onto the "
+                     "same quantized load, `quantization_config=BitsAndBytesConfig(...)`, and loads onto the "
+                     "full-precision base)")
     if labels:
         lines.append(f"- labels: {json.dumps(labels)}")
     if scores:

@@ -253,6 +253,10 @@ class Delta:
             f"  tensors    : {len(self.tensors)} ({n:,d} values, {self.num_bytes():,d} bytes)",
             f"  fingerprint: {m.get('base_fingerprint', '')[:16]}…",
         ]
+        if m.get("quantization"):
+            q = m["quantization"]
+            lines.insert(-1, f"  quantized  : trained on a {q.get('method')} {q.get('bits')}-bit base"
+                             + (f" ({q.get('quant_type')})" if q.get("quant_type") else ""))
         if m.get("added_biases"):
             lines.insert(-1, f"  added      : {len(m['added_biases'])} biases, {sum(m['added_biases'].values()):,d} "
                              "values the base is built without (created again when the delta is applied)")

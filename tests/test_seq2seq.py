@@ -136,7 +136,7 @@ def test_seq2seq_qa_example_runs_as_written(tmp_path):
     squad = str(ROOT / "tests/fixtures/squad/flat.jsonl")
     cmd = [sys.executable, str(ROOT / "examples/seq2seq_qa.py"), "--model_name_or_path", str(tmp_path / "t5"),
            "--train_file", squad, "--validation_file", squad, "--output_dir", str(tmp_path / "out"),
-           "--num_train_epochs", "2", "--learning_rate", "1e-2", "--per_device_train_batch_size", "2",
+           "--num_train_epochs", "1", "--learning_rate", "1e-2", "--per_device_train_batch_size", "2",
            "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no", "--disable_tqdm", "true"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

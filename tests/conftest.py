@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -196,3 +198,16 @@ def tiny_bias_free_dirs(tmp_path_factory):
         T.AutoModel.from_config(cfg).save_pretrained(folder)  # a backbone, as pretrained models come
         out[arch] = str(folder)
     return out
+
+
+def run_concurrently(commands: list[list[str]], cwd, timeout: int = 600) -> list[tuple[str, str]]:
+    """Run Python commands (``[script, *args]``) at once, offline, one torch thread each, and assert each exits 0;
+    returns each one's (stdout, stderr). Independent runner runs overlap their imports and start-up, which
+    dominate at test sizes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, *cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd in commands]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for cmd, p, (_, err) in zip(commands, procs, outs, strict=True):
+        assert p.returncode == 0, f"{' '.join(cmd[:2])}: {err[-3000:]}"
+    return outs

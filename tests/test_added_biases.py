@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import transformers as T
-from conftest import BIAS_FREE, FIXTURES, bias_free_config
+from conftest import BIAS_FREE, FIXTURES, bias_free_config, run_concurrently
 from transformers import TrainingArguments
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, MultiTaskBitFit, apply_delta, load_task_model, prepare_model
@@ -272,25 +272,26 @@ COMMON = ["--num_train_epochs", "2", "--use_cpu", "true", "--disable_tqdm", "tru
 @pytest.mark.parametrize("arch", ["modernbert", "llama"])
 def test_runners_end_to_end_on_a_bias_free_model(arch, tiny_bias_free_dirs, tmp_path):
     folder = tiny_bias_free_dirs[arch]
-    glue = run([os.path.join(REPO, "run_glue.py"), "--task_name", "mrpc", "--data_dir",
-                os.path.join(FIXTURES, "glue"), "--model_name_or_path", folder, "--output_dir",
-                str(tmp_path / "glue"), "--per_device_train_batch_size", "4", *COMMON], tmp_path)
+    glue, pos, squad = run_concurrently([
+        [os.path.join(REPO, "run_glue.py"), "--task_name", "mrpc", "--data_dir", os.path.join(FIXTURES, "glue"),
+         "--model_name_or_path", folder, "--output_dir", str(tmp_path / "glue"), "--per_device_train_batch_size", "4",
+         *COMMON],
+        [os.path.join(REPO, "run_pos.py"), "--treebank", os.path.join(FIXTURES, "pos", "treebank"),
+         "--model_name_or_path", folder, "--output_dir", str(tmp_path / "pos"), "--unknown_tags", "count_wrong",
+         *COMMON],
+        [os.path.join(REPO, "run_squad.py"), "--train_file", os.path.join(FIXTURES, "squad", "official.json"),
+         "--validation_file", os.path.join(FIXTURES, "squad", "official.json"), "--model_name_or_path", folder,
+         "--output_dir", str(tmp_path / "squad"), "--max_seq_length", "128", "--doc_stride", "32", *COMMON],
+    ], tmp_path)
     if arch == "llama":
-        assert "the tokenizer has no pad token; padding with its eos token '</s>'" in glue.stderr + glue.stdout
-    pos = run([os.path.join(REPO, "run_pos.py"), "--treebank", os.path.join(FIXTURES, "pos", "treebank"),
-               "--model_name_or_path", folder, "--output_dir", str(tmp_path / "pos"), "--unknown_tags",
-               "count_wrong", *COMMON], tmp_path)
-    squad = run([os.path.join(REPO, "run_squad.py"), "--train_file", os.path.join(FIXTURES, "squad", "official.json"),
-                 "--validation_file", os.path.join(FIXTURES, "squad", "official.json"), "--model_name_or_path",
-                 folder, "--output_dir", str(tmp_path / "squad"), "--max_seq_length", "128", "--doc_stride", "32",
-                 *COMMON], tmp_path)
-    for name, proc in (("glue", glue), ("pos", pos), ("squad", squad)):
+        assert "the tokenizer has no pad token; padding with its eos token '</s>'" in "".join(glue)
+    for name, (out, err) in (("glue", glue), ("pos", pos), ("squad", squad)):
         res = json.loads((tmp_path / name / "results.json").read_text())
         delta = Delta.load(tmp_path / name)
         added = sum(delta.meta["added_biases"].values())
         assert added == sum(COUNTS[arch].values()), name
         assert res["trainable_params"] == added + sum(delta.tensors[n].numel() for n in delta.meta["head"])
-        assert "added biases:" in proc.stdout + proc.stderr
+        assert "added biases:" in out + err
     # The saved model is the one the headline scores: base + delta re-scored on the dev set.
     res = json.loads((tmp_path / "glue" / "results.json").read_text())
     model = load_task_model(folder, str(tmp_path / "glue")).eval()

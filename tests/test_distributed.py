@@ -32,23 +32,40 @@ use_cpu: false
 """
 
 
-def launch(args: list[str], nproc: int, cwd: Path, launcher: str = "accelerate",
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def command(args: list[str], nproc: int, cwd: Path, launcher: str = "accelerate") -> list[str]:
     if nproc == 1:
-        cmd = [sys.executable, *args]
-    elif launcher == "accelerate-config":
+        return [sys.executable, *args]
+    if launcher == "accelerate-config":
         cfg = cwd / "accelerate.yaml"
         cfg.write_text(ACCELERATE_CONFIG)
-        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(cfg), *args]
-    elif launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", "29533", *args]
-    else:
-        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--main_process_port", "29531", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+        return [str(BIN / "accelerate"), "launch", "--config_file", str(cfg), *args]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", "29533", *args]
+    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--main_process_port", "29531", *args]
+
+
+def environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def launch(args: list[str], nproc: int, cwd: Path, launcher: str = "accelerate",
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(args, nproc, cwd, launcher), capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env=environment(env))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+def launch_pair(one: list[str], two: list[str], cwd: Path, launcher: str = "accelerate",
+                env_one: dict[str, str] | None = None, env_two: dict[str, str] | None = None):
+    """The one-process run and the two-process launch side by side (their start-up overlaps); both must succeed."""
+    alone = subprocess.Popen(command(one, 1, cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=cwd, env=environment(env_one))
+    pair = launch(two, 2, cwd, launcher, env=env_two)
+    out, err = alone.communicate(timeout=600)
+    assert alone.returncode == 0, out[-2000:] + err[-4000:]
+    return subprocess.CompletedProcess(alone.args, alone.returncode, out, err), pair
 
 
 def glue_args(model_dir: str, out: Path, batch: int) -> list[str]:
@@ -61,8 +78,8 @@ def glue_args(model_dir: str, out: Path, batch: int) -> list[str]:
 
 @pytest.mark.parametrize("launcher", ["accelerate", "accelerate-config", "torchrun"])
 def test_run_glue_two_processes_equals_one_process_double_batch(launcher, tiny_model_dir, tmp_path):
-    one = launch(glue_args(tiny_model_dir, tmp_path / "one", 8), 1, tmp_path)
-    two = launch(glue_args(tiny_model_dir, tmp_path / "two", 4), 2, tmp_path, launcher)
+    one, two = launch_pair(glue_args(tiny_model_dir, tmp_path / "one", 8), glue_args(tiny_model_dir, tmp_path / "two", 4),
+                           tmp_path, launcher)
     # One process logs and writes: a single trainable line, a single save.
     assert (two.stdout + two.stderr).count("trainable params:") == 1
     assert (two.stdout + two.stderr).count("Saved BitFit delta") == 1
@@ -86,8 +103,8 @@ def test_peft_modes_two_processes_equal_one_process_double_batch(mode, tiny_mode
     mode): the same adapter as one process with the doubled batch."""
     pytest.importorskip("peft")
     extra = ["--mode", mode, "--learning_rate", "1e-2"]
-    launch(glue_args(tiny_model_dir, tmp_path / "one", 8) + extra, 1, tmp_path)
-    two = launch(glue_args(tiny_model_dir, tmp_path / "two", 4) + extra, 2, tmp_path)
+    _, two = launch_pair(glue_args(tiny_model_dir, tmp_path / "one", 8) + extra,
+                         glue_args(tiny_model_dir, tmp_path / "two", 4) + extra, tmp_path)
     assert (two.stdout + two.stderr).count("trainable params:") == 1
     a = load_file(tmp_path / "one" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter_model.safetensors")
@@ -153,8 +170,7 @@ def test_run_pos_two_processes_equals_one_process_double_batch(tiny_model_dir, t
                 "--unknown_tags", "count_wrong", "--ignore_mismatched_sizes", "true", "--disable_tqdm", "true",
                 "--logging_strategy", "no"]
 
-    launch(args(tmp_path / "one", 2), 1, tmp_path)
-    two = launch(args(tmp_path / "two", 1), 2, tmp_path)
+    _, two = launch_pair(args(tmp_path / "one", 2), args(tmp_path / "two", 1), tmp_path)
     assert (two.stdout + two.stderr).count("trainable params:") == 1
     a = load_file(tmp_path / "one" / "bitfit_delta.safetensors")
     b = load_file(tmp_path / "two" / "bitfit_delta.safetensors")
@@ -180,8 +196,9 @@ def test_run_squad_two_processes_equals_one_process_double_batch(tiny_model_dir,
                 # the comparison about the data-parallel arithmetic.
                 "--optim", "sgd"]
 
-    launch(args(tmp_path / "one", 4), 1, tmp_path, env={"HF_DATASETS_CACHE": str(tmp_path / "cache1")})
-    two = launch(args(tmp_path / "two", 2), 2, tmp_path, env={"HF_DATASETS_CACHE": str(tmp_path / "cache2")})
+    _, two = launch_pair(args(tmp_path / "one", 4), args(tmp_path / "two", 2), tmp_path,
+                         env_one={"HF_DATASETS_CACHE": str(tmp_path / "cache1")},
+                         env_two={"HF_DATASETS_CACHE": str(tmp_path / "cache2")})
     # The windows are built once, by the main process, into one Arrow file per split; rank 1 loads them.
     assert len(list((tmp_path / "cache2" / "bitfit_tasks" / "squad").glob("*.arrow"))) == 2
     assert two.stderr.count("SQuAD train windows: loading the cache") == 1

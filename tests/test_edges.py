@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import transformers as T
-from conftest import FIXTURES, bias_free_config, tiny_model
+from conftest import FIXTURES, bias_free_config, run_concurrently, tiny_model
 from test_added_biases import RandomTokens
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, MultiTaskBitFit, apply_delta, load_task_model
@@ -79,9 +79,10 @@ def test_beft_adapters_of_a_roberta_head_with_3_and_1_labels_serve_beside_a_bitf
     adapters are read from their own files and served in one mixed batch beside a BitFit delta, each row with the
     logits of its own model (PEFT's forward for the adapters). Before: a size mismatch for out_proj."""
     mnli, stsb, bitfit = tmp_path / "mnli", tmp_path / "stsb", tmp_path / "bitfit"
-    run_glue(glue_run(roberta_dir, "mnli", mnli, "--mode", "beft"), tmp_path)
-    run_glue(glue_run(roberta_dir, "stsb", stsb, "--mode", "beft"), tmp_path)
-    run_glue(glue_run(roberta_dir, "rte", bitfit), tmp_path)
+    script = os.path.join(REPO, "run_glue.py")
+    run_concurrently([[script, *glue_run(roberta_dir, "mnli", mnli, "--mode", "beft")],
+                      [script, *glue_run(roberta_dir, "stsb", stsb, "--mode", "beft")],
+                      [script, *glue_run(roberta_dir, "rte", bitfit)]], tmp_path)
     assert json.loads((mnli / "config.json").read_text())["id2label"]["2"] == "contradiction"
     ids = torch.randint(5, 300, (4, 9), generator=torch.Generator().manual_seed(0))
     served = MultiTaskBitFit(T.AutoModel.from_pretrained(roberta_dir))

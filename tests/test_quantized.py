@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 import transformers as T
+from conftest import run_concurrently
 
 from bitfit_tasks import BitFitConfig, BitFitTrainer, MultiTaskBitFit, apply_delta, load_task_model, prepare_model
 from bitfit_tasks.core.quantized import (
@@ -308,10 +309,9 @@ def test_pos_and_squad_runners_on_quantized_bases(tiny_bias_free_dirs, tmp_path)
                    str(fixtures / "squad" / "official.json"), "--max_seq_length", "128", "--doc_stride", "32",
                    "--load_in_4bit", "true", "--use_bnb_nested_quant", "true"], 4),
     }
-    for name, (cmd, bits) in runs.items():
-        done = subprocess.run([sys.executable, *cmd, *common, "--output_dir", str(tmp_path / name)],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+    run_concurrently([[*cmd, *common, "--output_dir", str(tmp_path / name)] for name, (cmd, _) in runs.items()],
+                     Path(__file__).parents[1])
+    for name, (_, bits) in runs.items():
         results = json.loads((tmp_path / name / "results.json").read_text())
         assert results["quantization"]["bits"] == bits and results["quantization"]["packed_tensors"] == 14
         assert results["quantization"].get("double_quant", False) is (name == "squad")

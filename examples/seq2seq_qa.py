@@ -1,9 +1,13 @@
 """Generative question answering with T5 and Seq2SeqTrainer, BitFit swapped in (HF's run_seq2seq_qa.py recipe).
 
-    python examples/seq2seq_qa.py --model_name_or_path google/flan-t5-small \
-        --train_file squad/train.jsonl --validation_file squad/dev.jsonl --output_dir out/t5-qa
+    python examples/seq2seq_qa.py --model_name_or_path google/flan-t5-small --learning_rate 1e-3 \
+        --train_file tests/fixtures/squad/flat.jsonl --validation_file tests/fixtures/squad/flat.jsonl \
+        --num_train_epochs 3 --output_dir out/t5-qa
 
-Data: SQuAD rows (``question``, ``context``, ``answers.text``), one JSON object per line. The model reads
+Data: flat SQuAD rows (``question``, ``context``, ``answers`` with ``text``), one JSON object per line, as in
+tests/fixtures/squad/flat.jsonl (the hub's ``rajpurkar/squad`` rows have this shape; the official nested
+v1.1 JSON that run_squad.py also reads does not). Pass a learning rate: Seq2SeqTrainingArguments' default
+(5e-5) suits full fine-tuning; BitFit's biases want about 1e-3 (the runners' recipes). The model reads
 ``question: ... context: ...`` and writes the answer; it is scored by SQuAD's exact match and F1 on generated
 answers. T5 is built without biases: BitFit adds zero-initialised ones to the attention (self and cross), and
 MLP projections of encoder and decoder and trains only those; the pretrained lm_head stays frozen.

@@ -116,6 +116,14 @@ def test_quantized_base_trains_bias_only_and_the_delta_travels(quant, base_dir, 
         tmp_path / "delta" / "README.md").read_text()
     assert not any(n.endswith(".weight") and "score" not in n for n in meta["shapes"]), "only biases and the head"
 
+    # The model card's own loading lines (the recorded quantization spelled out) give the trained model.
+    import re
+
+    snippet = re.search(r"```python\n(.*?)```", (tmp_path / "delta" / "README.md").read_text(), re.S).group(1)
+    assert "quantization_config=BitsAndBytesConfig(" in snippet
+    scope: dict = {}
+    exec(snippet, scope)
+    assert torch.equal(logits(scope["model"]), logits(model))
     # A fresh quantized load plus the delta is the trained model, bit for bit, run by the same kernels. (On a CPU
     # with AVX512-BF16, bitsandbytes runs an untrained 4-bit model's evaluation with its repacked kernel, whose
     # scales are rounded to bf16: close, not equal. BitFit keeps a trained model on the load's layout.)
@@ -143,8 +151,9 @@ def test_other_quantization_of_the_same_base_is_told_apart(base_dir, tmp_path):
     trainer = BitFitTrainer(model=model, args=args(tmp_path), train_dataset=Rows(), bitfit_config=BitFitConfig())
     trainer.save_model(str(tmp_path / "delta"))
     other = load(base_dir, "fp4-nested")
-    with pytest.raises(UsageError, match=r"stored bnb-fp4, recorded bnb-nf4.*4-bit nf4 .*this one is bitsandbytes "
-                                         r"4-bit fp4"):
+    with pytest.raises(UsageError, match=r"trained on another quantized load of its base \(.*stored bnb-fp4, recorded "
+                                         r"bnb-nf4.*4-bit nf4 .*this one is bitsandbytes 4-bit fp4.*quantization_config="
+                                         r"BitsAndBytesConfig\(load_in_4bit=True, bnb_4bit_quant_type='nf4'"):
         apply_delta(other, str(tmp_path / "delta"))
     recorded = base_signature(load(base_dir, "nf4"))
     assert signature_mismatch(recorded, base_signature(load(base_dir, "nf4"))) is None

@@ -113,6 +113,25 @@ def describe_quantization(record: dict[str, Any] | None) -> str:
     return f"{record.get('method')} {record.get('bits')}-bit"
 
 
+def bnb_config_text(record: dict[str, Any] | None, skip: list[str] | None = None) -> str | None:
+    """The ``BitsAndBytesConfig(...)`` that loads a base the way ``record`` (:func:`quantization_record`) says, as
+    Python source for messages and model cards (bitsandbytes' own default 4-bit type is fp4, not the nf4 QLoRA and
+    the runners use, so it is always spelled out)."""
+    if not record or record.get("method") != "bitsandbytes" or record.get("bits") not in (4, 8):
+        return None
+    if record["bits"] == 8:
+        args = ["load_in_8bit=True"]
+    else:
+        args = ["load_in_4bit=True", f"bnb_4bit_quant_type={record.get('quant_type')!r}"]
+        if record.get("compute_dtype") not in (None, "None"):
+            args.append(f"bnb_4bit_compute_dtype=torch.{record['compute_dtype']}")
+        if record.get("double_quant"):
+            args.append("bnb_4bit_use_double_quant=True")
+    if skip:
+        args.append(f"llm_int8_skip_modules={skip}")
+    return f"BitsAndBytesConfig({', '.join(args)})"
+
+
 def is_bnb_layer(module: nn.Module) -> bool:
     """A bitsandbytes layer (Linear4bit, Linear8bitLt), told by where its class lives."""
     return type(module).__module__.startswith("bitsandbytes")
@@ -238,6 +257,7 @@ def check_quantized_mode(model: nn.Module, mode: str, *, lean: bool = False, hea
                          "it); pass the model before torch.compile, or set --torch_compile false.")
 
 
-__all__ = ["QUANT_EXTRA", "check_quantized_mode", "describe_quantization", "float_biases_outside", "is_bnb_layer",
-           "is_packed", "is_quantized_model", "keep_trainable_layout", "logical_numel", "logical_shape", "module_paths",
-           "new_bias_dtype", "quantization_record", "quantized_modules"]
+__all__ = ["QUANT_EXTRA", "bnb_config_text", "check_quantized_mode", "describe_quantization",
+           "float_biases_outside", "is_bnb_layer", "is_packed", "is_quantized_model", "keep_trainable_layout",
+           "logical_numel", "logical_shape", "module_paths", "new_bias_dtype", "quantization_record",
+           "quantized_modules"]

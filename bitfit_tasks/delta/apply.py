@@ -13,6 +13,7 @@ from torch import nn
 
 from ..core.prepare import add_biases, remove_biases
 from ..core.quantized import (
+    bnb_config_text,
     describe_quantization,
     float_biases_outside,
     is_quantized_model,
@@ -106,6 +107,13 @@ def check_compatible(model: nn.Module, delta: Delta, *, verify_fingerprint: bool
     why = base_mismatch(delta.meta, frozen_tensors(model, delta.tensors), signature)
     if why is not None:
         trained, here = delta.meta.get("quantization"), quantization_record(model)
+        if trained and here and trained != here and ("stored bnb-" in why or " differ (hash" in why
+                                                     and "bnb-" in why):
+            # Same checkpoint, other quantization settings: say how to load it as the delta was trained.
+            raise UsageError(
+                f"delta {delta.path} was trained on another quantized load of its base ({why}): it was trained on a "
+                f"{describe_quantization(trained)} load, this one is {describe_quantization(here)}. Load the base "
+                f"with quantization_config={bnb_config_text(trained)}, or in full precision.")
         how = "" if not (trained or here) else (
             f" It was trained on a {describe_quantization(trained)} load, this one is {describe_quantization(here)}.")
         raise UsageError(

@@ -8,6 +8,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..core.quantized import bnb_config_text
+
 
 def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, weights_file: str, n_trainable: int,
                n_total: int, metrics: dict[str, Any] | None = None) -> ModelCard:
@@ -32,11 +34,13 @@ def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, weights_f
         f"- trainable params: {n_trainable:,d} of {n_total:,d} ({100.0 * n_trainable / max(n_total, 1):.4f}%)",
     ]
     quant = meta.get("quantization")
+    head_modules = sorted({n.rpartition(".")[0] for n in meta.get("head") or []})
+    bnb = bnb_config_text(quant, head_modules)
     if quant:
         how = f"{quant.get('bits')}-bit" + (f" {quant.get('quant_type')}" if quant.get("quant_type") else "")
-        lines.append(f"- trained on a quantized base: {quant.get('method')} {how} (it re-applies exactly onto the "
-                     "same quantized load, `quantization_config=BitsAndBytesConfig(...)`, and loads onto the "
-                     "full-precision base)")
+        lines.append(f"- trained on a quantized base: {quant.get('method')} {how}; it re-applies exactly onto the "
+                     "same quantized load (below) and loads onto the full-precision base too (outputs then differ "
+                     "by the quantization error)")
     if labels:
         lines.append(f"- labels: {json.dumps(labels)}")
     if scores:
@@ -49,10 +53,12 @@ def model_card(output_dir: str | os.PathLike, meta: dict[str, Any], *, weights_f
                   f"model = {meta.get('task_class')}(...)  # built and loaded as for training",
                   f"apply_delta(model, {str(output_dir)!r})", "```", ""]
         return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
-    lines += ["", "Load it (base + delta = the fine-tuned model):", "", "```python",
-              "from bitfit_tasks import load_task_model",
-              "",
-              f"model = load_task_model({base!r}, {str(output_dir)!r})",
+    load = ["from bitfit_tasks import load_task_model", "", f"model = load_task_model({base!r}, {str(output_dir)!r})"]
+    if bnb:  # the same quantized load it was trained on (bitsandbytes' own default 4-bit type is fp4)
+        load = ["import torch", "from transformers import BitsAndBytesConfig", "", *load[:2],
+                f"model = load_task_model({base!r}, {str(output_dir)!r},",
+                f"                        quantization_config={bnb})"]
+    lines += ["", "Load it (base + delta = the fine-tuned model):", "", "```python", *load,
               "```", "",
               "After uploading this folder to the Hub (`Delta.push_to_hub` or `BitFitTrainer.push_to_hub`), "
               "pass its repository id instead of the folder.",
